@@ -24,7 +24,8 @@ class DatasetInfo:
         image_size: network input size: the resized 2D image, or the 3D training patch (z, y, x order as MONAI
             sees it after ``Orientationd("RAS")``: x, y, z).
         in_channels: image channels fed to the network.
-        split_counts: the paper's train/val/test counts (Table 1), or the fixed split's counts for LiTS/KiTS19.
+        split_counts: the paper's train/val/test counts (Table 1); LiTS/KiTS19: the fixed MedCoSS/MOTS lists (104/27,
+            168/42) with ``int(0.8 n)`` of the training cases kept and the rest carved out as validation.
     """
 
     name: str
@@ -65,15 +66,19 @@ DATASETS: dict[str, DatasetInfo] = {
             (3201, 459, 915),
         ),
         DatasetInfo("glas", "GlaS", "seg", "pathology", ("background", "gland"), (512, 512), 3, (67, 18, 80)),
-        DatasetInfo("qata", "QaTa-COV19", "seg", "X-ray", ("background", "infection"), (224, 224), 3, (5716, 1429, 2113)),
+        DatasetInfo(
+            "qata", "QaTa-COV19", "seg", "X-ray", ("background", "infection"), (224, 224), 3, (5716, 1429, 2113)
+        ),
         DatasetInfo("lits", "LiTS", "seg3d", "CT", ("background", "liver", "tumour"), (192, 192, 64), 1, (83, 21, 27)),
-        DatasetInfo("kits", "KiTS19", "seg3d", "CT", ("background", "kidney", "tumour"), (192, 192, 64), 1, (134, 34, 42)),
+        DatasetInfo(
+            "kits", "KiTS19", "seg3d", "CT", ("background", "kidney", "tumour"), (192, 192, 64), 1, (134, 34, 42)
+        ),
     )
 }
 
 
 def get_dataset(name: str, where: str = "") -> DatasetInfo:
-    """Look a dataset up by name; unknown names raise a :class:`~tpp_monai.errors.ConfigError` listing the valid ones."""
+    """Look a dataset up by name; an unknown name raises a :class:`~tpp_monai.errors.ConfigError` listing valid ones."""
     try:
         return DATASETS[name]
     except KeyError:
