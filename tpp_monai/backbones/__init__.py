@@ -1,0 +1,160 @@
+"""Backbones by name: ``build_backbone("medcoss_vit_b16", task="cls", num_classes=2, checkpoint=path)``.
+
+* ``medcoss_vit_b16``: MedCoSS ViT-B/16, the paper's main backbone (MedCoSS pre-training or fine-tuning checkpoints).
+* ``path_dino_vit_s16``: timm/DINO ViT-S/16, Path_DINO of Kang et al. 2023 (Table 9; flat timm/DINO state dict).
+* ``vit_b16``: timm/DINO ViT-B/16 (flat state dict).
+* ``medcoss_vit_tiny``, ``vit_tiny``: small configurations of both, for tests and CPU demos.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from tpp_monai.backbones.checkpoint import LoadReport, extract_state_dict, load_into, read_file
+from tpp_monai.backbones.medcoss import MedCoSSViT
+from tpp_monai.backbones.vit import UNETR_MODULES, TimmViT, ViTBase
+from tpp_monai.errors import ConfigError, unknown_choice
+
+# Checkpoint entries a MedCoSS model may meet and ignore, by reason (``keys/medcoss_*.json``).
+_MEDCOSS_UNUSED = {
+    "unused MedCoSS pre-training tables": ("video_embed.embeddings_pos.", "video_embed.embeddings_type."),
+    "MedCoSS text branch": ("token_embed.", "mlm_head.", "decoder_pos_embed_1D."),
+    "MAE decoder, not used by this workflow": ("decoder_", "mask_token"),
+    "task head of the checkpoint (a fresh head is trained)": ("fc_norm.", "head.", *(m + "." for m in UNETR_MODULES)),
+    "class token (the segmentation model has none)": ("cls_token",),
+}
+_TIMM_UNUSED = {
+    "task head of the checkpoint (a fresh head is trained)": ("head.", "fc_norm."),
+    "DINO projection head": ("head.mlp.", "head.last_layer."),
+}
+MAE_DECODER_PREFIXES = (
+    "decoder_embed.",
+    "mask_token",
+    "decoder_pos_embed_2D",
+    "decoder_blocks.",
+    "decoder_norm.",
+    "decoder_pred_2D.",
+)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One named backbone.
+
+    Args:
+        name: registry name.
+        family: ``"medcoss"`` or ``"timm_vit"`` (``"stunet"`` for the 3D CNN).
+        kwargs: constructor arguments of the family class.
+        mae_decoder: geometry of the MAE decoder used by TPP-MAE (``dim, depth, heads``).
+        weights: where users get pre-trained weights (shown when a checkpoint is required but missing).
+    """
+
+    name: str
+    family: str
+    kwargs: dict = field(default_factory=dict)
+    mae_decoder: dict = field(default_factory=dict)
+    weights: str = ""
+
+
+_MEDCOSS_B = {"embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_dim": 3072}
+_MEDCOSS_WEIGHTS = (
+    "download the MedCoSS pre-trained checkpoint (checkpoint-299.pth, linked from the README of "
+    "github.com/yeerwen/MedCoSS) and pass it with --backbone_ckpt /path/to/checkpoint-299.pth"
+)
+BACKBONES: dict[str, BackboneSpec] = {
+    s.name: s
+    for s in (
+        BackboneSpec("medcoss_vit_b16", "medcoss", _MEDCOSS_B, {"dim": 512, "depth": 8, "heads": 16}, _MEDCOSS_WEIGHTS),
+        BackboneSpec(
+            "medcoss_vit_tiny",
+            "medcoss",
+            {"embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_dim": 384},
+            {"dim": 64, "depth": 2, "heads": 4},
+            "small configuration for tests and CPU demos; no public weights",
+        ),
+        BackboneSpec(
+            "path_dino_vit_s16",
+            "timm_vit",
+            {"embed_dim": 384, "depth": 12, "num_heads": 6},
+            {"dim": 512, "depth": 8, "heads": 16},
+            "download dino_vit_small_patch16_ep200.torch from the 'pretrained-weights' release of "
+            "github.com/lunit-io/benchmark-ssl-pathology and pass it with --backbone_ckpt",
+        ),
+        BackboneSpec(
+            "vit_b16",
+            "timm_vit",
+            {"embed_dim": 768, "depth": 12, "num_heads": 12},
+            {"dim": 512, "depth": 8, "heads": 16},
+            "any timm/DINO ViT-B/16 state dict (e.g. dino_vitbase16_pretrain.pth); pass it with --backbone_ckpt",
+        ),
+        BackboneSpec(
+            "vit_tiny",
+            "timm_vit",
+            {"embed_dim": 96, "depth": 4, "num_heads": 3},
+            {"dim": 64, "depth": 2, "heads": 4},
+            "small configuration for tests and CPU demos; no public weights",
+        ),
+    )
+}
+_FAMILIES = {"medcoss": MedCoSSViT, "timm_vit": TimmViT}
+
+
+def get_backbone_spec(name: str, where: str = "") -> BackboneSpec:
+    """The spec of a registered backbone; unknown names list the valid ones."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise unknown_choice("backbone", name, BACKBONES, where) from None
+
+
+def build_backbone(
+    name: str, task: str = "features", num_classes: int = 0, out_channels: int = 1, **overrides: object
+) -> ViTBase:
+    """Build a backbone with a task head (no weights loaded); ``overrides`` change constructor arguments."""
+    spec = get_backbone_spec(name)
+    cls = _FAMILIES.get(spec.family)
+    if cls is None:
+        raise ConfigError(f"backbone {name!r} ({spec.family}) is built by its own module, not build_backbone")
+    model = cls(task=task, num_classes=num_classes, out_channels=out_channels, **{**spec.kwargs, **overrides})
+    model.backbone_name = name
+    return model
+
+
+def backbone_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the pre-trained backbone tensors (everything but the task head and PEFT additions)."""
+    from tpp_monai.peft import is_peft_parameter  # local import: peft imports this package
+
+    head = set(model.head_parameter_names())
+    return [n for n, _ in model.named_parameters() if n not in head and not is_peft_parameter(n)]
+
+
+def load_backbone_checkpoint(model: ViTBase, path: str | Path, keep_mae_decoder: bool = False) -> LoadReport:
+    """Load pre-trained backbone weights into ``model`` strictly; see :mod:`tpp_monai.backbones.checkpoint`.
+
+    With ``keep_mae_decoder`` the MedCoSS MAE decoder tensors (and the class token) are returned in
+    ``report.extras`` for the TPP-MAE stage instead of being reported as unused.
+    """
+    spec = get_backbone_spec(getattr(model, "backbone_name", ""), "the model")
+    state = extract_state_dict(read_file(path), path)
+    unused = dict(_MEDCOSS_UNUSED if spec.family == "medcoss" else _TIMM_UNUSED)
+    extras: tuple[str, ...] = ()
+    if keep_mae_decoder:
+        extras = (*MAE_DECODER_PREFIXES, "cls_token")
+    return load_into(model, state, backbone_parameter_names(model), unused, extras, path)
+
+
+__all__ = [
+    "BACKBONES",
+    "BackboneSpec",
+    "LoadReport",
+    "MedCoSSViT",
+    "TimmViT",
+    "ViTBase",
+    "backbone_parameter_names",
+    "build_backbone",
+    "get_backbone_spec",
+    "load_backbone_checkpoint",
+]

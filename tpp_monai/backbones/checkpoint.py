@@ -1,0 +1,164 @@
+"""Reading backbone checkpoints in their public formats, with strict key checks and a report of unused keys.
+
+A checkpoint file may be a flat state dict or a container (``{"model": ...}`` for MedCoSS, ``{"state_dict": ...}``
+for nnU-Net v1, ``{"network_weights": ...}`` for nnU-Net v2, ``{"teacher"|"student": ...}`` for DINO training runs);
+keys may carry ``module.`` (DDP) or ``backbone.`` (DINO) prefixes. Every key the model expects must be present with
+the right shape; checkpoint keys that a backbone declares as known-unused are reported; anything else is an error
+that names the file and lists the missing, unexpected and mismatched keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import pickle
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tpp_monai.errors import CheckpointError
+
+CONTAINER_KEYS = ("model", "state_dict", "network_weights", "teacher", "student", "module")
+STRIP_PREFIXES = ("module.", "backbone.")
+
+# Objects found in the public containers next to the weights (MedCoSS stores its argparse namespace, nnU-Net numpy
+# scalars); allow-listed so that files load with torch.load(weights_only=True).
+_SAFE_GLOBALS = [argparse.Namespace, np.dtype, np.ndarray]
+for _name in ("scalar", "_reconstruct"):
+    for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        with contextlib.suppress(ImportError, AttributeError):
+            _SAFE_GLOBALS.append(getattr(__import__(_mod, fromlist=[_name]), _name))
+_SAFE_GLOBALS += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+
+
+def read_file(path: str | Path) -> object:
+    """``torch.load`` a checkpoint on the CPU with weights-only unpickling; errors name the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} holds pickled objects that are not plain weights ({str(err).splitlines()[0]}); "
+            "re-save only the state dict: torch.save(ckpt['model'], 'weights.pt')"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {str(err).splitlines()[0]}"
+        ) from None
+
+
+def extract_state_dict(obj: object, path: str | Path = "<memory>", container_key: str | None = None) -> dict:
+    """Find the tensors in a checkpoint container and strip ``module.``/``backbone.`` prefixes."""
+    state = obj
+    keys = (container_key,) if container_key else CONTAINER_KEYS
+    if isinstance(state, Mapping) and not _is_state_dict(state):
+        for key in keys:
+            if isinstance(state.get(key), Mapping):
+                state = state[key]
+                break
+    if not isinstance(state, Mapping) or not _is_state_dict(state):
+        found = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+        raise CheckpointError(
+            f"{path} holds no state dict: expected tensors at the top level or under one of {list(keys)}, found {found}"
+        )
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            continue
+        for prefix in STRIP_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def _is_state_dict(obj: Mapping) -> bool:
+    tensors = [v for v in obj.values() if isinstance(v, Tensor)]
+    return bool(tensors) and len(tensors) >= len(obj) / 2
+
+
+@dataclass
+class LoadReport:
+    """What a checkpoint load did.
+
+    ``loaded`` keys went into the model; ``unused`` maps a reason to the known-unused keys it covers; ``extras``
+    holds tensors that other parts may consume (e.g. the MAE decoder of a MedCoSS pre-training checkpoint).
+    """
+
+    path: str
+    loaded: list[str] = field(default_factory=list)
+    unused: dict[str, list[str]] = field(default_factory=dict)
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        parts = [f"loaded {len(self.loaded)} tensors from {self.path}"]
+        parts += [f"{len(keys)} not used ({reason})" for reason, keys in self.unused.items() if keys]
+        if self.extras:
+            parts.append(f"{len(self.extras)} kept for the pretext stage")
+        return "; ".join(parts)
+
+
+def load_into(
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    expected: list[str],
+    known_unused: Mapping[str, tuple[str, ...]],
+    extras_prefixes: tuple[str, ...] = (),
+    path: str | Path = "<memory>",
+) -> LoadReport:
+    """Copy ``state`` into ``model`` for exactly the ``expected`` keys.
+
+    Args:
+        model: the module to fill.
+        state: checkpoint tensors (prefixes already stripped).
+        expected: model keys that must be present in the checkpoint.
+        known_unused: reason -> key prefixes of checkpoint entries that may be present and are ignored.
+        extras_prefixes: checkpoint key prefixes kept in ``LoadReport.extras`` for another consumer.
+        path: shown in messages.
+    """
+    own = model.state_dict()
+    report = LoadReport(path=str(path))
+    missing = [k for k in expected if k not in state]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != own[k].shape
+    ]
+    unexpected = []
+    expected_set = set(expected)
+    for key in state:
+        if key in expected_set:
+            continue
+        if key.startswith(extras_prefixes) and extras_prefixes:
+            report.extras[key] = state[key]
+            continue
+        reason = next((r for r, prefixes in known_unused.items() if key.startswith(prefixes)), None)
+        if reason is None:
+            unexpected.append(key)
+        else:
+            report.unused.setdefault(reason, []).append(key)
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint {path} does not match {type(model).__name__}:"]
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        ):
+            if items:
+                shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
+                lines.append(f"  {title}: {shown}")
+        lines.append("  check that --backbone names the architecture the checkpoint was trained with")
+        raise CheckpointError("\n".join(lines))
+    with torch.no_grad():
+        for key in expected:
+            own[key].copy_(state[key])
+    report.loaded = list(expected)
+    return report

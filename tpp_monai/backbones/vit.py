@@ -1,0 +1,486 @@
+"""Vision-transformer machinery shared by the MedCoSS and timm/DINO backbones, with the hook points PEFT methods use.
+
+Both backbones keep the exact parameter names of their public checkpoints, so each defines its own embedding and
+block modules; everything else (the block forward, the encoder loop with masking, prompts and feature taps, and the
+classification / segmentation heads) is written once here.
+
+PEFT methods plug in at two levels (see :mod:`tpp_monai.peft`):
+
+* **block sites**: ``block.peft_sites[site]`` transforms an intermediate tensor, ``forward(out, inp) -> out``, at the
+  sites ``norm1, qkv, attn_out, norm2, fc1, fc2``; ``block.peft_deltas[branch]`` returns an extra term added to the
+  residual stream after the ``attn`` or ``mlp`` branch, ``forward(branch_out, stream) -> delta``.
+* **embedding sites**: ``model.peft_embed_sites[site]`` transforms the patch tokens right after the patch projection
+  (``patch``) and at the tokenizer output (``embed``), ``forward(tokens) -> tokens``.
+* **encoder hooks**: ``model.peft_encoder`` (an :class:`EncoderTuner`) sees the token sequence before and after every
+  block (prompts, per-layer prompts, side networks).
+
+Every module a method adds lives in a container whose name starts with ``peft``; that naming is what
+:func:`tpp_monai.peft.is_peft_parameter` relies on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+from torch import Tensor, nn
+
+from tpp_monai.errors import ConfigError
+
+TASKS = ("cls", "seg", "features")
+
+
+@dataclass
+class TokenLayout:
+    """Where things sit in the token sequence ``[prefix | prompts | patches]`` during one forward pass.
+
+    Args:
+        grid: patch grid (rows, cols) of the full image.
+        num_prefix: class tokens in front (0 or 1).
+        keep_idx: ``[B, n]`` indices of the visible patches when the input is masked (MAE), else ``None``.
+        num_prompts: prompt tokens currently inserted after the prefix (set by prompt methods).
+        image: the input image, for methods that derive prompts from pixels (EVP).
+    """
+
+    grid: tuple[int, int]
+    num_prefix: int
+    keep_idx: Tensor | None = None
+    num_prompts: int = 0
+    image: Tensor | None = None
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def patch_start(self) -> int:
+        return self.num_prefix + self.num_prompts
+
+    def patches_to_grid(self, patches: Tensor) -> Tensor:
+        """``[B, n, C]`` patch tokens (visible ones when masked) -> ``[B, C, H, W]`` with zeros at masked cells."""
+        b, _, c = patches.shape
+        h, w = self.grid
+        if self.keep_idx is None:
+            return patches.transpose(1, 2).reshape(b, c, h, w)
+        full = patches.new_zeros(b, h * w, c)
+        full.scatter_(1, self.keep_idx.unsqueeze(-1).expand(-1, -1, c), patches)
+        return full.transpose(1, 2).reshape(b, c, h, w)
+
+    def grid_to_patches(self, grid: Tensor) -> Tensor:
+        """Inverse of :meth:`patches_to_grid`: ``[B, C, H, W]`` -> ``[B, n, C]`` (gathering the visible cells)."""
+        tokens = grid.flatten(2).transpose(1, 2)
+        if self.keep_idx is None:
+            return tokens
+        return torch.gather(tokens, 1, self.keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+    def gather_patches(self, per_patch: Tensor) -> Tensor:
+        """Select the visible patches of a ``[B, N, C]`` tensor computed for all patches."""
+        if self.keep_idx is None:
+            return per_patch
+        return torch.gather(per_patch, 1, self.keep_idx.unsqueeze(-1).expand(-1, -1, per_patch.shape[-1]))
+
+
+class EncoderTuner(nn.Module):
+    """Base class of encoder-level PEFT modules; every hook is the identity by default."""
+
+    def begin(self, x: Tensor, layout: TokenLayout) -> Tensor:
+        return x
+
+    def before_block(self, index: int, x: Tensor, layout: TokenLayout) -> Tensor:
+        return x
+
+    def after_block(self, index: int, x: Tensor, block_input: Tensor, layout: TokenLayout) -> Tensor:
+        return x
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (as in timm and MedCoSS); the identity in eval mode."""
+
+    def __init__(self, prob: float = 0.0) -> None:
+        super().__init__()
+        self.prob = float(prob)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class ViTBlockBase(nn.Module):
+    """Pre-LN transformer block forward with PEFT sites; subclasses own the parameters (and their names).
+
+    Subclasses set ``norm1, norm2, fc1, fc2, proj`` (modules), ``num_heads``, ``drop_path`` and implement
+    :meth:`qkv_params` and :meth:`layer_scale`.
+    """
+
+    num_heads: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peft_sites = nn.ModuleDict()
+        self.peft_deltas = nn.ModuleDict()
+
+    def qkv_params(self) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def layer_scale(self, branch: str, x: Tensor) -> Tensor:
+        return x
+
+    def _site(self, name: str, out: Tensor, inp: Tensor) -> Tensor:
+        if name in self.peft_sites:
+            return self.peft_sites[name](out, inp)
+        return out
+
+    def attention(self, h: Tensor) -> Tensor:
+        """Multi-head self-attention through PyTorch's fused scaled-dot-product kernel. ``h: [B, L, D]``."""
+        b, length, dim = h.shape
+        weight, bias = self.qkv_params()
+        qkv = self._site("qkv", F.linear(h, weight, bias), h)  # [B, L, 3D]
+        qkv = qkv.view(b, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, heads, L, hd]
+        return out.transpose(1, 2).reshape(b, length, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self._site("norm1", self.norm1(x), x)
+        attn = self.attention(h)
+        a = self._site("attn_out", self.proj(attn), attn)
+        stream = x
+        x = x + self.drop_path(self.layer_scale("attn", a))
+        if "attn" in self.peft_deltas:
+            x = x + self.peft_deltas["attn"](a, stream)
+        h = self._site("norm2", self.norm2(x), x)
+        f = self._site("fc1", self.fc1(h), h)
+        f = F.gelu(f)
+        f = self._site("fc2", self.fc2(f), f)
+        stream = x
+        x = x + self.drop_path(self.layer_scale("mlp", f))
+        if "mlp" in self.peft_deltas:
+            x = x + self.peft_deltas["mlp"](f, stream)
+        return x
+
+
+def default_taps(depth: int) -> tuple[int, ...]:
+    """UNETR feature taps: layers 4, 7, 10, 12 of a 12-layer encoder (1-indexed), scaled to other depths."""
+    taps = sorted({max(1, round(depth * k / 12)) for k in (4, 7, 10)} | {depth})
+    if len(taps) != 4:
+        raise ConfigError(f"a segmentation backbone needs at least 4 encoder layers, got depth={depth}")
+    return tuple(taps)
+
+
+@dataclass
+class EncoderOutput:
+    """Result of :meth:`ViTBase.forward_features`.
+
+    ``tokens`` is ``[B, P + n, D]`` (prefix tokens, then patch tokens; prompts removed); ``taps`` holds the patch
+    tokens ``[B, n, D]`` after each requested layer.
+    """
+
+    tokens: Tensor
+    num_prefix: int
+    taps: list[Tensor]
+    layout: TokenLayout
+
+    @property
+    def patches(self) -> Tensor:
+        return self.tokens[:, self.num_prefix :]
+
+
+class ViTBase(nn.Module):
+    """A ViT backbone with an optional task head: ``task="cls"`` (pooled head), ``"seg"`` (UNETR) or ``"features"``.
+
+    Subclasses build the embedding and blocks and implement :meth:`embed`, :meth:`prefix_tokens` and
+    :attr:`blocks`; they call :meth:`_build_head` at the end of ``__init__``.
+    """
+
+    family: str = ""
+    backbone_name: str = ""
+    peft_method: str | None = None
+    embed_dim: int
+    depth: int
+    patch_size: int
+    in_chans: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peft_embed_sites = nn.ModuleDict()
+        self.peft_encoder: EncoderTuner | None = None
+
+    def _embed_site(self, name: str, tokens: Tensor) -> Tensor:
+        if name in self.peft_embed_sites:
+            return self.peft_embed_sites[name](tokens)
+        return tokens
+
+    # ----- subclass API -------------------------------------------------------------------------------------------
+    def encoder_blocks(self) -> nn.ModuleList:
+        """The transformer blocks, in order."""
+        raise NotImplementedError
+
+    def output_norm(self) -> nn.Module | None:
+        """LayerNorm applied after the last block (timm/DINO), or ``None`` (MedCoSS has none)."""
+        return None
+
+    def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Patch tokens with position information, ``[B, N, D]``, and the patch grid."""
+        raise NotImplementedError
+
+    def prefix_tokens(self, batch: int) -> Tensor | None:
+        """Class token(s) to put in front, ``[B, P, D]``, or ``None``."""
+        raise NotImplementedError
+
+    def patch_embedding_conv(self) -> nn.Conv2d:
+        """The 2D patch-embedding convolution (methods that derive prompts from pixels mirror its geometry)."""
+        raise NotImplementedError
+
+    def unused_parameter_names(self) -> set[str]:
+        """Parameters that a 2D forward pass never touches (they exist only for checkpoint compatibility)."""
+        return set()
+
+    # ----- heads ----------------------------------------------------------------------------------------------------
+    def _build_head(self, task: str, num_classes: int, out_channels: int, feature_size: int = 16) -> None:
+        if task not in TASKS:
+            raise ConfigError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+        self.task = task
+        self.num_classes = num_classes
+        if task == "cls":
+            if num_classes < 2:
+                raise ConfigError(f"classification needs num_classes >= 2, got {num_classes}")
+            # MedCoSS classification head: mean of patch tokens -> LayerNorm(eps 1e-6) -> Linear (methods.md §1.3)
+            self.fc_norm = nn.LayerNorm(self.embed_dim, eps=1e-6)
+            self.head = nn.Linear(self.embed_dim, num_classes)
+            nn.init.xavier_uniform_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        elif task == "seg":
+            self.taps = default_taps(self.depth)
+            _build_unetr_decoder(self, self.in_chans, out_channels, self.embed_dim, feature_size)
+
+    def head_parameter_names(self) -> list[str]:
+        """Names of the task-head parameters (always trained in fine-tuning, never target parameters)."""
+        prefixes = {"cls": ("fc_norm.", "head."), "seg": UNETR_MODULES, "features": ()}[self.task]
+        return [n for n, _ in self.named_parameters() if n.startswith(tuple(p.rstrip(".") + "." for p in prefixes))]
+
+    # ----- forward ----------------------------------------------------------------------------------------------------
+    def forward_features(
+        self, x: Tensor, keep_idx: Tensor | None = None, taps: Sequence[int] = (), with_prefix: bool | None = None
+    ) -> EncoderOutput:
+        """Run the encoder. ``keep_idx`` (``[B, n]``) keeps only those patches (MAE); ``taps`` are 1-indexed layers
+        whose patch tokens are returned. ``with_prefix`` overrides whether the class token is prepended."""
+        tokens, grid = self.embed(x)
+        if keep_idx is not None:
+            tokens = torch.gather(tokens, 1, keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        prefix = self.prefix_tokens(tokens.shape[0]) if with_prefix is not False else None
+        if prefix is None and with_prefix:
+            raise ConfigError(f"{type(self).__name__} built for task {self.task!r} has no class token")
+        num_prefix = 0 if prefix is None else prefix.shape[1]
+        if prefix is not None:
+            tokens = torch.cat([prefix, tokens], dim=1)
+        layout = TokenLayout(grid=grid, num_prefix=num_prefix, keep_idx=keep_idx, image=x)
+        tuner = self.peft_encoder
+        if tuner is not None:
+            tokens = tuner.begin(tokens, layout)
+        tap_set, tapped = set(taps), []
+        blocks = self.encoder_blocks()
+        for i, block in enumerate(blocks):
+            if tuner is not None:
+                tokens = tuner.before_block(i, tokens, layout)
+                block_input = tokens
+                tokens = tuner.after_block(i, block(tokens), block_input, layout)
+            else:
+                tokens = block(tokens)
+            if i + 1 in tap_set and i + 1 != len(blocks):
+                tapped.append(tokens[:, layout.patch_start :])
+        norm = self.output_norm()
+        if norm is not None:
+            tokens = norm(tokens)
+        if layout.num_prompts:
+            tokens = torch.cat([tokens[:, :num_prefix], tokens[:, layout.patch_start :]], dim=1)
+            layout.num_prompts = 0
+        if len(blocks) in tap_set:
+            tapped.append(tokens[:, num_prefix:])
+        return EncoderOutput(tokens=tokens, num_prefix=num_prefix, taps=tapped, layout=layout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Task output: class logits ``[B, C]``, segmentation logits ``[B, C, H, W]`` or pooled features ``[B, D]``."""
+        if self.task == "seg":
+            out = self.forward_features(x, taps=self.taps)
+            return _unetr_decode(self, x, out)
+        out = self.forward_features(x)
+        pooled = out.patches.mean(dim=1)
+        if self.task == "features":
+            return pooled
+        return self.head(self.fc_norm(pooled))
+
+
+# ----- UNETR-2D decoder (MedCoSS segmentation model, methods.md §1.4) ---------------------------------------------
+UNETR_MODULES = ("encoder1", "encoder2", "encoder3", "encoder4", "decoder5", "decoder4", "decoder3", "decoder2", "out")
+
+
+def _build_unetr_decoder(model: nn.Module, in_chans: int, out_channels: int, hidden: int, fs: int) -> None:
+    """Attach the MedCoSS UNETR-2D decoder (MONAI blocks, instance norm, residual convs) to ``model``.
+
+    The modules are set directly on the model, so the state-dict keys (``encoder1.*`` ... ``out.*``) are those of the
+    MedCoSS GlaS/QaTa checkpoints. 1,893,361 parameters for 3 input channels, 1 output channel, feature size 16.
+    """
+    common = {"spatial_dims": 2, "norm_name": "instance"}
+    model.encoder1 = UnetrBasicBlock(
+        in_channels=in_chans, out_channels=fs, kernel_size=3, stride=1, res_block=True, **common
+    )
+    for name, mult, layers in (("encoder2", 2, 2), ("encoder3", 4, 1), ("encoder4", 8, 0)):
+        block = UnetrPrUpBlock(
+            in_channels=hidden,
+            out_channels=fs * mult,
+            num_layer=layers,
+            kernel_size=3,
+            stride=1,
+            upsample_kernel_size=2,
+            conv_block=True,
+            res_block=True,
+            **common,
+        )
+        setattr(model, name, block)
+    for name, cin, cout in (
+        ("decoder5", hidden, fs * 8),
+        ("decoder4", fs * 8, fs * 4),
+        ("decoder3", fs * 4, fs * 2),
+        ("decoder2", fs * 2, fs),
+    ):
+        setattr(
+            model,
+            name,
+            UnetrUpBlock(
+                in_channels=cin, out_channels=cout, kernel_size=3, upsample_kernel_size=2, res_block=True, **common
+            ),
+        )
+    model.out = UnetOutBlock(spatial_dims=2, in_channels=fs, out_channels=out_channels)
+
+
+def _unetr_decode(model: ViTBase, image: Tensor, out: EncoderOutput) -> Tensor:
+    def grid(tokens: Tensor) -> Tensor:  # [B, N, D] -> [B, D, H, W]
+        h, w = out.layout.grid
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+
+    x2, x3, x4, last = (grid(t) for t in out.taps)
+    enc1 = model.encoder1(image)
+    enc2 = model.encoder2(x2)
+    enc3 = model.encoder3(x3)
+    enc4 = model.encoder4(x4)
+    dec3 = model.decoder5(last, enc4)
+    dec2 = model.decoder4(dec3, enc3)
+    dec1 = model.decoder3(dec2, enc2)
+    return model.out(model.decoder2(dec1, enc1))
+
+
+# ----- timm / DINO ViT ---------------------------------------------------------------------------------------------
+class _TimmAttention(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+
+class _TimmMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+
+class TimmBlock(ViTBlockBase):
+    """timm ``Block`` parameter layout (``norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2``), LayerNorm eps 1e-6."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = _TimmAttention(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = _TimmMlp(dim, mlp_dim)
+        self.drop_path = DropPath(drop_path)
+
+    @property
+    def proj(self) -> nn.Linear:
+        return self.attn.proj
+
+    @property
+    def fc1(self) -> nn.Linear:
+        return self.mlp.fc1
+
+    @property
+    def fc2(self) -> nn.Linear:
+        return self.mlp.fc2
+
+    def qkv_params(self) -> tuple[Tensor, Tensor | None]:
+        return self.attn.qkv.weight, self.attn.qkv.bias
+
+
+class _PatchEmbed(nn.Module):
+    def __init__(self, in_chans: int, dim: int, patch: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
+
+
+class TimmViT(ViTBase):
+    """The timm/DINO ViT (``vit_small_patch16_224`` layout): the Path_DINO checkpoint of Kang et al. 2023 loads into it.
+
+    Position embeddings are learned for a 14x14 grid (+ class token) and bicubically resized for other input sizes,
+    as DINO and timm do.
+    """
+
+    family = "timm_vit"
+
+    def __init__(
+        self,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_dim: int | None = None,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        pos_grid: int = 14,
+        drop_path: float = 0.0,
+        task: str = "features",
+        num_classes: int = 0,
+        out_channels: int = 1,
+    ) -> None:
+        super().__init__()
+        self.embed_dim, self.depth, self.patch_size, self.in_chans = embed_dim, depth, patch_size, in_chans
+        self.num_heads = num_heads
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, pos_grid * pos_grid + 1, embed_dim))
+        self.patch_embed = _PatchEmbed(in_chans, embed_dim, patch_size)
+        self.blocks = nn.ModuleList(
+            TimmBlock(embed_dim, num_heads, mlp_dim or 4 * embed_dim, drop_path) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self._build_head(task, num_classes, out_channels)
+
+    def encoder_blocks(self) -> nn.ModuleList:
+        return self.blocks
+
+    def output_norm(self) -> nn.Module:
+        return self.norm
+
+    def patch_embedding_conv(self) -> nn.Conv2d:
+        return self.patch_embed.proj
+
+    def _pos_for_grid(self, grid: tuple[int, int]) -> Tensor:
+        pos = self.pos_embed[:, 1:]
+        side = math.isqrt(pos.shape[1])
+        if grid == (side, side):
+            return pos
+        pos = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=grid, mode="bicubic", align_corners=False)
+        return pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+
+    def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        tokens = self.patch_embed.proj(x)  # [B, D, H/p, W/p]
+        grid = (tokens.shape[-2], tokens.shape[-1])
+        tokens = self._embed_site("patch", tokens.flatten(2).transpose(1, 2))
+        return self._embed_site("embed", tokens + self._pos_for_grid(grid)), grid
+
+    def prefix_tokens(self, batch: int) -> Tensor | None:
+        return (self.cls_token + self.pos_embed[:, :1]).expand(batch, -1, -1)

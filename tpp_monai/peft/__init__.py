@@ -1,0 +1,165 @@
+"""PEFT methods and the target-parameter rule.
+
+A PEFT method decides which parameters are *target parameters* (TPP paper §3.1): the new parameters it adds, or
+for BitFit the biases it selects. :func:`target_parameter_names` applies that rule, and everything else derives from
+it: :func:`mark_trainable` (requires_grad and the optimizer's parameters), :func:`target_state` (what the TPP stage
+saves: target tensors only, with the method, options and backbone recorded), :func:`load_target_state` (what
+fine-tuning loads, refusing another method, options or backbone) and the parameter counts of ``params``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from tpp_monai.errors import CheckpointError, ConfigError
+from tpp_monai.peft.registry import METHODS, MethodSpec, config_dict, get_method, is_peft_parameter, make_config
+
+TARGET_FORMAT = "tpp_monai.target_state"
+STAGES = ("finetune", "tpp")
+
+
+def apply_peft(model: nn.Module, method: str, options: Mapping | None = None, where: str = "") -> nn.Module:
+    """Inject ``method`` (with ``options`` overriding its defaults) into ``model`` and record what was applied."""
+    spec = get_method(method, where)
+    family = getattr(model, "family", None)
+    if family not in spec.families:
+        raise ConfigError(
+            f"PEFT method {method!r} does not support the {family} backbone {getattr(model, 'backbone_name', '')!r}; "
+            f"it supports: {', '.join(spec.families)}"
+        )
+    if getattr(model, "peft_method", None) is not None:
+        raise ConfigError(f"the model already has PEFT method {model.peft_method!r}; build a fresh model")
+    resolved = spec.inject(model, make_config(method, options, where))
+    model.peft_method = method
+    model.peft_options = config_dict(resolved)
+    return model
+
+
+def method_of(model: nn.Module) -> MethodSpec:
+    method = getattr(model, "peft_method", None)
+    if method is None:
+        raise ConfigError("the model has no PEFT method applied; call tpp_monai.peft.apply_peft first")
+    return METHODS[method]
+
+
+def target_parameter_names(model: nn.Module) -> list[str]:
+    """The target parameters of the model's PEFT method (never task-head parameters), in ``named_parameters`` order."""
+    spec = method_of(model)
+    head = set(model.head_parameter_names())
+    return [n for n, _ in model.named_parameters() if n not in head and spec.target(model, n)]
+
+
+def trainable_parameter_names(model: nn.Module, stage: str = "finetune") -> list[str]:
+    """Target parameters, plus the task head in the ``finetune`` stage (the ``tpp`` stage trains targets only)."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
+    names = set(target_parameter_names(model))
+    if stage == "finetune":
+        names |= set(model.head_parameter_names())
+    return [n for n, _ in model.named_parameters() if n in names]
+
+
+def mark_trainable(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
+    """Set ``requires_grad`` on exactly ``names``; returns those parameters (the optimizer's list)."""
+    wanted = set(names)
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in wanted)
+        if name in wanted:
+            params.append(p)
+    return params
+
+
+def count_parameters(model: nn.Module, stage: str = "finetune") -> dict[str, int]:
+    """Trainable, target and total parameter counts."""
+    params = dict(model.named_parameters())
+    return {
+        "trainable": sum(params[n].numel() for n in trainable_parameter_names(model, stage)),
+        "target": sum(params[n].numel() for n in target_parameter_names(model)),
+        "total": sum(p.numel() for p in params.values()),
+    }
+
+
+def target_state(model: nn.Module) -> dict:
+    """The target parameters with what is needed to check them on load (method, options, backbone)."""
+    params = dict(model.named_parameters())
+    return {
+        "format": TARGET_FORMAT,
+        "version": 1,
+        "method": model.peft_method,
+        "options": dict(model.peft_options),
+        "backbone": getattr(model, "backbone_name", None),
+        "state": {n: params[n].detach().cpu().clone() for n in target_parameter_names(model)},
+    }
+
+
+def load_target_state(model: nn.Module, source: Mapping | str | Path, where: str = "") -> list[str]:
+    """Copy target parameters saved by :func:`target_state` (or a file holding it) into ``model``.
+
+    Refused with a :class:`CheckpointError` when the file was written for another PEFT method, other options or
+    another backbone, or when its tensors do not match the model's target parameters. Returns the loaded names.
+    """
+    if not isinstance(source, Mapping):
+        from tpp_monai.io import load_verified
+
+        where = where or str(source)
+        source = load_verified(source)
+        if "target_state" in source and "format" not in source:  # a TPP training checkpoint
+            source = source["target_state"]
+    where = where or "<memory>"
+    if source.get("format") != TARGET_FORMAT:
+        raise CheckpointError(f"{where} is not a target-parameter file (format {source.get('format')!r})")
+    expected = {
+        "method": model.peft_method,
+        "options": dict(model.peft_options),
+        "backbone": getattr(model, "backbone_name", None),
+    }
+    for key, value in expected.items():
+        if _normalise(source.get(key)) != _normalise(value):
+            raise CheckpointError(
+                f"target parameters in {where} were written for {key} {source.get(key)!r}, but this model has "
+                f"{value!r}; pre-train the target parameters with the same method, options and backbone, "
+                "or fine-tune without them (tpp_ckpt none)"
+            )
+    state: Mapping[str, Tensor] = source["state"]
+    names = target_parameter_names(model)
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in state]
+    unexpected = [n for n in state if n not in params or n not in set(names)]
+    bad = [n for n in names if n in state and state[n].shape != params[n].shape]
+    if missing or unexpected or bad:
+        raise CheckpointError(
+            f"target parameters in {where} do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatches {bad[:5]}"
+        )
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(state[n])
+    return names
+
+
+def _normalise(value: object) -> object:
+    if isinstance(value, Mapping):
+        return {k: _normalise(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return value
+
+
+__all__ = [
+    "METHODS",
+    "apply_peft",
+    "count_parameters",
+    "get_method",
+    "is_peft_parameter",
+    "load_target_state",
+    "make_config",
+    "mark_trainable",
+    "target_parameter_names",
+    "target_state",
+    "trainable_parameter_names",
+]

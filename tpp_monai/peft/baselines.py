@@ -1,0 +1,41 @@
+"""The paper's baselines: full fine-tuning (every backbone tensor is trained) and linear probing (none is).
+
+Neither has new parameters to pre-train, so TPP does not apply to them (their bundles ship ``finetune`` only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tpp_monai.peft.registry import MethodSpec, is_peft_parameter, register
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """This baseline has no options."""
+
+
+FULL = register(
+    MethodSpec(
+        name="full_finetune",
+        config=NoOptions,
+        inject=lambda m, cfg: cfg,
+        target=lambda m, n: not is_peft_parameter(n),
+        families=("medcoss", "timm_vit", "stunet"),
+        identity_at_init=True,
+        pretrainable=False,
+        summary="full fine-tuning: every backbone tensor is trained",
+    )
+)
+LINEAR = register(
+    MethodSpec(
+        name="linear_probe",
+        config=NoOptions,
+        inject=lambda m, cfg: cfg,
+        target=lambda m, n: False,
+        families=("medcoss", "timm_vit", "stunet"),
+        identity_at_init=True,
+        pretrainable=False,
+        summary="linear probe: only the task head (classifier or decoder) is trained",
+    )
+)

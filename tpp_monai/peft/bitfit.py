@@ -1,0 +1,31 @@
+"""BitFit (Zaken et al. 2022): the backbone's bias terms are the target parameters.
+
+The Ratio column fits *every* bias of the MedCoSS model (103,680), including the unused 3D patch-embedding bias, so
+the rule is a plain name filter (``methods.md`` §2.5). In TPP these pre-trained biases are what the pretext
+stage trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tpp_monai.peft.registry import MethodSpec, register
+
+
+@dataclass(frozen=True)
+class BitFitConfig:
+    """BitFit has no options."""
+
+
+SPEC = register(
+    MethodSpec(
+        name="bitfit",
+        config=BitFitConfig,
+        inject=lambda m, cfg: cfg,
+        target=lambda m, n: n.endswith("bias"),
+        families=("medcoss", "timm_vit", "stunet"),
+        identity_at_init=True,
+        pretrainable=True,
+        summary="BitFit: all backbone biases",
+    )
+)
