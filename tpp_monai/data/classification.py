@@ -14,7 +14,7 @@ from tpp_monai.data.common import (
     Builder,
     Built,
     FileChecker,
-    check_image_files_in,
+    check_images,
     cut,
     listdir,
     natural_key,
@@ -108,13 +108,12 @@ def build_mhist(root: Path, seed: int, checker: FileChecker) -> Built:
         raise DatasetError(
             f"{images / extra[0]}: not listed in {csv_path} ({len(extra)} such file(s)); expected a row for every image"
         )
-    train = check_image_files_in(checker, partitions["train"])
-    test = check_image_files_in(checker, partitions["test"])
-    training, validation = split_per_class(train, (0.8,), seed)
+    partitions = check_images(checker, partitions)
+    training, validation = split_per_class(partitions["train"], (0.8,), seed)
     return Built(
         training,
         validation,
-        _by_image(test),
+        _by_image(partitions["test"]),
         split_rule={
             "test": "official: Partition == 'test' in annotations.csv",
             "training": "official Partition == 'train', minus the validation draw",
@@ -128,10 +127,8 @@ def build_mhist(root: Path, seed: int, checker: FileChecker) -> Built:
 def build_oct_c8(root: Path, seed: int, checker: FileChecker) -> Built:
     """Retinal OCT-C8: the official ``train/``, ``val/`` and ``test/`` class folders unchanged (18400/2800/2800)."""
     classes = get_dataset("oct_c8").classes
-    lists = {
-        key: check_image_files_in(checker, class_folder_records(root / folder, classes, root))
-        for key, folder in OCT_SPLITS.items()
-    }
+    lists = {key: class_folder_records(root / folder, classes, root) for key, folder in OCT_SPLITS.items()}
+    lists = check_images(checker, lists)
     return Built(
         *(_by_image(lists[k]) for k in OCT_SPLITS),
         split_rule={key: f"official: the {folder}/ class folders" for key, folder in OCT_SPLITS.items()},
@@ -143,7 +140,8 @@ def build_oct_c8(root: Path, seed: int, checker: FileChecker) -> Built:
 def build_chest_xray_pa(root: Path, seed: int, checker: FileChecker) -> Built:
     """Chest X-ray PA (Mendeley V1, 1,525 images per class): no official split; per class 70/10/20 with a seeded
     shuffle (paper §4.1). ``int(0.7 n)`` train, ``int(0.2 n)`` test, the rest validation -> 3201/459/915."""
-    records = check_image_files_in(checker, class_folder_records(root, get_dataset("chest_xray_pa").classes, root))
+    records = class_folder_records(root, get_dataset("chest_xray_pa").classes, root)
+    records = check_images(checker, {"all": records})["all"]
     training, test, validation = split_per_class(records, (0.7, 0.2), seed)
     notes = ["metadata.csv is not read: the class folders are the labels"] if (root / "metadata.csv").exists() else []
     return Built(
@@ -172,12 +170,12 @@ BUILDERS = {
     ),
     "oct_c8": Builder(
         _has_dirs(*OCT_SPLITS.values()),
-        "the folders train/, val/ and test/ (the Retinal OCT-C8 download, e.g. RetinalOCT_Dataset/RetinalOCT_Dataset/)",
+        "train/, val/ and test/ (Retinal OCT-C8: RetinalOCT_Dataset/RetinalOCT_Dataset/)",
         build_oct_c8,
     ),
     "chest_xray_pa": Builder(
         _has_dirs(*get_dataset("chest_xray_pa").classes),
-        "the class folders covid/, normal/ and pneumonia/ (the Mendeley V1 Chest X-ray PA download)",
+        "covid/, normal/ and pneumonia/ (the Mendeley V1 Chest X-ray PA download)",
         build_chest_xray_pa,
     ),
 }

@@ -83,13 +83,13 @@ def find_layout_root(root: str | Path, is_layout: Callable[[Path], bool], expect
     root = Path(root).expanduser()
     if not root.is_dir():
         found = "a file" if root.exists() else "nothing there"
-        raise DatasetError(f"dataset root {root}: expected a folder with {expected}; found {found}")
+        raise DatasetError(f"dataset root {root}: expected a folder holding {expected}; found {found}")
     level = [root]
     for _ in range(max_depth + 1):
         hits = [d for d in level if is_layout(d)]
         if len(hits) > 1:
             raise DatasetError(
-                f"dataset root {root}: expected one folder with {expected}; found {len(hits)}: "
+                f"dataset root {root}: expected one folder holding {expected}; found {len(hits)}: "
                 f"{', '.join(str(h) for h in hits)}; pass the one you mean as the root"
             )
         if hits:
@@ -97,8 +97,8 @@ def find_layout_root(root: str | Path, is_layout: Callable[[Path], bool], expect
         # A cap keeps a mistaken root (a home folder) from turning into a crawl of the whole disk.
         level = [c for d in level[:200] for c in _subdirs(d)]
     raise DatasetError(
-        f"dataset root {root}: expected {expected} (in it or up to {max_depth} folders below); "
-        f"found {describe_folder(root)}"
+        f"dataset root {root}: expected a folder holding {expected} (the root or a folder up to {max_depth} "
+        f"levels below it); found {describe_folder(root)}"
     )
 
 
@@ -315,9 +315,16 @@ class FileChecker:
         return [(item, o) for item, o in zip(items, outcomes) if not isinstance(o, Unreadable)]
 
 
-def check_image_files_in(checker: FileChecker, records: list[dict]) -> list[dict]:
-    """Probe each record's ``image`` (see :func:`probe_image`); returns the records whose image is readable."""
-    return [r for r, _ in checker.run(records, lambda r: probe_image(checker.root / r["image"]))]
+def check_groups(checker: FileChecker, groups: dict[str, list[dict]], check: Callable[[dict], Any]) -> dict[str, list]:
+    """Check the records of several lists in one pass (so an error can count every unreadable file); returns each
+    list without the records whose files were skipped."""
+    passed = {id(r) for r, _ in checker.run([r for records in groups.values() for r in records], check)}
+    return {key: [r for r in records if id(r) in passed] for key, records in groups.items()}
+
+
+def check_images(checker: FileChecker, groups: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """:func:`check_groups` with :func:`probe_image` on each record's ``image``."""
+    return check_groups(checker, groups, lambda r: probe_image(checker.root / r["image"]))
 
 
 # --------------------------------------------------------------------------------------------------------------

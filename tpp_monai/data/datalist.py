@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def build(
         "title": info.title,
         "task": info.task,
         "classes": list(info.classes),
-        "paths_relative_to": builder.expected,
+        "paths_relative_to": f"the folder holding {builder.expected}",
         "root_layout": built.root_layout,
         "split_rule": split_rule,
         "seed": seed if built.seed_used else None,
@@ -109,13 +108,12 @@ def write_datalist(datalist: dict, out: str | Path) -> Path:
             data[split] = sorted(data[split], key=lambda r: natural_key(str(r.get("image", ""))))
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, out)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return out
 

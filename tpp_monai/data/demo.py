@@ -224,8 +224,8 @@ def _chest_xray(rng: Rng, size: int, kind: str) -> np.ndarray:
         img += 110 * _opacity(rng, size, lungs[int(rng.integers(2))], size * 0.14)
     elif kind == "covid":  # several hazy peripheral spots, both lungs
         for lung in lungs:
-            for _ in range(int(rng.integers(2, 4))):
-                img += 60 * gaussian_filter(_opacity(rng, size, lung, size * 0.05), 1.0)
+            for _ in range(int(rng.integers(3, 5))):
+                img += 90 * gaussian_filter(_opacity(rng, size, lung, size * 0.05), 1.0)
     return _to_uint8(gaussian_filter(img, 0.7))
 
 

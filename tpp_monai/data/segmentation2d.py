@@ -14,6 +14,7 @@ from tpp_monai.data.common import (
     Builder,
     Built,
     FileChecker,
+    check_groups,
     cut,
     listdir,
     natural_key,
@@ -51,9 +52,9 @@ def check_pair(root: Path, record: dict, allowed: tuple[int, ...] | None = None)
             )
 
 
-def _checked(checker: FileChecker, records: list[dict], allowed: tuple[int, ...] | None = None) -> list[dict]:
-    passed = checker.run(records, lambda r: check_pair(checker.root, r, allowed))
-    return sorted((r for r, _ in passed), key=lambda r: natural_key(r["image"]))
+def _checked(checker: FileChecker, groups: dict[str, list[dict]], allowed: tuple[int, ...] | None = None) -> dict:
+    passed = check_groups(checker, groups, lambda r: check_pair(checker.root, r, allowed))
+    return {key: sorted(records, key=lambda r: natural_key(r["image"])) for key, records in passed.items()}
 
 
 def build_glas(root: Path, seed: int, checker: FileChecker) -> Built:
@@ -94,7 +95,7 @@ def build_glas(root: Path, seed: int, checker: FileChecker) -> Built:
         raise DatasetError(
             f"{extra[0]}: not listed in {csv_path} ({len(extra)} such file(s)); expected a row per image"
         )
-    good = {r["name"] for r in _checked(checker, list(records.values()))}
+    good = {r["name"] for r in _checked(checker, {"all": list(records.values())})["all"]}
     train = [n for n in records if n.startswith("train_") and n in good]
     val_names: list[str] = []
     for grade in GLAS_GRADES:
@@ -151,15 +152,14 @@ def build_qata(root: Path, seed: int, checker: FileChecker) -> Built:
     """QaTa-COV19-v2: ``Test Set`` is the test split (2113); ``Train Set`` (7145) is cut 80/20 into training and
     validation as MedCoSS ``Preprocess/QaTav2.py`` does (``random.seed(0)`` + shuffle, first ``int(0.8 n)``), but
     on ``sorted()`` names instead of the filesystem's ``os.listdir`` order, so the split is the same everywhere."""
-    train = _checked(checker, _qata_pairs(root, QATA_SETS["train"]), QATA_MASK_VALUES)
-    test = _checked(checker, _qata_pairs(root, QATA_SETS["test"]), QATA_MASK_VALUES)
-    by_image = {r["image"]: r for r in train}
+    pairs = _checked(checker, {key: _qata_pairs(root, folder) for key, folder in QATA_SETS.items()}, QATA_MASK_VALUES)
+    by_image = {r["image"]: r for r in pairs["train"]}
     parts = cut(by_image, (0.8,), seed)
     training, validation = ([by_image[n] for n in sorted(p, key=natural_key)] for p in parts)
     return Built(
         training,
         validation,
-        test,
+        pairs["test"],
         split_rule={
             "test": "official: Test Set",
             "training": "Train Set: sorted image paths, random.Random(seed).shuffle, the first int(0.8 n)",
@@ -173,12 +173,12 @@ def build_qata(root: Path, seed: int, checker: FileChecker) -> Built:
 BUILDERS = {
     "glas": Builder(
         lambda d: (d / GLAS_CSV).is_file(),
-        "Grade.csv with train_N.bmp / train_N_anno.bmp ... next to it (the GlaS Warwick_QU_Dataset folder)",
+        "Grade.csv and the {train,testA,testB}_N.bmp + _anno.bmp files (GlaS: Warwick_QU_Dataset/)",
         build_glas,
     ),
     "qata": Builder(
         lambda d: all((d / f).is_dir() for f in QATA_SETS.values()),
-        "the folders 'Train Set/' and 'Test Set/' (QaTa-COV19/QaTa-COV19-v2/ of the Kaggle download)",
+        "'Train Set/' and 'Test Set/' (QaTa-COV19/QaTa-COV19-v2/ of the Kaggle download)",
         build_qata,
     ),
 }

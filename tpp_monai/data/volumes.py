@@ -247,7 +247,7 @@ def build_kits(root: Path, seed: int, checker: FileChecker) -> Built:
 BUILDERS = {
     "lits": Builder(
         lambda d: _lits_codalab(d) or _lits_msd(d),
-        "LiTS volume-N.nii + segmentation-N.nii (CodaLab 'Training Batch 1/2') or MSD imagesTr/ + labelsTr/",
+        "volume-N.nii + segmentation-N.nii (LiTS CodaLab: 'Training Batch 1/2') or imagesTr/ + labelsTr/ (MSD Task03)",
         build_lits,
         workers=4,
     ),
