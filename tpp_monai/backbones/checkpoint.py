@@ -32,7 +32,8 @@ _SAFE_GLOBALS = [argparse.Namespace, np.dtype, np.ndarray]
 for _name in ("scalar", "_reconstruct"):
     for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
         with contextlib.suppress(ImportError, AttributeError):
-            _SAFE_GLOBALS.append(getattr(__import__(_mod, fromlist=[_name]), _name))
+            # under the name in the file: numpy 1 (the released nnU-Net/STU-Net files) pickles numpy.core.*
+            _SAFE_GLOBALS.append((getattr(__import__(_mod, fromlist=[_name]), _name), f"{_mod}.{_name}"))
 _SAFE_GLOBALS += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
 
 
