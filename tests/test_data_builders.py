@@ -224,6 +224,9 @@ def test_wrong_root(tmp_path):
     (tmp_path / "notes.txt").write_text("not a dataset")
     message = error_of("oct_c8", tmp_path)
     assert str(tmp_path) in message and "train/, val/ and test/" in message and "notes.txt" in message
+    qata = make_demo_dataset("qata", tmp_path / "q", n=8)
+    message = error_of("qata", qata / "Train Set")  # a folder inside the layout: say where the layout is
+    assert str(qata / "Train Set") in message and f"the layout is at {qata.resolve()}" in message
 
 
 def test_two_candidate_layouts_are_ambiguous(tmp_path):

@@ -96,9 +96,12 @@ def find_layout_root(root: str | Path, is_layout: Callable[[Path], bool], expect
             return hits[0]
         # A cap keeps a mistaken root (a home folder) from turning into a crawl of the whole disk.
         level = [c for d in level[:200] for c in _subdirs(d)]
+    # A folder inside the layout (``QaTa-COV19-v2/Train Set``) is not accepted, but the message says where to point.
+    above = next((p for p in root.resolve().parents[:2] if is_layout(p)), None)
+    hint = f"; the layout is at {above}: pass that folder" if above else ""
     raise DatasetError(
         f"dataset root {root}: expected a folder holding {expected} (the root or a folder up to {max_depth} "
-        f"levels below it); found {describe_folder(root)}"
+        f"levels below it); found {describe_folder(root)}{hint}"
     )
 
 

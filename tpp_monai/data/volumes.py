@@ -116,7 +116,7 @@ def _lits_msd(d: Path) -> bool:
     return (d / "imagesTr").is_dir() and (d / "labelsTr").is_dir()
 
 
-def _numbered(files: list[Path], pattern: re.Pattern, root: Path) -> dict[int, Path]:
+def _numbered(files: list[Path], pattern: re.Pattern) -> dict[int, Path]:
     found: dict[int, Path] = {}
     for p in files:
         m = pattern.match(p.name)
@@ -160,15 +160,15 @@ def build_lits(root: Path, seed: int, checker: FileChecker) -> Built:
         )
     notes = []
     if msd:
-        images = _numbered(listdir(root / "imagesTr"), _MSD, root)
-        labels = _numbered(listdir(root / "labelsTr"), _MSD, root)
+        images = _numbered(listdir(root / "imagesTr"), _MSD)
+        labels = _numbered(listdir(root / "labelsTr"), _MSD)
         records = _pair_up(images, labels, "labelsTr/liver_{}.nii.gz", root)
         layout = "MSD Task03_Liver: imagesTr/liver_N.nii.gz + labelsTr/liver_N.nii.gz"
         if (root / "imagesTs").is_dir():
             notes.append("imagesTs/ (unlabelled MSD test volumes) is not used")
     else:
         files = [p for p in root.rglob("*.nii*") if not any(part.startswith(".") for part in p.relative_to(root).parts)]
-        images, labels = _numbered(files, _VOLUME, root), _numbered(files, _SEGMENTATION, root)
+        images, labels = _numbered(files, _VOLUME), _numbered(files, _SEGMENTATION)
         records = _pair_up(images, labels, "segmentation-{}.nii next to it", root)
         layout = "CodaLab: Training Batch 1/volume-N.nii + segmentation-N.nii (N 0..27), Training Batch 2 (N 28..130)"
         unlabelled = [p for p in files if p.name.startswith("test-volume-")]
@@ -212,13 +212,13 @@ def build_kits(root: Path, seed: int, checker: FileChecker) -> Built:
             unlabelled.append(case_dir.name)
             continue
         image, label = case_dir / "imaging.nii.gz", case_dir / "segmentation.nii.gz"
-        if not label.is_file():
-            raise DatasetError(f"{image}: image without its mask; expected {rel(label, root)}; found no such file")
         if not image.is_file():
             raise DatasetError(
-                f"{image}: expected the CT of {case_dir.name} next to its segmentation (the kits19 repo ships only "
-                "the masks; `python -m starter_code.get_imaging` downloads the CTs); found no such file"
+                f"{image}: expected the CT of {case_dir.name} (the kits19 repository ships only the masks; "
+                "`python -m starter_code.get_imaging` downloads the CTs); found no such file"
             )
+        if not label.is_file():
+            raise DatasetError(f"{image}: image without its mask; expected {rel(label, root)}; found no such file")
         records[n] = {"image": rel(image, root), "label": rel(label, root), "case": case_dir.name, "id": n}
     notes = (
         [f"{len(unlabelled)} unlabelled KiTS19 test case(s) (case_00210..case_00299) are not used"]
