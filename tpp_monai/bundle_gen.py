@@ -1,0 +1,446 @@
+"""One generator for every bundle: ``python -m tpp_monai bundles [--check]``.
+
+Each bundle is a dataset x PEFT method pair (``bundles/<dataset>_<method>/``) holding configuration only; all code
+lives in ``tpp_monai`` and is referenced by dotted ``_target_`` paths. The configs are built here from the dataset
+table (:mod:`tpp_monai.data.info`), the method registry (:mod:`tpp_monai.peft`) and the training recipes below, so
+the 2D bundles differ only in those values. ``--check`` fails when a committed bundle differs from what this module
+writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tpp_monai import __version__
+from tpp_monai.data.info import DATASETS, DatasetInfo
+from tpp_monai.errors import UserError
+from tpp_monai.peft import METHODS, get_method
+
+BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
+MONAI_VERSION = "1.6.1"
+TORCH_VERSION = "2.13.0"
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recipes
+
+
+@dataclass(frozen=True)
+class TPPRecipe:
+    """The TPP stage (paper §4.2): MAE, AdamW lr 1.5e-3, wd 1.5e-2, batch 64, 40 warm-up epochs then cosine; 500
+    epochs for classification and 1000 for segmentation; the inherited MAE decoder frozen for classification and
+    updated for segmentation (§5.5)."""
+
+    epochs: int
+    mae_decoder: str
+
+
+def tpp_recipe(info: DatasetInfo) -> TPPRecipe:
+    return TPPRecipe(epochs=500, mae_decoder="freeze") if info.task == "cls" else TPPRecipe(1000, "update")
+
+
+# Small settings of the demo overlay: tiny backbone, random weights, demo data, a few epochs on 2 CPU cores.
+DEMO_IMAGE_SIZE = 64
+
+
+def bundle_names() -> list[str]:
+    """Every bundle this generator writes."""
+    return [name for name, _ in _bundles()]
+
+
+def _bundles() -> list[tuple[str, Callable[[], dict[str, object]]]]:
+    get_method("adapter")  # registers the methods
+    out = []
+    for info in DATASETS.values():
+        if info.spatial_dims != 2:
+            continue
+        for method, spec in sorted(METHODS.items()):
+            if spec.pretrainable and "medcoss" in spec.families:
+                out.append((f"{info.name}_{method}", _files_factory(info, method)))
+    return out
+
+
+def _files_factory(info: DatasetInfo, method: str) -> Callable[[], dict[str, object]]:
+    return lambda: bundle_files(info, method)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configs
+
+
+def _common(info: DatasetInfo, method: str, workflow: str) -> dict:
+    """Keys every workflow of every bundle shares (the common override keys)."""
+    name = f"{info.name}_{method}"
+    return {
+        "imports": ["$import os", "$import torch", "$import monai", "$import tpp_monai.workflows as tpp"],
+        "bundle_root": f"$tpp.bundle_root('{name}')",
+        "dataset": info.name,
+        "method": method,
+        "method_options": {},
+        "dataset_dir": "$@bundle_root + '/data'",
+        "datalist": "$@dataset_dir + '/datalist.json'",
+        "runs_dir": "$@bundle_root + '/runs'",
+        "output_dir": f"$@runs_dir + '/{workflow}'",
+        "tracking_uri": "$monai.utils.path_to_sqlite_uri(@runs_dir + '/mlruns.db')",
+        "experiment_name": name,
+        "run_name": f"$'{workflow}_' + __import__('time').strftime('%Y%m%d_%H%M%S')",
+        "backbone": "medcoss_vit_b16",
+        "backbone_ckpt": None,
+        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        "amp": "$torch.cuda.is_available()",
+        "num_workers": "$tpp.cpu_workers()",
+        "seed": 0,
+        "image_size": list(info.image_size),
+    }
+
+
+def pretrain_tpp_config(info: DatasetInfo, method: str) -> dict:
+    """``configs/pretrain_tpp.json``: the TPP stage (MAE by default, ``--pretext dino``)."""
+    recipe = tpp_recipe(info)
+    cfg = _common(info, method, "pretrain_tpp")
+    cfg["imports"].append("$import tpp_monai.pretext as pretexts")
+    cfg.update(
+        {
+            "pretext": "mae",
+            "epochs": recipe.epochs,
+            "batch_size": 64,
+            "pretext_size": 224,
+            "lr": "$1.5e-3 if @pretext == 'mae' else 1e-4 * @batch_size / 256",
+            "weight_decay": "$1.5e-2 if @pretext == 'mae' else 0.04",
+            "weight_decay_end": "$@weight_decay if @pretext == 'mae' else 0.4",
+            "warmup_epochs": "$40 if @pretext == 'mae' else 10",
+            "mae_decoder": recipe.mae_decoder,
+            "mask_ratio": 0.75,
+            "dino": {},
+            "network_def": {
+                "_target_": "tpp_monai.network.build_network",
+                "backbone": "@backbone",
+                "task": "features",
+                "method": "@method",
+                "method_options": "@method_options",
+                "backbone_ckpt": "@backbone_ckpt",
+                "stage": "tpp",
+                "keep_mae_decoder": "$@pretext == 'mae'",
+            },
+            "pretext_net": {
+                "_target_": "tpp_monai.pretext.build_pretext",
+                "pretext": "@pretext",
+                "encoder": "@network_def",
+                "image_size": "@pretext_size",
+                "mae_decoder": "@mae_decoder",
+                "mask_ratio": "@mask_ratio",
+                "decoder": "$tpp.mae_decoder_geometry(@backbone)",
+                "dino": "@dino",
+            },
+            "network": "$@pretext_net.to(@device)",
+            "loss": "$pretexts.pretext_loss(@pretext, @pretext_net, @dino).to(@device)",
+            "optimizer": {
+                "_target_": "torch.optim.AdamW",
+                "params": "$tpp.param_groups(@pretext_net, @weight_decay)",
+                "lr": "@lr",
+                "betas": [0.9, 0.95],
+            },
+            "train": {
+                "datalist": "$tpp.images_of(@datalist, @dataset_dir, 'training')",
+                "preprocessing": "$pretexts.pretext_transforms(@pretext, @dataset, @pretext_size, @image_size, @dino)",
+                "dataset": {
+                    "_target_": "CacheDataset",
+                    "data": "@train#datalist",
+                    "transform": "@train#preprocessing",
+                    "cache_rate": 1.0,
+                    "num_workers": "@num_workers",
+                },
+                "dataloader": {
+                    "_target_": "DataLoader",
+                    "dataset": "@train#dataset",
+                    "batch_size": "@batch_size",
+                    "shuffle": True,
+                    "drop_last": "$len(@train#dataset) > @batch_size",
+                    "num_workers": "@num_workers",
+                    "pin_memory": "$torch.cuda.is_available()",
+                    "persistent_workers": "$@num_workers > 0",
+                },
+                "iters_per_epoch": "$len(@train#dataloader)",
+                "inferer": {"_target_": "SimpleInferer"},
+                "handlers": [
+                    {
+                        "_target_": "tpp_monai.handlers.OptimizerScheduleHandler",
+                        "optimizer": "@optimizer",
+                        "lr": "$tpp.lr_schedule(@lr, @epochs, @train#iters_per_epoch, @warmup_epochs)",
+                        "weight_decay": "$tpp.wd_schedule(@weight_decay, @weight_decay_end, @epochs, "
+                        "@train#iters_per_epoch)",
+                    },
+                    {
+                        "_target_": "tpp_monai.pretext.PretextHandlers",
+                        "net": "@pretext_net",
+                        "loss": "@loss",
+                        "epochs": "@epochs",
+                        "iters_per_epoch": "@train#iters_per_epoch",
+                        "dino": "@dino",
+                    },
+                    {
+                        "_target_": "tpp_monai.handlers.TargetStateSaver",
+                        "model": "$pretexts.export_backbone(@pretext_net)",
+                        "path": "$@output_dir + '/tpp_target.pt'",
+                    },
+                    {
+                        "_target_": "tpp_monai.handlers.SafeCheckpointSaver",
+                        "save_dir": "$@output_dir + '/checkpoints'",
+                        "save_dict": {
+                            "target_state": "$pretexts.TargetStateView(@network_def)",
+                            "pretext": "$pretexts.resume_state(@pretext_net)",
+                            "optimizer": "@optimizer",
+                            "loss": "@loss",
+                        },
+                        "engine_key": "trainer",
+                        "save_interval": 1,
+                        "n_saved": 1,
+                    },
+                    {"_target_": "tpp_monai.handlers.ProgressBar"},
+                    {
+                        "_target_": "StatsHandler",
+                        "iteration_log": False,
+                        "tag_name": "train_loss",
+                        "output_transform": "$monai.handlers.from_engine(['loss'], first=True)",
+                    },
+                ],
+                "trainer": {
+                    "_target_": "SupervisedTrainer",
+                    "max_epochs": "@epochs",
+                    "device": "@device",
+                    "train_data_loader": "@train#dataloader",
+                    "network": "@network",
+                    "loss_function": "@loss",
+                    "optimizer": "@optimizer",
+                    "inferer": "@train#inferer",
+                    "prepare_batch": "$pretexts.PretextBatch(@pretext)",
+                    "train_handlers": "@train#handlers",
+                    "amp": "@amp",
+                    "amp_kwargs": {"dtype": "$torch.bfloat16"},
+                    "decollate": False,
+                    "optim_set_to_none": True,
+                },
+            },
+            "initialize": ["$tpp.install_excepthook()", "$monai.utils.set_determinism(seed=@seed)"],
+            "pretrain_tpp": ["$@train#trainer.run()"],
+        }
+    )
+    return cfg
+
+
+def demo_config(info: DatasetInfo) -> dict:
+    """``configs/demo.json``: overlay for the demo data, a tiny random backbone and a few epochs (about a minute)."""
+    size = [DEMO_IMAGE_SIZE] * info.spatial_dims
+    return {
+        "dataset_dir": f"$tpp.demo_dataset('{info.name}', @runs_dir + '/demo_data')",
+        "backbone": "medcoss_vit_tiny",
+        "backbone_ckpt": "none",
+        "image_size": size,
+        "pretext_size": DEMO_IMAGE_SIZE,
+        "epochs": 5,
+        "batch_size": 8,
+        "warmup_epochs": 1,
+        "mae_decoder": "random",
+        "num_workers": 0,
+        "dino": {
+            "out_dim": 1024,
+            "hidden_dim": 256,
+            "bottleneck_dim": 64,
+            "global_size": DEMO_IMAGE_SIZE,
+            "local_size": 32,
+            "num_local": 2,
+        },
+    }
+
+
+def metadata(info: DatasetInfo, method: str) -> dict:
+    """``configs/metadata.json`` in the model-zoo format."""
+    spec = get_method(method)
+    dims = info.spatial_dims
+    if info.task == "cls":
+        output = {"type": "probabilities", "format": "classes", "num_channels": len(info.classes),
+                  "spatial_shape": [len(info.classes)], "dtype": "float32", "value_range": [0, 1],
+                  "is_patch_data": False, "channel_def": {str(i): c for i, c in enumerate(info.classes)}}  # fmt: skip
+        value_range = [0, 1]
+    else:
+        output = {"type": "image", "format": "segmentation", "num_channels": 1, "spatial_shape": list(info.image_size),
+                  "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
+                  "channel_def": {"0": info.classes[1]}}  # fmt: skip
+        value_range = [-5, 5]
+    return {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
+        "version": __version__,
+        "changelog": {__version__: "initial bundle generated by tpp_monai"},
+        "monai_version": MONAI_VERSION,
+        "pytorch_version": TORCH_VERSION,
+        "numpy_version": "2.4",
+        "required_packages_version": {"tpp-monai": __version__, "pytorch-ignite": "0.5.5"},
+        "name": f"{info.title} {method} (TPP)",
+        "task": f"{info.title} {'classification' if info.task == 'cls' else 'segmentation'} with {method} PEFT",
+        "description": (
+            f"{spec.summary}, on a frozen MedCoSS ViT-B/16, for {info.title} ({info.modality}). Target Parameter "
+            "Pre-training (TPP) pre-trains the method's target parameters with MAE or DINO on the training images "
+            "before fine-tuning (pretrain_tpp, then finetune)."
+        ),
+        "authors": "tpp-monai",
+        "copyright": "tpp-monai contributors; datasets under their own licences (see docs/README.md)",
+        "data_source": info.title,
+        "data_type": "png/jpg/bmp images",
+        "intended_use": "research only",
+        "references": [
+            "Lei et al., Pre-training Everywhere: Parameter-Efficient Fine-Tuning for Medical Image Analysis via "
+            "Target Parameter Pre-training",
+            "Ye et al., Continual Self-supervised Learning: Towards Universal Multi-modal Medical Data Representation "
+            "Learning (MedCoSS), CVPR 2024",
+        ],
+        "network_data_format": {
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "magnitude",
+                    "modality": info.modality,
+                    "num_channels": info.in_channels,
+                    "spatial_shape": ["16*n"] * dims,
+                    "dtype": "float32",
+                    "value_range": value_range,
+                    "is_patch_data": False,
+                    "channel_def": {"0": "R", "1": "G", "2": "B"},
+                },
+            },
+            "outputs": {"pred": output},
+        },
+    }
+
+
+LOGGING_CONF = """[loggers]
+keys=root
+
+[handlers]
+keys=consoleHandler
+
+[formatters]
+keys=fullFormatter
+
+[logger_root]
+level=INFO
+handlers=consoleHandler
+
+[handler_consoleHandler]
+class=StreamHandler
+level=INFO
+formatter=fullFormatter
+args=(sys.stdout,)
+
+[formatter_fullFormatter]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""
+
+
+def readme(info: DatasetInfo, method: str) -> str:
+    name = f"{info.name}_{method}"
+    recipe = tpp_recipe(info)
+    decoder = "frozen" if recipe.mae_decoder == "freeze" else "updated"
+    return f"""# {name}: {info.title} with {method}, Target Parameter Pre-training
+
+Generated by `python -m tpp_monai bundles`; do not edit by hand. {get_method(method).summary}.
+
+## Data
+Download {info.title} yourself, then build the datalist (train/validation/test, paths relative to the download):
+
+    python -m tpp_monai datalist {info.name} --root /path/to/download --out /path/to/download/datalist.json
+
+## TPP stage (MAE by default; `--pretext dino` for DINO)
+
+    python -m monai.bundle run pretrain_tpp --config_file bundles/{name}/configs/pretrain_tpp.json \\
+        --dataset_dir /path/to/download --backbone_ckpt /path/to/medcoss/checkpoint-299.pth
+
+Defaults follow the paper: AdamW lr 1.5e-3, weight decay 1.5e-2, batch 64, 40 warm-up epochs then cosine,
+{recipe.epochs} epochs, the MedCoSS MAE decoder inherited and {decoder}.
+The stage writes `runs/pretrain_tpp/tpp_target.pt`: the target parameters only, with the method, options and
+backbone recorded. Add `--tracking mlflow` to record the run (SQLite store `runs/mlruns.db`).
+
+## Demo (no download, about a minute on 2 CPU cores)
+
+    python -m monai.bundle run pretrain_tpp \\
+        --config_file "['bundles/{name}/configs/pretrain_tpp.json','bundles/{name}/configs/demo.json']"
+
+Common overrides: `bundle_root`, `dataset_dir`, `datalist`, `output_dir`, `backbone` (`medcoss_vit_b16`,
+`path_dino_vit_s16`), `backbone_ckpt` (`none` = random weights), `pretext`, `epochs`, `batch_size`, `num_workers`,
+`device`, `seed`, `method_options` (e.g. `"{{'bottleneck': 64}}"`).
+"""
+
+
+def bundle_files(info: DatasetInfo, method: str) -> dict[str, object]:
+    """Relative path -> content (dict for JSON, str for text) of one bundle."""
+    return {
+        "configs/metadata.json": metadata(info, method),
+        "configs/pretrain_tpp.json": pretrain_tpp_config(info, method),
+        "configs/demo.json": demo_config(info),
+        "configs/logging.conf": LOGGING_CONF,
+        "docs/README.md": readme(info, method),
+    }
+
+
+def render(content: object) -> str:
+    return content if isinstance(content, str) else json.dumps(content, indent=4) + "\n"
+
+
+def write_bundles(out: Path = BUNDLES_DIR) -> list[str]:
+    """(Re)write every bundle under ``out``; bundle folders that the table no longer has are left alone."""
+    names = []
+    for name, files in _bundles():
+        root = out / name
+        if (root / "configs").exists():
+            shutil.rmtree(root / "configs")
+        for rel, content in files().items():
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(render(content))
+        names.append(name)
+    return names
+
+
+def check_bundles(out: Path = BUNDLES_DIR) -> list[str]:
+    """Differences between the committed bundles and the generator's output (empty when in sync)."""
+    problems = []
+    expected_names = set()
+    for name, files in _bundles():
+        expected_names.add(name)
+        for rel, content in files().items():
+            path = out / name / rel
+            want = render(content)
+            if not path.is_file():
+                problems.append(f"{name}/{rel}: missing")
+            elif path.read_text() != want:
+                diff = difflib.unified_diff(path.read_text().splitlines(), want.splitlines(), lineterm="", n=0)
+                problems.append(f"{name}/{rel}: differs\n" + "\n".join(list(diff)[2:8]))
+        for path in sorted((out / name / "configs").glob("*")):
+            if f"configs/{path.name}" not in files():
+                problems.append(f"{name}/configs/{path.name}: not written by the generator")
+    return problems
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=BUNDLES_DIR, help="bundles folder (default: the repo's)")
+    parser.add_argument("--check", action="store_true", help="fail if the bundles differ from the generator's output")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.check:
+        problems = check_bundles(args.out)
+        if problems:
+            raise UserError(
+                f"{len(problems)} bundle file(s) differ from the generator:\n"
+                + "\n".join(problems[:20])
+                + "\nrun `python -m tpp_monai bundles` to rewrite them"
+            )
+        print(f"{len(bundle_names())} bundles match the generator")
+        return 0
+    names = write_bundles(args.out)
+    print(f"wrote {len(names)} bundles under {args.out}")
+    return 0

@@ -1,0 +1,210 @@
+"""Ignite/MONAI handlers the TPP workflows need beyond MONAI's own.
+
+* :class:`OptimizerScheduleHandler` / :class:`ValueScheduleHandler`: precomputed per-iteration schedules (learning
+  rate, weight decay, teacher temperature), indexed by the engine's iteration so a resumed run continues them.
+* :class:`TeacherEMAHandler`: the DINO teacher's momentum update after every optimizer step.
+* :class:`GradientClipHandler`, :class:`FreezeLastLayerHandler`: DINO's gradient clipping and first-epoch freeze.
+* :class:`TargetStateSaver`: writes the target-parameter file (target tensors only) atomically every epoch.
+* :class:`SafeCheckpointSaver`: MONAI's ``CheckpointSaver`` whose files are written atomically (temporary file,
+  fsync, rename) with a content digest; MONAI's saver writes in place (``atomic=False``).
+* :class:`ProgressBar`: ignite's tqdm bar, one per epoch, showing the loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar as _IgniteProgressBar
+from ignite.handlers.checkpoint import BaseSaveHandler
+from monai.engines.utils import IterationEvents
+from monai.handlers import CheckpointSaver
+from torch import nn
+
+from tpp_monai.io import atomic_save
+from tpp_monai.peft import target_state
+
+logger = logging.getLogger(__name__)
+
+
+def is_rank0() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def cosine_schedule(
+    base: float, final: float, epochs: int, iters_per_epoch: int, warmup_epochs: float = 0, warmup_start: float = 0.0
+) -> np.ndarray:
+    """Linear warm-up from ``warmup_start`` to ``base`` over ``warmup_epochs``, then half-cosine to ``final``
+    (per iteration, as MAE's ``lr_sched`` and DINO's ``cosine_scheduler``)."""
+    total = max(1, epochs * iters_per_epoch)
+    warm = min(total, round(warmup_epochs * iters_per_epoch))
+    ramp = np.linspace(warmup_start, base, warm, endpoint=False) if warm else np.zeros(0)
+    steps = np.arange(total - warm)
+    tail = final + 0.5 * (base - final) * (1 + np.cos(math.pi * steps / max(1, len(steps))))
+    return np.concatenate([ramp, tail])
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two AdamW groups: decayed (>= 2-D weights) and not decayed (biases, norms, 1-D)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "apply_decay": True}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "apply_decay": False})
+    return [g for g in groups if g["params"]]
+
+
+class _IterationHandler:
+    event = Events.ITERATION_STARTED
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(self.event, self)
+
+    @staticmethod
+    def _index(engine: Engine, values: Sequence) -> int:
+        return min(engine.state.iteration - 1, len(values) - 1)
+
+
+class OptimizerScheduleHandler(_IterationHandler):
+    """Set every param group's ``lr`` (and the decayed groups' ``weight_decay``) from per-iteration arrays."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: Sequence[float], weight_decay: Sequence | None = None):
+        self.optimizer, self.lr, self.weight_decay = optimizer, lr, weight_decay
+
+    def __call__(self, engine: Engine) -> None:
+        i = self._index(engine, self.lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(self.lr[i])
+            if self.weight_decay is not None and group.get("apply_decay", True):
+                group["weight_decay"] = float(self.weight_decay[i])
+
+
+class ValueScheduleHandler(_IterationHandler):
+    """Set ``setattr(target, attribute, values[iteration])`` before every iteration."""
+
+    def __init__(self, target: object, attribute: str, values: Sequence[float]) -> None:
+        self.target, self.attribute, self.values = target, attribute, values
+
+    def __call__(self, engine: Engine) -> None:
+        setattr(self.target, self.attribute, float(self.values[self._index(engine, self.values)]))
+
+
+class TeacherEMAHandler(_IterationHandler):
+    """``pretext.update_teacher(momentum[iteration])`` after every optimizer step."""
+
+    event = Events.ITERATION_COMPLETED
+
+    def __init__(self, pretext: nn.Module, momentum: Sequence[float]) -> None:
+        self.pretext, self.momentum = pretext, momentum
+
+    def __call__(self, engine: Engine) -> None:
+        self.pretext.update_teacher(float(self.momentum[self._index(engine, self.momentum)]))
+
+
+class GradientClipHandler:
+    """Clip the gradient norm of ``params`` between backward and optimizer step (unscaling first under AMP)."""
+
+    def __init__(self, params: Callable[[], Sequence[torch.Tensor]] | Sequence[torch.Tensor], max_norm: float) -> None:
+        self.params, self.max_norm = params, max_norm
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if getattr(engine, "amp", False) and getattr(engine, "scaler", None) is not None:
+            engine.scaler.unscale_(engine.optimizer)
+        params = self.params() if callable(self.params) else self.params
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.max_norm)
+
+
+class FreezeLastLayerHandler:
+    """Drop the gradients of ``module`` during the first ``epochs`` epochs (DINO freezes its last head layer)."""
+
+    def __init__(self, module: nn.Module, epochs: int = 1) -> None:
+        self.module, self.epochs = module, epochs
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.epoch <= self.epochs:
+            for p in self.module.parameters():
+                p.grad = None
+
+
+class TargetStateSaver:
+    """Write ``target_state(model)`` to ``path`` after every epoch (rank 0), atomically: the TPP stage's product."""
+
+    def __init__(self, model: nn.Module | Callable[[], nn.Module], path: str | Path) -> None:
+        self.model, self.path = model, Path(path)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if is_rank0():
+            model = self.model() if callable(self.model) and not isinstance(self.model, nn.Module) else self.model
+            atomic_save({**target_state(model), "epoch": engine.state.epoch}, self.path)
+
+
+class _AtomicDiskSaver(BaseSaveHandler):
+    """Ignite save handler that writes with :func:`tpp_monai.io.atomic_save` (rank 0 only)."""
+
+    def __init__(self, dirname: str | Path, filename: str | None = None) -> None:
+        self.dirname, self.filename = Path(dirname), filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        if is_rank0():
+            atomic_save(dict(checkpoint), self.dirname / (self.filename or filename))
+
+    def remove(self, filename: str) -> None:
+        if is_rank0():
+            (self.dirname / (self.filename or filename)).unlink(missing_ok=True)
+
+
+class SafeCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments and behaviour) writing through :class:`_AtomicDiskSaver`.
+
+    ``engine_key`` also saves the engine it is attached to (epoch, iteration) under that key: the trainer cannot be
+    named in ``save_dict`` of a handler in its own handler list without a circular config reference.
+    """
+
+    def __init__(self, *args: object, engine_key: str | None = None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.engine_key = engine_key
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                filename = getattr(checkpoint.save_handler, "filename", None)
+                checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, filename)
+
+    def attach(self, engine: Engine) -> None:
+        if self.engine_key:
+            self.save_dict[self.engine_key] = engine  # the Checkpoint objects share this dict
+        super().attach(engine)
+
+
+class ProgressBar:
+    """A tqdm bar per epoch showing the iteration loss (ignite's ``ProgressBar``)."""
+
+    def __init__(self, loss_key: str = "loss") -> None:
+        self.loss_key = loss_key
+
+    def attach(self, engine: Engine) -> None:
+        if not is_rank0():
+            return
+        bar = _IgniteProgressBar(persist=True, bar_format=None)
+
+        def loss(output: object) -> dict:
+            out = output[0] if isinstance(output, list) else output
+            value = out.get(self.loss_key) if isinstance(out, Mapping) else None
+            return {} if value is None else {self.loss_key: float(torch.as_tensor(value).detach())}
+
+        bar.attach(engine, output_transform=loss)

@@ -1,0 +1,181 @@
+"""The TPP stage's pretext tasks (paper §3.2): MAE (default) and DINO, selected by name in every bundle.
+
+The factories below are what ``configs/pretrain_tpp.json`` calls, so ``--pretext dino`` switches network, loss,
+views and batch preparation together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from tpp_monai.errors import unknown_choice
+from tpp_monai.peft import load_target_state, target_state
+from tpp_monai.pretext.dino import DINOLoss, DINOPretext
+from tpp_monai.pretext.mae import MAEPretext, MaskedPatchLoss
+
+PRETEXTS = ("mae", "dino")
+# DINO's defaults (main_dino.py): head geometry, multi-crop, teacher momentum and temperatures, clipping.
+DINO_DEFAULTS = {
+    "out_dim": 65536, "hidden_dim": 2048, "bottleneck_dim": 256, "global_size": 224, "local_size": 96, "num_local": 8,
+    "momentum_teacher": 0.996, "teacher_temp": 0.04, "warmup_teacher_temp": 0.04, "warmup_teacher_temp_epochs": 0,
+    "student_temp": 0.1, "clip_grad": 3.0, "freeze_last_layer": 1,
+}  # fmt: skip
+
+
+def check_pretext(pretext: str) -> str:
+    if pretext not in PRETEXTS:
+        raise unknown_choice("pretext", pretext, PRETEXTS, "--pretext")
+    return pretext
+
+
+def _dino(options: Mapping | None) -> dict:
+    options = dict(options or {})
+    unknown = set(options) - set(DINO_DEFAULTS)
+    if unknown:
+        raise unknown_choice("DINO option", sorted(unknown)[0], DINO_DEFAULTS, "dino")
+    return {**DINO_DEFAULTS, **options}
+
+
+def build_pretext(
+    pretext: str, encoder: nn.Module, image_size: int = 224, mae_decoder: str = "freeze", mask_ratio: float = 0.75,
+    decoder: Mapping | None = None, dino: Mapping | None = None,
+) -> nn.Module:  # fmt: skip
+    """The pretext network around ``encoder`` (built with ``task="features"``, ``stage="tpp"``)."""
+    if check_pretext(pretext) == "mae":
+        return MAEPretext(encoder, mae_decoder, image_size, mask_ratio, decoder)
+    d = _dino(dino)
+    return DINOPretext(encoder, d["out_dim"], d["hidden_dim"], d["bottleneck_dim"])
+
+
+def pretext_loss(pretext: str, net: nn.Module, dino: Mapping | None = None) -> nn.Module:
+    if check_pretext(pretext) == "mae":
+        return MaskedPatchLoss(net.patch)
+    d = _dino(dino)
+    return DINOLoss(d["out_dim"], student_temp=d["student_temp"], teacher_temp=d["teacher_temp"])
+
+
+def pretext_transforms(
+    pretext: str, dataset: str, pretext_size: int = 224, image_size: Sequence[int] | None = None,
+    dino: Mapping | None = None,
+) -> object:  # fmt: skip
+    """Cacheable image loading (at the dataset's ``image_size``) + the pretext's random views at ``pretext_size``
+    (MAE crop/flip, DINO multi-crop; DINO's own ``global_size`` then sets the global crops)."""
+    from tpp_monai.pretext.transforms import dino_transforms, mae_transforms
+
+    if check_pretext(pretext) == "mae":
+        return mae_transforms(dataset, pretext_size, image_size)
+    d = _dino(dino)
+    return dino_transforms(dataset, d["global_size"], d["local_size"], d["num_local"], image_size=image_size)
+
+
+class PretextBatch:
+    """``prepare_batch`` for MONAI's trainer: MAE -> ``(image, image)``; DINO -> ``(crops, None)``."""
+
+    def __init__(self, pretext: str) -> None:
+        self.pretext = check_pretext(pretext)
+
+    def __call__(self, batch: Mapping, device: torch.device | None = None, non_blocking: bool = False, **_: object):
+        if self.pretext == "mae":
+            image = batch["image"].to(device=device, non_blocking=non_blocking)
+            return image, image
+        return [c.to(device=device, non_blocking=non_blocking) for c in batch["crops"]], None
+
+
+class PretextHandlers:
+    """Attach the handlers a pretext needs besides the schedules: for DINO the teacher's momentum update, the
+    teacher-temperature warm-up, gradient clipping and the first-epoch freeze of the head's last layer; none for MAE.
+
+    One config entry serves both pretexts, so ``--pretext dino`` needs no other change to ``train#handlers``.
+    """
+
+    def __init__(self, net: nn.Module, loss: nn.Module, epochs: int, iters_per_epoch: int,
+                 dino: Mapping | None = None) -> None:  # fmt: skip
+        self.net, self.loss, self.epochs, self.iters = net, loss, int(epochs), int(iters_per_epoch)
+        self.dino = _dino(dino)
+
+    def attach(self, engine: object) -> None:
+        if not isinstance(self.net, DINOPretext):
+            return
+        from tpp_monai.handlers import (
+            FreezeLastLayerHandler,
+            GradientClipHandler,
+            TeacherEMAHandler,
+            ValueScheduleHandler,
+            cosine_schedule,
+        )
+
+        d = self.dino
+        momentum = cosine_schedule(d["momentum_teacher"], 1.0, self.epochs, self.iters)
+        warm = min(self.epochs, int(d["warmup_teacher_temp_epochs"]))
+        temps = cosine_schedule(d["teacher_temp"], d["teacher_temp"], self.epochs, self.iters, warm,
+                                d["warmup_teacher_temp"])  # fmt: skip
+        trainable = [p for p in self.net.student.parameters() if p.requires_grad]
+        handlers = [TeacherEMAHandler(self.net, momentum), ValueScheduleHandler(self.loss, "teacher_temp", temps)]
+        if d["clip_grad"]:
+            handlers.append(GradientClipHandler(trainable, d["clip_grad"]))
+        if d["freeze_last_layer"]:
+            handlers.append(FreezeLastLayerHandler(self.net.student["head"].last_layer, d["freeze_last_layer"]))
+        for handler in handlers:
+            handler.attach(engine)
+
+
+def export_backbone(net: nn.Module) -> nn.Module:
+    """The backbone whose target parameters the stage saves (DINO: the teacher's averages)."""
+    return net.export_backbone() if isinstance(net, DINOPretext) else net.encoder
+
+
+class PartialState:
+    """A checkpointable view of selected tensors of a module (``state_dict``/``load_state_dict`` over ``names``)."""
+
+    def __init__(self, module: nn.Module, names: Sequence[str]) -> None:
+        self.module, self.names = module, list(names)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        tensors = dict(self.module.named_parameters())
+        tensors.update(dict(self.module.named_buffers()))
+        return {n: tensors[n].detach().clone() for n in self.names}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        tensors = dict(self.module.named_parameters())
+        tensors.update(dict(self.module.named_buffers()))
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise KeyError(f"checkpoint lacks {missing[:5]}")
+        with torch.no_grad():
+            for n in self.names:
+                tensors[n].copy_(state[n])
+
+
+class TargetStateView:
+    """A checkpointable view of a model's target parameters, in the target-parameter file format."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return target_state(self.model)
+
+    def load_state_dict(self, state: Mapping) -> None:
+        load_target_state(self.model, state)
+
+
+def resume_state(net: nn.Module) -> PartialState:
+    """What a resume needs from the pretext network besides the target parameters and optimizer."""
+    return PartialState(net, net.pretext_state_names())
+
+
+__all__ = [
+    "PRETEXTS",
+    "PartialState",
+    "PretextBatch",
+    "PretextHandlers",
+    "TargetStateView",
+    "build_pretext",
+    "export_backbone",
+    "pretext_loss",
+    "pretext_transforms",
+    "resume_state",
+]

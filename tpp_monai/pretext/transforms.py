@@ -1,0 +1,164 @@
+"""Random views for the pretext stages, on top of each dataset's deterministic loading chain.
+
+* MAE: a random resized crop (area 0.2-1, bicubic) to the pretext size and a horizontal flip, as MedCoSS's MAE.
+* DINO: two global crops (area 0.4-1) and ``num_local`` local crops (0.05-0.4), each flipped, colour-jittered
+  (0.4, 0.4, 0.2, 0.1; p 0.8), greyscaled (p 0.2), blurred (p 1.0 / 0.1 / 0.5) and, for the second global crop,
+  solarised (p 0.2), as DINO's ``DataAugmentationDINO``. Colour operations run on [0, 1] intensities; datasets
+  whose fine-tuning input is z-scored (2D segmentation) are z-scored per crop afterwards, so every crop has the
+  intensity statistics the fine-tuning stage feeds the backbone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    Compose,
+    MapTransform,
+    NormalizeIntensity,
+    RandFlipd,
+    RandGaussianSmoothd,
+    Randomizable,
+    RandomizableTransform,
+    Resize,
+    ScaleIntensityRanged,
+)
+from monai.utils import MAX_SEED
+
+from tpp_monai.data import get_dataset, image_transforms
+from tpp_monai.data.transforms import W_AXIS, RandColorJitterd, RandGrayscaled
+from tpp_monai.errors import ConfigError
+
+
+class RandResizedCropd(Randomizable, MapTransform):
+    """Crop a random area fraction and aspect ratio, then resize to ``size`` (torchvision's RandomResizedCrop).
+
+    MONAI's ``RandSpatialCrop`` draws each side independently and has no area/aspect parametrisation, which the MAE
+    and DINO recipes specify, hence this transform.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, size: Sequence[int], scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3), mode: str = "bicubic",
+    ) -> None:  # fmt: skip
+        super().__init__(keys)
+        self.scale, self.ratio = scale, ratio
+        self.resize = Resize(spatial_size=tuple(size), mode=mode)
+        self._box = (0, 0, 1, 1)
+
+    def randomize(self, shape: Sequence[int]) -> None:
+        h, w = shape
+        area = h * w
+        for _ in range(10):
+            target = area * self.R.uniform(*self.scale)
+            aspect = math.exp(self.R.uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
+            cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < cw <= w and 0 < ch <= h:
+                self._box = (int(self.R.randint(0, h - ch + 1)), int(self.R.randint(0, w - cw + 1)), ch, cw)
+                return
+        side = min(h, w)  # fall back to a central crop, as torchvision does
+        self._box = ((h - side) // 2, (w - side) // 2, side, side)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        first = d[self.first_key(d)]
+        self.randomize(first.shape[-2:])
+        top, left, ch, cw = self._box
+        for key in self.key_iterator(d):
+            d[key] = self.resize(d[key][..., top : top + ch, left : left + cw])
+        return d
+
+
+class RandSolarized(RandomizableTransform, MapTransform):
+    """Invert intensities at or above ``threshold`` (DINO's solarisation on [0, 1] images); MONAI has none."""
+
+    def __init__(self, keys: KeysCollection, prob: float = 0.2, threshold: float = 0.5) -> None:
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys)
+        self.threshold = threshold
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        self.randomize(None)
+        if self._do_transform:
+            for key in self.key_iterator(d):
+                d[key] = torch.where(d[key] >= self.threshold, 1.0 - d[key], d[key])
+        return d
+
+
+def _unit_range_chain(dataset: str, image_size: Sequence[int] | None) -> tuple[list, bool]:
+    """The dataset's image loading chain with intensities in [0, 1]; whether the dataset z-scores afterwards."""
+    info = get_dataset(dataset)
+    if info.spatial_dims != 2:
+        raise ConfigError(f"the 2D pretext transforms do not apply to the 3D dataset {dataset!r}")
+    chain = image_transforms(dataset, image_size)
+    if info.task == "cls":
+        return chain, False
+    # 2D segmentation: the chain ends with the per-image z-score; keep [0, 255] -> [0, 1] instead.
+    return [*chain[:-1], ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0)], True
+
+
+def mae_transforms(dataset: str, pretext_size: int, image_size: Sequence[int] | None = None) -> Compose:
+    """Image loading (cacheable) + MAE's random resized crop (area 0.2-1) and horizontal flip."""
+    chain = list(image_transforms(dataset, image_size))
+    chain += [
+        RandResizedCropd(keys="image", size=(pretext_size, pretext_size), scale=(0.2, 1.0)),
+        RandFlipd(keys="image", spatial_axis=W_AXIS, prob=0.5),
+    ]
+    return Compose(chain)
+
+
+class MultiCropd(Randomizable, MapTransform):
+    """Turn ``image`` into ``crops``: a list of augmented views (global crops first)."""
+
+    def __init__(self, views: Sequence[Compose], zscore: bool) -> None:
+        super().__init__(keys="image")
+        self.views = list(views)
+        self.normalize = NormalizeIntensity(channel_wise=True) if zscore else None
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> MultiCropd:
+        super().set_random_state(seed, state)
+        for view in self.views:
+            view.set_random_state(seed=int(self.R.randint(MAX_SEED)))
+        return self
+
+    def randomize(self, data: object = None) -> None:
+        pass
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        image = d.pop("image")
+        crops = [view({"image": image})["image"] for view in self.views]
+        if self.normalize is not None:
+            crops = [self.normalize(c) for c in crops]
+        d["crops"] = crops
+        return d
+
+
+def dino_transforms(
+    dataset: str, global_size: int = 224, local_size: int = 96, num_local: int = 8,
+    global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4),
+    image_size: Sequence[int] | None = None,
+) -> Compose:  # fmt: skip
+    """Image loading (cacheable) + DINO's multi-crop augmentation; the sample's ``crops`` key holds the views."""
+    chain, zscore = _unit_range_chain(dataset, image_size)
+
+    def view(size: int, scale: tuple[float, float], blur: float, solarize: float) -> Compose:
+        steps = [
+            RandResizedCropd(keys="image", size=(size, size), scale=scale),
+            RandFlipd(keys="image", spatial_axis=W_AXIS, prob=0.5),
+            RandColorJitterd(keys="image", prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1),
+            RandGrayscaled(keys="image", prob=0.2),
+            RandGaussianSmoothd(keys="image", sigma_x=(0.1, 2.0), sigma_y=(0.1, 2.0), prob=blur),
+        ]
+        if solarize:
+            steps.append(RandSolarized(keys="image", prob=solarize))
+        return Compose(steps)
+
+    views = [view(global_size, global_scale, 1.0, 0.0), view(global_size, global_scale, 0.1, 0.2)]
+    views += [view(local_size, local_scale, 0.5, 0.0) for _ in range(num_local)]
+    return Compose([*chain, MultiCropd(views, zscore)])

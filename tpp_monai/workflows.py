@@ -1,0 +1,143 @@
+"""Helpers the bundle configs call (``"$import tpp_monai.workflows as tpp"``): locating the bundle, reading the
+datalist, schedules, and clear messages for errors a user can cause inside ``python -m monai.bundle run``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+from monai.data import load_decathlon_datalist
+
+from tpp_monai.data import check_datalist, get_dataset, subsample_labels
+from tpp_monai.errors import ConfigError, UserError
+from tpp_monai.backbones import get_backbone_spec
+from tpp_monai.handlers import cosine_schedule, param_groups
+
+__all__ = ["param_groups"]  # re-exported for the configs
+
+logger = logging.getLogger(__name__)
+REPO_BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+
+
+def _user_error(exc: BaseException | None) -> UserError | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, UserError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def install_excepthook() -> None:
+    """Print errors a user can cause (a :class:`UserError` anywhere in the chain) as one message, no traceback.
+
+    MONAI wraps exceptions raised while it evaluates a config item in ``RuntimeError("Failed to evaluate ...")``;
+    the hook finds the user error behind it. Other exceptions keep Python's normal traceback.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "_tpp_monai", False):
+        return
+
+    def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        err = _user_error(value)
+        if err is None:
+            previous(kind, value, tb)
+            return
+        print(f"error: {err}", file=sys.stderr)
+
+    hook._tpp_monai = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
+def bundle_root(name: str) -> str:
+    """The folder of bundle ``name``: the current folder when run from inside it, else ``bundles/<name>`` of the
+    current folder or of this repository (so ``monai.bundle run`` works from the repo root or the bundle folder)."""
+    cwd = Path.cwd()
+    for candidate in (cwd, cwd / "bundles" / name, REPO_BUNDLES / name):
+        if (candidate / "configs" / "metadata.json").is_file() and candidate.name == name:
+            return str(candidate)
+    return str(REPO_BUNDLES / name)
+
+
+def images_of(datalist: str, dataset_dir: str, key: str = "training") -> list[dict]:
+    """The image paths of one split (labels dropped: the pretext stages use the training images only)."""
+    return [{"image": r["image"]} for r in records_of(datalist, dataset_dir, key)]
+
+
+def records_of(
+    datalist: str, dataset_dir: str, key: str = "training", label_fraction: float | None = None, seed: int = 0,
+    dataset: str | None = None,
+) -> list[dict]:  # fmt: skip
+    """Records of one split with absolute paths, after checking that every file exists.
+
+    ``label_fraction`` keeps a seeded, per-class stratified fraction of the records (paper Figure 4); only the
+    training split may be subsampled.
+    """
+    check_datalist(datalist, dataset_dir, keys=(key,))
+    segmentation = dataset is None or get_dataset(dataset).task != "cls"
+    records = load_decathlon_datalist(datalist, is_segmentation=segmentation, data_list_key=key, base_dir=dataset_dir)
+    if label_fraction is not None and float(label_fraction) < 1.0:
+        if key != "training":
+            raise ConfigError(f"label_fraction applies to the training split only, not {key!r}")
+        before = len(records)
+        records = subsample_labels(records, float(label_fraction), seed)
+        logger.info("label_fraction %s: %d of %d training records kept", label_fraction, len(records), before)
+    if not records:
+        raise ConfigError(f"the {key!r} split of {datalist} is empty")
+    return records
+
+
+def mae_decoder_geometry(backbone: str) -> dict:
+    """Width, depth and heads of the MAE decoder paired with ``backbone`` (MedCoSS: 512, 8, 16)."""
+    return dict(get_backbone_spec(backbone, "backbone").mae_decoder)
+
+
+def cpu_workers(cap: int = 8) -> int:
+    """Data-loading workers from the CPU count (leaving one core for the training loop)."""
+    return max(0, min(cap, (os.cpu_count() or 1) - 1))
+
+
+def lr_schedule(base: float, epochs: int, iters_per_epoch: int, warmup_epochs: float, final: float = 0.0):
+    """Linear warm-up then cosine decay, per iteration (the paper's TPP schedule)."""
+    return cosine_schedule(base, final, int(epochs), int(iters_per_epoch), warmup_epochs)
+
+
+def wd_schedule(start: float, end: float, epochs: int, iters_per_epoch: int) -> np.ndarray:
+    """Cosine weight-decay schedule from ``start`` to ``end`` (DINO: 0.04 -> 0.4; constant when equal)."""
+    return cosine_schedule(start, end, int(epochs), int(iters_per_epoch))
+
+
+def poly_schedule(base: float, epochs: int, iters_per_epoch: int, power: float = 0.9) -> np.ndarray:
+    """MedCoSS's per-epoch polynomial decay ``base * (1 - epoch / epochs) ** power``, expanded per iteration."""
+    per_epoch = [base * (1 - e / max(1, epochs)) ** power for e in range(max(1, int(epochs)))]
+    return np.repeat(np.asarray(per_epoch), max(1, int(iters_per_epoch)))
+
+
+def epochs_for(iterations: int, iters_per_epoch: int) -> int:
+    """Epochs that cover ``iterations`` optimizer steps (the paper gives fine-tuning lengths in iterations)."""
+    return max(1, math.ceil(int(iterations) / max(1, int(iters_per_epoch))))
+
+
+def demo_dataset(dataset: str, folder: str) -> str:
+    """The demo dataset of ``dataset`` under ``folder`` with its ``datalist.json``, made on first use; returns the
+    dataset root (the ``dataset_dir`` of the demo overlay)."""
+    from tpp_monai.data import build_datalist, make_demo_dataset, write_datalist
+    from tpp_monai.data.demo import MARKER
+
+    folder_path = Path(folder)
+    for marker in folder_path.glob(f"*/{MARKER}"):
+        info = json.loads(marker.read_text())
+        if info.get("dataset") == dataset:
+            roots = [p.parent for p in marker.parent.rglob("datalist.json")]
+            if roots:
+                return str(roots[0])
+    root = make_demo_dataset(dataset, folder_path)
+    write_datalist(build_datalist(dataset, root), root / "datalist.json")
+    return str(root)
