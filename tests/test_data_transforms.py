@@ -165,9 +165,13 @@ def test_cache_dataset_caches_the_deterministic_part(demo_root):
     assert batch["image"].shape == (4, 3, 64, 64) and batch["label"].shape == (4, 1, 64, 64)
 
 
-def test_3d_patches_oversample_the_tumour(demo_root):
+def test_3d_patches_oversample_the_tumour_and_batch(demo_root):
     root = demo_root("lits")
-    record = absolute(build_datalist("lits", root)["training"][:1], root)[0]
+    records = absolute(build_datalist("lits", root)["training"], root)
+    dataset = CacheDataset(records[:2], train_transforms("lits", PATCH_3D), cache_rate=1.0, progress=False)
+    batch = next(iter(DataLoader(dataset, batch_size=2)))  # the crop's list of one sample is flattened
+    assert batch["image"].shape == batch["label"].shape == (2, 1, *PATCH_3D)
+    record = records[0]
     chain = train_transforms("lits", PATCH_3D)
     chain.set_random_state(seed=0)
     with_tumour = sum(bool((chain(record)[0]["label"] == 2).any()) for _ in range(12))

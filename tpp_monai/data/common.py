@@ -171,18 +171,18 @@ def probe_image(path: Path) -> ImageHeader:
             header = ImageHeader(im.size, im.mode, im.format or "")
             if header.format == "PNG":
                 im.verify()
-            elif header.format != "JPEG" or not _jpeg_ends_with_eoi(path):
+            elif header.format != "JPEG" or im.fp is None or not _ends_with_eoi(im.fp):
                 im.load()
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as err:
         raise Unreadable(path, f"cannot decode it as an image ({err})") from None
     return header
 
 
-def _jpeg_ends_with_eoi(path: Path) -> bool:
-    with path.open("rb") as f:
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - 64))
-        return f.read().rstrip(b"\x00").endswith(b"\xff\xd9")
+def _ends_with_eoi(fp: Any) -> bool:
+    """True when a JPEG stream ends with its end-of-image marker (zero padding after it is allowed)."""
+    fp.seek(0, os.SEEK_END)
+    fp.seek(max(0, fp.tell() - 64))
+    return fp.read().rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
 def mask_mode(im: Any) -> Any:
@@ -313,7 +313,7 @@ class FileChecker:
                 raise o
             if isinstance(o, Unreadable) and not self.skip_bad:
                 others = f" ({len(unreadable) - 1} more unreadable file(s) after it)" if len(unreadable) > 1 else ""
-                raise DatasetError(f"{o.path}: {o}{others}; {_SKIP_HINT}")
+                raise DatasetError(f"{o.path}: expected a complete, readable file; {o}{others}; {_SKIP_HINT}")
         self.skipped.extend({"path": rel(o.path, self.root), "reason": str(o)} for o in unreadable)
         return [(item, o) for item, o in zip(items, outcomes) if not isinstance(o, Unreadable)]
 

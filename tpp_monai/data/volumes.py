@@ -34,35 +34,10 @@ from tpp_monai.errors import DatasetError
 
 LABEL_VALUES = (0, 1, 2)
 # MedCoSS Downstream/Dim_3/MOTS/data_list/0Liver/0Liver_test.txt (= DoDNet MOTS_test.txt): liver_N == volume-N.
-LITS_TEST = (
-    0,
-    4,
-    9,
-    13,
-    17,
-    21,
-    26,
-    30,
-    35,
-    44,
-    49,
-    53,
-    58,
-    62,
-    67,
-    71,
-    76,
-    80,
-    85,
-    94,
-    99,
-    102,
-    107,
-    111,
-    116,
-    120,
-    125,
-)
+# fmt: off
+LITS_TEST = (0, 4, 9, 13, 17, 21, 26, 30, 35, 44, 49, 53, 58, 62, 67, 71, 76, 80, 85, 94, 99, 102, 107, 111, 116, 120,
+             125)
+# fmt: on
 LITS_CASES = 131
 KITS_LABELLED = 210  # case_00000 .. case_00209; case_00210 .. case_00299 are the unlabelled KiTS19 test set
 KITS_TEST_EVERY = 5  # MOTS / DoDNet: case_00000, case_00005, ... are the test cases
