@@ -4,6 +4,8 @@
 * ``path_dino_vit_s16``: timm/DINO ViT-S/16, Path_DINO of Kang et al. 2023 (Table 9; flat timm/DINO state dict).
 * ``vit_b16``: timm/DINO ViT-B/16 (flat state dict).
 * ``medcoss_vit_tiny``, ``vit_tiny``: small configurations of both, for tests and CPU demos.
+* ``stunet_s``, ``stunet_b``, ``stunet_l``, ``stunet_h``: STU-Net (3D, Table 10; nnU-Net v1/v2 checkpoints), and
+  ``stunet_tiny`` for tests.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from torch import nn
 
 from tpp_monai.backbones.checkpoint import LoadReport, extract_state_dict, load_into, read_file
 from tpp_monai.backbones.medcoss import MedCoSSViT
+from tpp_monai.backbones.stunet import CHECKPOINT_UNUSED as _STUNET_UNUSED
+from tpp_monai.backbones.stunet import VARIANTS as _STUNET_VARIANTS
+from tpp_monai.backbones.stunet import STUNet
 from tpp_monai.backbones.vit import UNETR_MODULES, TimmViT, ViTBase
 from tpp_monai.errors import ConfigError, unknown_choice
 
@@ -97,9 +102,10 @@ BACKBONES: dict[str, BackboneSpec] = {
             {"dim": 64, "depth": 2, "heads": 4},
             "small configuration for tests and CPU demos; no public weights",
         ),
+        *(BackboneSpec(name, "stunet", kw, weights=weights) for name, (kw, weights) in _STUNET_VARIANTS.items()),
     )
 }
-_FAMILIES = {"medcoss": MedCoSSViT, "timm_vit": TimmViT}
+_FAMILIES = {"medcoss": MedCoSSViT, "timm_vit": TimmViT, "stunet": STUNet}
 
 
 def get_backbone_spec(name: str, where: str = "") -> BackboneSpec:
@@ -139,7 +145,7 @@ def load_backbone_checkpoint(model: ViTBase, path: str | Path, keep_mae_decoder:
     """
     spec = get_backbone_spec(getattr(model, "backbone_name", ""), "the model")
     state = extract_state_dict(read_file(path), path)
-    unused = dict(_MEDCOSS_UNUSED if spec.family == "medcoss" else _TIMM_UNUSED)
+    unused = dict({"medcoss": _MEDCOSS_UNUSED, "stunet": _STUNET_UNUSED}.get(spec.family, _TIMM_UNUSED))
     extras: tuple[str, ...] = ()
     if keep_mae_decoder:
         extras = (*MAE_DECODER_PREFIXES, "cls_token")
@@ -151,6 +157,7 @@ __all__ = [
     "BackboneSpec",
     "LoadReport",
     "MedCoSSViT",
+    "STUNet",
     "TimmViT",
     "ViTBase",
     "backbone_parameter_names",
