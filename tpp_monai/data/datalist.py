@@ -53,7 +53,7 @@ def build(
         "paths_relative_to": f"the folder holding {builder.expected}",
         "root_layout": built.root_layout,
         "split_rule": split_rule,
-        "seed": seed if built.seed_used else None,
+        "seed": seed if built.seed_used or label_fraction is not None else None,
         "label_fraction": label_fraction,
         "counts": {k: len(v) for k, v in lists.items()},
         "paper_counts": dict(zip(SPLITS, info.split_counts)),
@@ -74,7 +74,7 @@ def build_datalist(
         dataset: one of ``DATASETS`` (``mhist, oct_c8, chest_xray_pa, glas, qata, lits, kits``).
         root: the download folder, or the folder of the official layout inside it.
         seed: seed of the random draws (validation carving; label fraction). Recorded in the datalist; ``None``
-            there when the dataset's split uses no randomness (OCT-C8, GlaS).
+            there when nothing is drawn at random (OCT-C8 and GlaS without a label fraction).
         label_fraction: keep this seeded per-class fraction of the training records (paper Figure 4).
         skip_bad: skip unreadable files instead of stopping; every skipped file is listed under ``skipped``.
 

@@ -107,14 +107,13 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
     return np.clip(img, 0, 255).round().astype(np.uint8)
 
 
-def _save(path: Path, array: np.ndarray, mode: str | None = None) -> None:
+def _save(path: Path, array: np.ndarray) -> None:
+    """Save an 8-bit array in the format its suffix names (PNG, JPEG, BMP)."""
     from PIL import Image
 
-    im = Image.fromarray(array)
-    if mode and im.mode != mode:
-        im = im.convert(mode)
     path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path, quality=92) if path.suffix.lower() in (".jpg", ".jpeg") else im.save(path)
+    options = {"quality": 92} if path.suffix.lower() in (".jpg", ".jpeg") else {}
+    Image.fromarray(array).save(path, **options)
 
 
 def _place(
