@@ -26,6 +26,7 @@ SIZE = 64
 CASES = {
     "medcoss_vit_tiny": (("cls", "seg"), (3, SIZE, SIZE)),
     "vit_tiny": (("cls", "seg"), (3, SIZE, SIZE)),
+    "stunet_tiny": (("seg",), (1, 16, 32, 32)),  # smallest patch that trains: bottleneck 1x2x1
 }
 BACKBONES = tuple(CASES)
 VIT_METHODS = sorted(n for n, s in METHODS.items() if "medcoss" in s.families)
