@@ -65,3 +65,10 @@ def test_json_output(capsys: pytest.CaptureFixture) -> None:
 def test_unknown_method_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
     assert main(["params", "--method", "prompt"]) == 2
     assert "unknown PEFT method 'prompt'" in capsys.readouterr().err
+
+
+def test_all_prints_every_method_of_the_backbone(capsys: pytest.CaptureFixture) -> None:
+    assert main(["params", "--all", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["method"], r["task"]) for r in rows} >= {("dtl", "seg"), ("lora", "cls"), ("linear_probe", "cls")}
+    assert "conv_adapter" not in {r["method"] for r in rows}  # a 3D CNN method, not offered for the ViT

@@ -210,7 +210,7 @@ def pretrain_tpp_config(info: DatasetInfo, method: str) -> dict:
                     },
                 ],
                 "trainer": {
-                    "_target_": "SupervisedTrainer",
+                    "_target_": "tpp_monai.engines.PretextTrainer",
                     "max_epochs": "@epochs",
                     "device": "@device",
                     "train_data_loader": "@train#dataloader",
@@ -222,11 +222,15 @@ def pretrain_tpp_config(info: DatasetInfo, method: str) -> dict:
                     "train_handlers": "@train#handlers",
                     "amp": "@amp",
                     "amp_kwargs": {"dtype": "$torch.bfloat16"},
-                    "decollate": False,
                     "optim_set_to_none": True,
                 },
             },
-            "initialize": ["$tpp.install_excepthook()", "$monai.utils.set_determinism(seed=@seed)"],
+            "initialize": [
+                "$tpp.install_excepthook()",
+                "$tpp.check_settings(@dataset, @method, @backbone, @pretext, @datalist, @dataset_dir)",
+                "$monai.utils.set_determinism(seed=@seed)",
+                "$@network_def",
+            ],
             "pretrain_tpp": ["$@train#trainer.run()"],
         }
     )

@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from tpp_monai.backbones import build_backbone
+from tpp_monai.backbones import build_backbone, get_backbone_spec
 from tpp_monai.peft import METHODS, apply_peft, count_parameters, get_method
 
 TASKS = ("cls", "seg")
@@ -49,14 +49,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON (one object, or a list with --all)")
 
 
-def _method_names() -> list[str]:
+def _method_names(backbone: str | None = None) -> list[str]:
+    """Registered methods (those that support ``backbone``'s family, when given)."""
     get_method("adapter")  # registers the built-in methods
-    return sorted(METHODS)
+    if backbone is None:
+        return sorted(METHODS)
+    family = get_backbone_spec(backbone, "--backbone").family
+    return sorted(n for n, spec in METHODS.items() if family in spec.families)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.all:
-        rows = [count(m, t, args.num_classes, args.backbone) for t in TASKS for m in _method_names()]
+        rows = [count(m, t, args.num_classes, args.backbone) for t in TASKS for m in _method_names(args.backbone)]
     else:
         rows = [count(args.method, args.task, args.num_classes, args.backbone)]
     if args.json:

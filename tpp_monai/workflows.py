@@ -14,9 +14,9 @@ from types import TracebackType
 import numpy as np
 from monai.data import load_decathlon_datalist
 
+from tpp_monai.backbones import get_backbone_spec
 from tpp_monai.data import check_datalist, get_dataset, subsample_labels
 from tpp_monai.errors import ConfigError, UserError
-from tpp_monai.backbones import get_backbone_spec
 from tpp_monai.handlers import cosine_schedule, param_groups
 
 __all__ = ["param_groups"]  # re-exported for the configs
@@ -54,6 +54,31 @@ def install_excepthook() -> None:
 
     hook._tpp_monai = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+
+
+def check_settings(
+    dataset: str, method: str, backbone: str, pretext: str | None = None, datalist: str | None = None,
+    dataset_dir: str | None = None, keys: tuple[str, ...] = ("training",),
+) -> None:  # fmt: skip
+    """Fail fast, before any data is cached or a network is built, on unknown names and missing inputs.
+
+    ``pretext`` given means the TPP stage, which needs a method with target parameters to pre-train.
+    """
+    from tpp_monai.peft import get_method
+    from tpp_monai.pretext import check_pretext
+
+    get_dataset(dataset, "dataset")
+    spec = get_method(method, "method")
+    get_backbone_spec(backbone, "backbone")
+    if pretext is not None:
+        check_pretext(pretext)
+        if not spec.pretrainable:
+            raise ConfigError(
+                f"pretrain_tpp does not apply to {method!r}: {spec.summary}; it adds no target parameters to "
+                "pre-train, so fine-tune it directly (finetune)"
+            )
+    if datalist is not None:
+        check_datalist(datalist, dataset_dir, keys=keys)
 
 
 def bundle_root(name: str) -> str:

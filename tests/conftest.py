@@ -1,0 +1,69 @@
+"""Shared fixtures: demo datasets made once per session, and running bundle workflows in-process.
+
+In-process runs use ``monai.bundle.ConfigWorkflow``, the object ``python -m monai.bundle run`` builds (the CLI adds
+only argument parsing); tests that must exercise the CLI itself run it in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = REPO / "bundles"
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def demo_roots(tmp_path_factory: pytest.TempPathFactory):
+    """``demo_roots(dataset) -> Path``: a demo dataset with its ``datalist.json``, made once per session."""
+    from tpp_monai.workflows import demo_dataset
+
+    base = tmp_path_factory.mktemp("demo_data")
+    cache: dict[str, Path] = {}
+
+    def get(dataset: str) -> Path:
+        if dataset not in cache:
+            cache[dataset] = Path(demo_dataset(dataset, str(base)))
+        return cache[dataset]
+
+    return get
+
+
+def bundle_configs(bundle: str, *names: str) -> list[str]:
+    return [str(BUNDLES / bundle / "configs" / f"{n}.json") for n in names]
+
+
+def make_workflow(bundle: str, run_id: str, configs: tuple[str, ...], **overrides: object):
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(
+        config_file=bundle_configs(bundle, *configs),
+        meta_file=str(BUNDLES / bundle / "configs" / "metadata.json"),
+        logging_file=False,
+        run_id=run_id,
+        workflow_type="train",
+        **overrides,
+    )
+    wf.initialize()
+    return wf
+
+
+def run_workflow(bundle: str, run_id: str, configs: tuple[str, ...] | None = None, **overrides: object):
+    """Initialize, run and finalize a bundle workflow in-process; returns the workflow (its parser holds objects)."""
+    wf = make_workflow(bundle, run_id, configs or (run_id, "demo"), **overrides)
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m <args>`` in a subprocess and return the completed process (stdout+stderr captured)."""
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
