@@ -213,7 +213,7 @@ def test_bad_settings_fail_before_training_with_one_message(tmp_path, demo_roots
 
 @pytest.mark.parametrize("bundle", bundle_names())
 def test_bundle_passes_check_properties(tmp_path, demo_roots, bundle) -> None:
-    dataset = json.loads((BUNDLES / bundle / "configs" / "pretrain_tpp.json").read_text())["dataset"]
+    dataset = json.loads((BUNDLES / bundle / "configs" / "pretrain_tpp.json").read_text())["dataset_name"]
     wf = make_workflow(bundle, "pretrain_tpp", ("pretrain_tpp", "demo"),
                        **_overrides(tmp_path, demo_roots(dataset)))  # fmt: skip
     assert wf.check_properties() == []

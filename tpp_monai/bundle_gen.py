@@ -44,6 +44,30 @@ def tpp_recipe(info: DatasetInfo) -> TPPRecipe:
     return TPPRecipe(epochs=500, mae_decoder="freeze") if info.task == "cls" else TPPRecipe(1000, "update")
 
 
+@dataclass(frozen=True)
+class FinetuneRecipe:
+    """Fine-tuning (paper Table 2 and §4.2, with MedCoSS's recipe: AdamW, weight decay 1e-4, per-epoch poly(0.9)
+    decay, gradient-norm clipping at 12): loss, learning rate, batch size and iterations per dataset; MHIST's
+    learning rate was grid-searched per method."""
+
+    batch_size: int
+    iterations: int
+    lr: float
+
+
+TABLE2 = {"mhist": (32, 2700), "oct_c8": (32, 57500), "chest_xray_pa": (32, 1980), "glas": (4, 25000),
+          "qata": (16, 25000)}  # fmt: skip
+# Paper §4.2; LoRA is not in the paper's grid: 5e-4 is this project's choice (between Adapter's and SSF's).
+MHIST_LR = {"full_finetune": 1e-5, "linear_probe": 1e-2, "evp": 5e-5, "vpt": 1e-4, "ssf": 1e-3, "bitfit": 1e-3,
+            "adapter": 1e-4, "adaptformer": 1e-3, "dtl": 5e-3, "lora": 5e-4}  # fmt: skip
+
+
+def finetune_recipe(info: DatasetInfo, method: str) -> FinetuneRecipe:
+    batch, iterations = TABLE2[info.name]
+    return FinetuneRecipe(batch, iterations, MHIST_LR[method] if info.name == "mhist" else 1e-4)
+
+
+BASELINES = ("full_finetune", "linear_probe")
 # Small settings of the demo overlay: tiny backbone, random weights, demo data, a few epochs on 2 CPU cores.
 DEMO_IMAGE_SIZE = 64
 
@@ -60,7 +84,7 @@ def _bundles() -> list[tuple[str, Callable[[], dict[str, object]]]]:
         if info.spatial_dims != 2:
             continue
         for method, spec in sorted(METHODS.items()):
-            if spec.pretrainable and "medcoss" in spec.families:
+            if "medcoss" in spec.families and (spec.pretrainable or method in BASELINES):
                 out.append((f"{info.name}_{method}", _files_factory(info, method)))
     return out
 
@@ -79,7 +103,7 @@ def _common(info: DatasetInfo, method: str, workflow: str) -> dict:
     return {
         "imports": ["$import os", "$import torch", "$import monai", "$import tpp_monai.workflows as tpp"],
         "bundle_root": f"$tpp.bundle_root('{name}')",
-        "dataset": info.name,
+        "dataset_name": info.name,
         "method": method,
         "method_options": {},
         "dataset_dir": "$@bundle_root + '/data'",
@@ -107,7 +131,8 @@ def pretrain_tpp_config(info: DatasetInfo, method: str) -> dict:
     cfg.update(
         {
             "pretext": "mae",
-            "epochs": recipe.epochs,
+            "tpp_epochs": recipe.epochs,
+            "epochs": "@tpp_epochs",
             "batch_size": 64,
             "pretext_size": 224,
             "lr": "$1.5e-3 if @pretext == 'mae' else 1e-4 * @batch_size / 256",
@@ -147,7 +172,8 @@ def pretrain_tpp_config(info: DatasetInfo, method: str) -> dict:
             },
             "train": {
                 "datalist": "$tpp.images_of(@datalist, @dataset_dir, 'training')",
-                "preprocessing": "$pretexts.pretext_transforms(@pretext, @dataset, @pretext_size, @image_size, @dino)",
+                "preprocessing": "$pretexts.pretext_transforms(@pretext, @dataset_name, @pretext_size, @image_size, "
+                "@dino)",
                 "dataset": {
                     "_target_": "CacheDataset",
                     "data": "@train#datalist",
@@ -210,7 +236,7 @@ def pretrain_tpp_config(info: DatasetInfo, method: str) -> dict:
                     },
                 ],
                 "trainer": {
-                    "_target_": "tpp_monai.engines.PretextTrainer",
+                    "_target_": "tpp_monai.engines.LeanTrainer",
                     "max_epochs": "@epochs",
                     "device": "@device",
                     "train_data_loader": "@train#dataloader",
@@ -227,11 +253,380 @@ def pretrain_tpp_config(info: DatasetInfo, method: str) -> dict:
             },
             "initialize": [
                 "$tpp.install_excepthook()",
-                "$tpp.check_settings(@dataset, @method, @backbone, @pretext, @datalist, @dataset_dir)",
+                "$tpp.check_settings(@dataset_name, @method, @backbone, @pretext, @datalist, @dataset_dir)",
                 "$monai.utils.set_determinism(seed=@seed)",
                 "$@network_def",
             ],
             "pretrain_tpp": ["$@train#trainer.run()"],
+        }
+    )
+    return cfg
+
+
+def _data_section(split: str, transforms: str, batch_size: str, shuffle: bool, cache: bool = True) -> dict:
+    """datalist -> (cached) dataset -> dataloader of one split."""
+    section = f"@{ {'training': 'train', 'validation': 'validate', 'test': 'test'}[split] }"
+    records = f"$tpp.records_of(@datalist, @dataset_dir, '{split}', dataset=@dataset_name)"
+    if split == "training":
+        records = "$tpp.records_of(@datalist, @dataset_dir, 'training', @label_fraction, @seed, @dataset_name)"
+    return {
+        "datalist": records,
+        "preprocessing": transforms,
+        "dataset": {
+            "_target_": "CacheDataset" if cache else "Dataset",
+            "data": f"{section}#datalist",
+            "transform": f"{section}#preprocessing",
+            **({"cache_rate": 1.0, "num_workers": "@num_workers"} if cache else {}),
+        },
+        "dataloader": {
+            "_target_": "DataLoader",
+            "dataset": f"{section}#dataset",
+            "batch_size": batch_size,
+            "shuffle": shuffle,
+            **({"drop_last": f"$len({section}#dataset) > {batch_size}"} if shuffle else {}),
+            "num_workers": "@num_workers",
+            "pin_memory": "$torch.cuda.is_available()",
+        },
+    }
+
+
+def _network_def(info: DatasetInfo, backbone_ckpt: str, tpp_ckpt: str) -> dict:
+    task = {"cls": {"task": "cls", "num_classes": len(info.classes)}, "seg": {"task": "seg", "out_channels": 1}}
+    return {
+        "_target_": "tpp_monai.network.build_network",
+        "backbone": "@backbone",
+        **task[info.task],
+        "method": "@method",
+        "method_options": "@method_options",
+        "backbone_ckpt": backbone_ckpt,
+        "tpp_ckpt": tpp_ckpt,
+        "stage": "finetune",
+    }
+
+
+def _inferer(info: DatasetInfo, flips: bool = False) -> dict:
+    if info.task == "cls":
+        return {"_target_": "tpp_monai.inferers.PlainInferer"}
+    return {
+        "_target_": "tpp_monai.inferers.SegmentationInferer",
+        "roi_size": "@image_size",
+        "overlap": 0.5,
+        "flips": [[2], [3], [2, 3]] if flips else [],
+    }
+
+
+def _postprocessing(info: DatasetInfo) -> dict:
+    step = (
+        {"_target_": "Activationsd", "keys": "pred", "softmax": True}
+        if info.task == "cls"
+        else {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5}
+    )
+    return {"_target_": "Compose", "transforms": [step]}
+
+
+def _metrics(info: DatasetInfo, prefix: str, test: bool) -> tuple[dict, dict]:
+    """(key metric, additional metrics): MedCoSS selects by ACC+AUC+F1 (classification) or Dice (segmentation)."""
+    if info.task == "cls":
+        handler = "tpp_monai.metrics.ClassificationMetricHandler"
+        key = {f"{prefix}score": {"_target_": handler, "key": "score"}}
+        return key, {f"{prefix}{k}": {"_target_": handler, "key": k} for k in ("acc", "auc", "f1")}
+    handler = "tpp_monai.metrics.SegMetricHandler"
+    key = {f"{prefix}dice": {"_target_": handler, "key": "dice", "save_details": test}}
+    return key, ({f"{prefix}hd95": {"_target_": handler, "key": "hd95", "save_details": True}} if test else {})
+
+
+def finetune_config(info: DatasetInfo, method: str) -> dict:
+    """``configs/finetune.json``: target parameters (from ``pretrain_tpp``, or random with ``--tpp_ckpt none``) and a
+    fresh head trained with the backbone frozen; the best validation checkpoint is ``models/model.pt``."""
+    recipe = finetune_recipe(info, method)
+    baseline = method in BASELINES
+    cfg = _common(info, method, "finetune")
+    cfg["imports"].append("$import tpp_monai.data as tpp_data")
+    key_metric, extra_metrics = _metrics(info, "val_", test=False)
+    loss = (
+        {"_target_": "torch.nn.CrossEntropyLoss"}
+        if info.task == "cls"
+        else {"_target_": "DiceCELoss", "sigmoid": True, "smooth_nr": 1.0, "smooth_dr": 1.0}
+    )
+    cfg.update(
+        {
+            "tpp_ckpt": "none" if baseline else "$@runs_dir + '/pretrain_tpp/tpp_target.pt'",
+            "ckpt_dir": "$@bundle_root + '/models'",
+            "lr": recipe.lr,
+            "batch_size": recipe.batch_size,
+            "iterations": recipe.iterations,
+            "epochs": "$tpp.epochs_for(@iterations, @train#iters_per_epoch)",
+            "weight_decay": 1e-4,
+            "grad_clip": 12.0,
+            "label_fraction": None,
+            "val_interval": 1,
+            "val_batch_size": 1,
+            "network_def": _network_def(info, "@backbone_ckpt", "@tpp_ckpt"),
+            "network": "$@network_def.to(@device)",
+            "loss": loss,
+            "optimizer": {
+                "_target_": "torch.optim.AdamW",
+                "params": "$[p for p in @network_def.parameters() if p.requires_grad]",
+                "lr": "@lr",
+                "weight_decay": "@weight_decay",
+            },
+            "train": {
+                **_data_section(
+                    "training", "$tpp_data.train_transforms(@dataset_name, @image_size)", "@batch_size", True
+                ),
+                "iters_per_epoch": "$len(@train#dataloader)",
+                "inferer": {"_target_": "SimpleInferer"},
+                "handlers": [
+                    {
+                        "_target_": "tpp_monai.handlers.OptimizerScheduleHandler",
+                        "optimizer": "@optimizer",
+                        "lr": "$tpp.poly_schedule(@lr, @epochs, @train#iters_per_epoch)",
+                    },
+                    {
+                        "_target_": "tpp_monai.handlers.GradientClipHandler",
+                        "params": "$[p for p in @network_def.parameters() if p.requires_grad]",
+                        "max_norm": "@grad_clip",
+                    },
+                    {
+                        "_target_": "ValidationHandler",
+                        "validator": "@validate#evaluator",
+                        "interval": "@val_interval",
+                        "epoch_level": True,
+                    },
+                    {
+                        "_target_": "tpp_monai.handlers.HistoryWriter",
+                        "path": "$@output_dir + '/history.csv'",
+                        "optimizer": "@optimizer",
+                        "validator": "@validate#evaluator",
+                    },
+                    {
+                        "_target_": "tpp_monai.handlers.SafeCheckpointSaver",
+                        "save_dir": "$@output_dir + '/checkpoints'",
+                        "save_dict": {
+                            "trainable": "$tpp.trainable_state(@network_def)",
+                            "optimizer": "@optimizer",
+                        },
+                        "engine_key": "trainer",
+                        "save_interval": 1,
+                        "n_saved": 1,
+                    },
+                    {"_target_": "tpp_monai.handlers.ProgressBar"},
+                    {
+                        "_target_": "StatsHandler",
+                        "iteration_log": False,
+                        "tag_name": "train_loss",
+                        "output_transform": "$monai.handlers.from_engine(['loss'], first=True)",
+                    },
+                ],
+                "trainer": {
+                    "_target_": "tpp_monai.engines.LeanTrainer",
+                    "max_epochs": "@epochs",
+                    "device": "@device",
+                    "train_data_loader": "@train#dataloader",
+                    "network": "@network",
+                    "loss_function": "@loss",
+                    "optimizer": "@optimizer",
+                    "inferer": "@train#inferer",
+                    "prepare_batch": {"_target_": "tpp_monai.engines.PlainBatch"},
+                    "train_handlers": "@train#handlers",
+                    "amp": "@amp",
+                    "amp_kwargs": {"dtype": "$torch.bfloat16"},
+                    "optim_set_to_none": True,
+                },
+            },
+            "validate": {
+                **_data_section(
+                    "validation", "$tpp_data.eval_transforms(@dataset_name, @image_size)", "@val_batch_size", False
+                ),
+                "inferer": _inferer(info),
+                "postprocessing": _postprocessing(info),
+                "key_metric": key_metric,
+                "additional_metrics": extra_metrics,
+                "handlers": [
+                    {"_target_": "StatsHandler", "iteration_log": False},
+                    {
+                        "_target_": "tpp_monai.handlers.SafeCheckpointSaver",
+                        "save_dir": "@ckpt_dir",
+                        "save_dict": {"model": "@network_def"},
+                        "save_key_metric": True,
+                        "key_metric_filename": "model.pt",
+                        "run_info": "$tpp.run_info(dataset=@dataset_name, method=@method, "
+                        "method_options=@method_options, backbone=@backbone, backbone_ckpt=@backbone_ckpt, "
+                        "tpp_ckpt=@tpp_ckpt, seed=@seed, lr=@lr, label_fraction=@label_fraction, "
+                        "finetune_dir=@output_dir)",
+                    },
+                ],
+                "evaluator": {
+                    "_target_": "SupervisedEvaluator",
+                    "device": "@device",
+                    "val_data_loader": "@validate#dataloader",
+                    "network": "@network",
+                    "inferer": "@validate#inferer",
+                    "postprocessing": "@validate#postprocessing",
+                    "key_val_metric": "@validate#key_metric",
+                    "additional_metrics": "@validate#additional_metrics",
+                    "val_handlers": "@validate#handlers",
+                    "amp": "@amp",
+                    "amp_kwargs": {"dtype": "$torch.bfloat16"},
+                },
+            },
+            "initialize": [
+                "$tpp.install_excepthook()",
+                "$tpp.check_settings(@dataset_name, @method, @backbone, datalist=@datalist, dataset_dir=@dataset_dir, "
+                "keys=('training', 'validation'), tpp_ckpt=@tpp_ckpt)",
+                "$monai.utils.set_determinism(seed=@seed)",
+                "$@network_def",
+            ],
+            "finetune": ["$@train#trainer.run()"],
+        }
+    )
+    return cfg
+
+
+def evaluate_config(info: DatasetInfo, method: str) -> dict:
+    """``configs/evaluate.json``: the best fine-tuned model on the test split; metrics as JSON and CSV, per image."""
+    cfg = _common(info, method, "evaluate")
+    cfg["imports"].append("$import tpp_monai.data as tpp_data")
+    key_metric, extra_metrics = _metrics(info, "", test=True)
+    savers = (
+        [
+            {
+                "_target_": "ClassificationSaver",
+                "output_dir": "@output_dir",
+                "filename": "predictions.csv",
+                "batch_transform": "$lambda batch: [b['image'].meta for b in batch]",
+                "output_transform": "$monai.handlers.from_engine(['pred'])",
+            }
+        ]
+        if info.task == "cls"
+        else []
+    )
+    cfg.update(
+        {
+            "backbone_ckpt": "none",
+            "ckpt_dir": "$@bundle_root + '/models'",
+            "val_batch_size": 1,
+            "network_def": _network_def(info, "none", "none"),
+            "network": "$@network_def.to(@device)",
+            "test": _data_section(
+                "test", "$tpp_data.eval_transforms(@dataset_name, @image_size)", "@val_batch_size", False, cache=False
+            ),
+            "inferer": _inferer(info, flips=info.name == "glas"),
+            "postprocessing": _postprocessing(info),
+            "key_metric": key_metric,
+            "additional_metrics": extra_metrics,
+            "checkpoint_loader": {
+                "_target_": "tpp_monai.handlers.VerifiedCheckpointLoader",
+                "load_path": "$@ckpt_dir + '/model.pt'",
+                "load_dict": {"model": "@network_def"},
+            },
+            "handlers": [
+                "@checkpoint_loader",
+                {"_target_": "StatsHandler", "iteration_log": False},
+                {
+                    "_target_": "MetricsSaver",
+                    "save_dir": "@output_dir",
+                    "metrics": "*",
+                    "metric_details": "*",
+                    "batch_transform": "$lambda batch: [b['image'].meta for b in batch]",
+                    "summary_ops": "*",
+                },
+                *savers,
+                {
+                    "_target_": "tpp_monai.handlers.EvaluationWriter",
+                    "output_dir": "@output_dir",
+                    "loader": "@checkpoint_loader",
+                    "info": {"evaluated_split": "test", "ckpt": "$@ckpt_dir + '/model.pt'"},
+                },
+            ],
+            "evaluator": {
+                "_target_": "SupervisedEvaluator",
+                "device": "@device",
+                "val_data_loader": "@test#dataloader",
+                "network": "@network",
+                "inferer": "@inferer",
+                "postprocessing": "@postprocessing",
+                "key_val_metric": "@key_metric",
+                "additional_metrics": "@additional_metrics",
+                "val_handlers": "@handlers",
+                "amp": "@amp",
+                "amp_kwargs": {"dtype": "$torch.bfloat16"},
+            },
+            "initialize": [
+                "$tpp.install_excepthook()",
+                "$tpp.check_settings(@dataset_name, @method, @backbone, datalist=@datalist, dataset_dir=@dataset_dir, "
+                "keys=('test',))",
+                "$monai.utils.set_determinism(seed=@seed)",
+            ],
+            "evaluate": ["$@evaluator.run()"],
+        }
+    )
+    return cfg
+
+
+def inference_config(info: DatasetInfo, method: str) -> dict:
+    """``configs/inference.json`` (model-zoo layout): a folder of images in, masks (PNG) or class probabilities
+    (CSV) out, with the fine-tuned ``models/model.pt``."""
+    cfg = _common(info, method, "inference")
+    cfg["imports"].append("$import tpp_monai.data as tpp_data")
+    if info.task == "cls":
+        post = _postprocessing(info)
+        writers = [{"_target_": "ClassificationSaver", "output_dir": "@output_dir", "filename": "predictions.csv",
+                    "batch_transform": "$lambda batch: [b['image'].meta for b in batch]",
+                    "output_transform": "$monai.handlers.from_engine(['pred'])"}]  # fmt: skip
+    else:
+        post = _postprocessing(info)
+        # back to each input's own size (the resize of the preprocessing undone) before thresholding and saving
+        post["transforms"].insert(0, {
+            "_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+            "nearest_interp": False, "to_tensor": True,
+        })  # fmt: skip
+        post["transforms"].append("$tpp.mask_saver(@output_dir)")  # fmt: skip
+        writers = []
+    cfg.update(
+        {
+            "backbone_ckpt": "none",
+            "ckpt_dir": "$@bundle_root + '/models'",
+            "input_dir": "$@bundle_root + '/data/images'",
+            "network_def": _network_def(info, "none", "none"),
+            "network": "$@network_def.to(@device)",
+            "datalist": "$tpp.image_files(@input_dir)",
+            "preprocessing": {
+                "_target_": "Compose",
+                "transforms": "$tpp_data.image_transforms(@dataset_name, @image_size)",
+            },
+            "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
+            "dataloader": {
+                "_target_": "DataLoader",
+                "dataset": "@dataset",
+                "batch_size": 1,
+                "shuffle": False,
+                "num_workers": "@num_workers",
+            },
+            "inferer": _inferer(info, flips=info.name == "glas"),
+            "postprocessing": post,
+            "handlers": [
+                {
+                    "_target_": "tpp_monai.handlers.VerifiedCheckpointLoader",
+                    "load_path": "$@ckpt_dir + '/model.pt'",
+                    "load_dict": {"model": "@network_def"},
+                },
+                {"_target_": "StatsHandler", "iteration_log": False},
+                *writers,
+            ],
+            "evaluator": {
+                "_target_": "SupervisedEvaluator",
+                "device": "@device",
+                "val_data_loader": "@dataloader",
+                "network": "@network",
+                "inferer": "@inferer",
+                "postprocessing": "@postprocessing",
+                "val_handlers": "@handlers",
+                "amp": "@amp",
+                "amp_kwargs": {"dtype": "$torch.bfloat16"},
+            },
+            "initialize": ["$tpp.install_excepthook()", "$monai.utils.set_determinism(seed=@seed)"],
+            "run": ["$@evaluator.run()"],
         }
     )
     return cfg
@@ -246,7 +641,8 @@ def demo_config(info: DatasetInfo) -> dict:
         "backbone_ckpt": "none",
         "image_size": size,
         "pretext_size": DEMO_IMAGE_SIZE,
-        "epochs": 5,
+        "tpp_epochs": 5,
+        "iterations": 60,
         "batch_size": 8,
         "warmup_epochs": 1,
         "mae_decoder": "random",
@@ -381,13 +777,20 @@ Common overrides: `bundle_root`, `dataset_dir`, `datalist`, `output_dir`, `backb
 
 def bundle_files(info: DatasetInfo, method: str) -> dict[str, object]:
     """Relative path -> content (dict for JSON, str for text) of one bundle."""
-    return {
-        "configs/metadata.json": metadata(info, method),
-        "configs/pretrain_tpp.json": pretrain_tpp_config(info, method),
-        "configs/demo.json": demo_config(info),
-        "configs/logging.conf": LOGGING_CONF,
-        "docs/README.md": readme(info, method),
-    }
+    files: dict[str, object] = {"configs/metadata.json": metadata(info, method)}
+    if method not in BASELINES:
+        files["configs/pretrain_tpp.json"] = pretrain_tpp_config(info, method)
+    files.update(
+        {
+            "configs/finetune.json": finetune_config(info, method),
+            "configs/evaluate.json": evaluate_config(info, method),
+            "configs/inference.json": inference_config(info, method),
+            "configs/demo.json": demo_config(info),
+            "configs/logging.conf": LOGGING_CONF,
+            "docs/README.md": readme(info, method),
+        }
+    )
+    return files
 
 
 def render(content: object) -> str:

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -21,13 +23,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.engines.utils import IterationEvents
-from monai.handlers import CheckpointSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.utils import is_scalar
 from torch import nn
 
-from tpp_monai.io import atomic_save
+from tpp_monai.errors import CheckpointError
+from tpp_monai.io import atomic_save, load_verified
 from tpp_monai.peft import target_state
 
 logger = logging.getLogger(__name__)
@@ -141,10 +146,13 @@ class FreezeLastLayerHandler:
 
 
 class TargetStateSaver:
-    """Write ``target_state(model)`` to ``path`` after every epoch (rank 0), atomically: the TPP stage's product."""
+    """Write ``target_state(model)`` to ``path`` after every epoch (rank 0), atomically: the TPP stage's product.
 
-    def __init__(self, model: nn.Module | Callable[[], nn.Module], path: str | Path) -> None:
-        self.model, self.path = model, Path(path)
+    ``info`` (e.g. the pretext and dataset) is recorded in the file next to the method, options and backbone.
+    """
+
+    def __init__(self, model: nn.Module | Callable[[], nn.Module], path: str | Path, info: Mapping | None = None):
+        self.model, self.path, self.info = model, Path(path), dict(info or {})
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -152,18 +160,30 @@ class TargetStateSaver:
     def __call__(self, engine: Engine) -> None:
         if is_rank0():
             model = self.model() if callable(self.model) and not isinstance(self.model, nn.Module) else self.model
-            atomic_save({**target_state(model), "epoch": engine.state.epoch}, self.path)
+            atomic_save({**target_state(model), **self.info, "epoch": engine.state.epoch}, self.path)
 
 
 class _AtomicDiskSaver(BaseSaveHandler):
-    """Ignite save handler that writes with :func:`tpp_monai.io.atomic_save` (rank 0 only)."""
+    """Ignite save handler that writes with :func:`tpp_monai.io.atomic_save` (rank 0 only).
 
-    def __init__(self, dirname: str | Path, filename: str | None = None) -> None:
+    Ignite flattens a single-object checkpoint to that object's state dict; it is written back under its key
+    (``{"model": state_dict}``, the layout MONAI Label and ``ckpt_export --key_in_ckpt model`` read), so the
+    digest and the ``run_info`` never mix with the weights.
+    """
+
+    def __init__(
+        self, dirname: str | Path, filename: str | None = None, single_key: str | None = None,
+        run_info: Mapping | None = None,
+    ) -> None:  # fmt: skip
         self.dirname, self.filename = Path(dirname), filename
+        self.single_key, self.run_info = single_key, run_info
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         if is_rank0():
-            atomic_save(dict(checkpoint), self.dirname / (self.filename or filename))
+            payload = {self.single_key: checkpoint} if self.single_key else dict(checkpoint)
+            if self.run_info:
+                payload["run_info"] = dict(self.run_info)
+            atomic_save(payload, self.dirname / (self.filename or filename))
 
     def remove(self, filename: str) -> None:
         if is_rank0():
@@ -177,18 +197,107 @@ class SafeCheckpointSaver(CheckpointSaver):
     named in ``save_dict`` of a handler in its own handler list without a circular config reference.
     """
 
-    def __init__(self, *args: object, engine_key: str | None = None, **kwargs: object) -> None:
+    def __init__(
+        self, *args: object, engine_key: str | None = None, run_info: Mapping | None = None, **kwargs: object
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.engine_key = engine_key
+        single = next(iter(self.save_dict)) if len(self.save_dict) == 1 and not engine_key else None
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
                 filename = getattr(checkpoint.save_handler, "filename", None)
-                checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, filename)
+                checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, filename, single, run_info)
 
     def attach(self, engine: Engine) -> None:
         if self.engine_key:
             self.save_dict[self.engine_key] = engine  # the Checkpoint objects share this dict
         super().attach(engine)
+
+
+class VerifiedCheckpointLoader(CheckpointLoader):
+    """MONAI's ``CheckpointLoader`` reading through :func:`tpp_monai.io.load_verified`: a truncated or corrupt file
+    is refused with its path instead of being loaded. The file's ``run_info`` is kept on :attr:`run_info`."""
+
+    def __init__(self, load_path: str, load_dict: dict, strict: bool = True, name: str | None = None) -> None:
+        super().__init__(load_path=load_path, load_dict=load_dict, name=name, map_location="cpu", strict=strict)
+        self.run_info: dict = {}
+
+    def __call__(self, engine: Engine) -> None:
+        if not Path(self.load_path).is_file():
+            raise CheckpointError(
+                f"no checkpoint at {self.load_path}; run finetune first (it writes the best model there) or pass "
+                "--ckpt_dir with the folder that holds model.pt"
+            )
+        checkpoint = load_verified(self.load_path)
+        self.run_info = dict(checkpoint.pop("run_info", {}) or {})
+        key = next(iter(self.load_dict))
+        if len(self.load_dict) == 1 and key not in checkpoint:
+            checkpoint = {key: checkpoint}
+        Checkpoint.load_objects(to_load=self.load_dict, checkpoint=checkpoint, strict=self.strict)
+        self.logger.info(f"restored {', '.join(self.load_dict)} from {self.load_path}")
+
+
+class HistoryWriter:
+    """Append one CSV row per epoch: mean training loss, learning rate and the validator's metrics."""
+
+    def __init__(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None,
+                 validator: Engine | None = None) -> None:  # fmt: skip
+        self.path, self.optimizer, self.validator = Path(path), optimizer, validator
+        self._losses: list[float] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _collect(self, engine: Engine) -> None:
+        out = engine.state.output
+        out = out[0] if isinstance(out, list) else out
+        self._losses.append(float(torch.as_tensor(out["loss"]).detach()))
+
+    def _write(self, engine: Engine) -> None:
+        row = {"epoch": engine.state.epoch, "iteration": engine.state.iteration,
+               "train_loss": sum(self._losses) / max(1, len(self._losses))}  # fmt: skip
+        self._losses.clear()
+        if self.optimizer is not None:
+            row["lr"] = self.optimizer.param_groups[0]["lr"]
+        if self.validator is not None and self.validator.state.epoch == engine.state.epoch:
+            row.update({f"val_{k}": float(v) for k, v in self.validator.state.metrics.items() if is_scalar(v)})
+        if not is_rank0():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+class EvaluationWriter:
+    """After evaluation write ``metrics.json`` (metrics as fractions and percent, with the run's provenance read from
+    the model file) next to the CSV files MONAI's ``MetricsSaver`` writes."""
+
+    def __init__(self, output_dir: str | Path, loader: VerifiedCheckpointLoader | None = None,
+                 info: Mapping | None = None) -> None:  # fmt: skip
+        self.output_dir, self.loader, self.info = Path(output_dir), loader, dict(info or {})
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        from tpp_monai.metrics import as_percent
+
+        metrics = {k: float(v) for k, v in engine.state.metrics.items() if is_scalar(v)}
+        result = {
+            "metrics": metrics,
+            "percent": as_percent(metrics),
+            "num_images": len(engine.data_loader.dataset) if hasattr(engine.data_loader, "dataset") else None,
+            "run_info": {**(self.loader.run_info if self.loader else {}), **self.info},
+        }
+        if is_rank0():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+            logger.info("test metrics: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
 class ProgressBar:

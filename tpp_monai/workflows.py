@@ -58,12 +58,14 @@ def install_excepthook() -> None:
 
 def check_settings(
     dataset: str, method: str, backbone: str, pretext: str | None = None, datalist: str | None = None,
-    dataset_dir: str | None = None, keys: tuple[str, ...] = ("training",),
+    dataset_dir: str | None = None, keys: tuple[str, ...] = ("training",), tpp_ckpt: str | None = None,
 ) -> None:  # fmt: skip
     """Fail fast, before any data is cached or a network is built, on unknown names and missing inputs.
 
-    ``pretext`` given means the TPP stage, which needs a method with target parameters to pre-train.
+    ``pretext`` given means the TPP stage, which needs a method with target parameters to pre-train; ``tpp_ckpt``
+    (fine-tuning) must exist unless it is ``none``.
     """
+    from tpp_monai.network import is_none
     from tpp_monai.peft import get_method
     from tpp_monai.pretext import check_pretext
 
@@ -79,6 +81,44 @@ def check_settings(
             )
     if datalist is not None:
         check_datalist(datalist, dataset_dir, keys=keys)
+    if not is_none(tpp_ckpt) and not Path(str(tpp_ckpt)).is_file():
+        raise ConfigError(
+            f"tpp_ckpt {tpp_ckpt} not found: run pretrain_tpp first (it writes runs/pretrain_tpp/tpp_target.pt), "
+            "pass the target-parameter file of another run with --tpp_ckpt, or fine-tune from randomly initialised "
+            "target parameters (the paper's PEFT baseline) with --tpp_ckpt none"
+        )
+
+
+def run_info(**settings: object) -> dict:
+    """What a fine-tuned model records about how it was made; the TPP file's own record is added when given."""
+    from tpp_monai.io import load_verified
+    from tpp_monai.network import is_none
+
+    info = dict(settings)
+    tpp_ckpt = settings.get("tpp_ckpt")
+    info["tpp"] = not is_none(tpp_ckpt)
+    if info["tpp"]:
+        record = load_verified(str(tpp_ckpt))
+        info["tpp_ckpt"] = str(tpp_ckpt)
+        info["tpp_pretext"] = record.get("pretext")
+        info["tpp_epochs"] = record.get("epoch")
+    else:
+        info["tpp_ckpt"] = None
+    return info
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".dcm")
+
+
+def image_files(folder: str) -> list[dict]:
+    """``[{"image": path}]`` for every image file in ``folder`` (sorted), for the inference workflow."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ConfigError(f"input folder {folder} not found; pass --input_dir with a folder of images")
+    files = sorted(p for p in path.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.startswith("."))
+    if not files:
+        raise ConfigError(f"no images in {folder}; expected files ending in {', '.join(IMAGE_SUFFIXES)}")
+    return [{"image": str(p)} for p in files]
 
 
 def bundle_root(name: str) -> str:
@@ -166,3 +206,25 @@ def demo_dataset(dataset: str, folder: str) -> str:
     root = make_demo_dataset(dataset, folder_path)
     write_datalist(build_datalist(dataset, root), root / "datalist.json")
     return str(root)
+
+
+def trainable_state(model: object) -> object:
+    """A checkpointable view of the parameters being trained (target parameters + head): what a resume needs."""
+    from tpp_monai.pretext import PartialState
+
+    return PartialState(model, [n for n, p in model.named_parameters() if p.requires_grad])
+
+
+def mask_saver(output_dir: str) -> object:
+    """``SaveImaged`` writing binary masks as 8-bit PNGs ``<name>_mask.png`` in the input's own orientation.
+
+    The 2D chains read images as ``(C, H, W)`` arrays without MONAI's default axis swap (``reverse_indexing=False``,
+    see :mod:`tpp_monai.data.transforms`), so the PNG writer must not swap them back either.
+    """
+    import numpy
+    from monai.transforms import SaveImaged
+
+    saver = SaveImaged(keys="pred", output_dir=output_dir, output_postfix="mask", output_ext=".png",
+                       separate_folder=False, resample=False, scale=255, output_dtype=numpy.uint8,
+                       writer="PILWriter", print_log=False)  # fmt: skip
+    return saver.set_options(write_kwargs={"reverse_indexing": False})
