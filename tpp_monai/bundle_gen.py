@@ -213,6 +213,7 @@ def pretrain_tpp_config(info: DatasetInfo, method: str) -> dict:
                         "_target_": "tpp_monai.handlers.TargetStateSaver",
                         "model": "$pretexts.export_backbone(@pretext_net)",
                         "path": "$@output_dir + '/tpp_target.pt'",
+                        "info": {"pretext": "@pretext", "dataset": "@dataset_name"},
                     },
                     {
                         "_target_": "tpp_monai.handlers.SafeCheckpointSaver",
@@ -315,13 +316,14 @@ def _inferer(info: DatasetInfo, flips: bool = False) -> dict:
     }
 
 
-def _postprocessing(info: DatasetInfo) -> dict:
-    step = (
-        {"_target_": "Activationsd", "keys": "pred", "softmax": True}
-        if info.task == "cls"
-        else {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5}
-    )
-    return {"_target_": "Compose", "transforms": [step]}
+def _postprocessing(info: DatasetInfo, save_masks: str | None = None) -> dict:
+    """Softmax probabilities (classification) or masks thresholded at 0.5 (segmentation), optionally saved."""
+    if info.task == "cls":
+        return {"_target_": "Compose", "transforms": [{"_target_": "Activationsd", "keys": "pred", "softmax": True}]}
+    steps: list = [{"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5}]
+    if save_masks:
+        steps.append(f"$tpp.mask_saver({save_masks[1:]})")
+    return {"_target_": "Compose", "transforms": steps}
 
 
 def _metrics(info: DatasetInfo, prefix: str, test: bool) -> tuple[dict, dict]:
@@ -388,7 +390,7 @@ def finetune_config(info: DatasetInfo, method: str) -> dict:
                         "max_norm": "@grad_clip",
                     },
                     {
-                        "_target_": "ValidationHandler",
+                        "_target_": "tpp_monai.handlers.ValidationHandler",
                         "validator": "@validate#evaluator",
                         "interval": "@val_interval",
                         "epoch_level": True,
@@ -512,7 +514,7 @@ def evaluate_config(info: DatasetInfo, method: str) -> dict:
                 "test", "$tpp_data.eval_transforms(@dataset_name, @image_size)", "@val_batch_size", False, cache=False
             ),
             "inferer": _inferer(info, flips=info.name == "glas"),
-            "postprocessing": _postprocessing(info),
+            "postprocessing": _postprocessing(info, save_masks="$@output_dir + '/predictions'"),
             "key_metric": key_metric,
             "additional_metrics": extra_metrics,
             "checkpoint_loader": {
@@ -536,7 +538,12 @@ def evaluate_config(info: DatasetInfo, method: str) -> dict:
                     "_target_": "tpp_monai.handlers.EvaluationWriter",
                     "output_dir": "@output_dir",
                     "loader": "@checkpoint_loader",
-                    "info": {"evaluated_split": "test", "ckpt": "$@ckpt_dir + '/model.pt'"},
+                    "info": {
+                        "evaluated_split": "test",
+                        "ckpt": "$@ckpt_dir + '/model.pt'",
+                        "datalist": "@datalist",
+                        "dataset_dir": "@dataset_dir",
+                    },
                 },
             ],
             "evaluator": {
@@ -641,10 +648,11 @@ def demo_config(info: DatasetInfo) -> dict:
         "backbone_ckpt": "none",
         "image_size": size,
         "pretext_size": DEMO_IMAGE_SIZE,
-        "tpp_epochs": 5,
-        "iterations": 60,
-        "batch_size": 8,
-        "warmup_epochs": 1,
+        "tpp_epochs": 60,
+        "iterations": 150,
+        "val_interval": 5,
+        "batch_size": 4,
+        "warmup_epochs": 2,
         "mae_decoder": "random",
         "num_workers": 0,
         "dino": {
@@ -743,35 +751,73 @@ format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 
 def readme(info: DatasetInfo, method: str) -> str:
     name = f"{info.name}_{method}"
-    recipe = tpp_recipe(info)
+    recipe, ft = tpp_recipe(info), finetune_recipe(info, method)
     decoder = "frozen" if recipe.mae_decoder == "freeze" else "updated"
-    return f"""# {name}: {info.title} with {method}, Target Parameter Pre-training
+    metric_text = "ACC, AUC, macro F1" if info.task == "cls" else "Dice and HD95 per image, Gaussian sliding window"
+    output_text = "class probabilities to predictions.csv" if info.task == "cls" else "PNG masks at each input's size"
+    demo = f"\"['bundles/{name}/configs/{{workflow}}.json','bundles/{name}/configs/demo.json']\""
+    if method in BASELINES:
+        stage = (
+            f"## Why there is no `pretrain_tpp` here\n\n{get_method(method).summary}. TPP pre-trains the *new* "
+            "parameters a PEFT method adds; this baseline adds none, so pretrain_tpp does not apply and the bundle "
+            "ships `finetune`, `evaluate` and `inference` only (the paper's baseline rows of Tables 3 and 4).\n"
+        )
+        tpp_note = ""
+    else:
+        stage = f"""## TPP stage (MAE by default; `--pretext dino` for DINO)
 
-Generated by `python -m tpp_monai bundles`; do not edit by hand. {get_method(method).summary}.
+    python -m monai.bundle run pretrain_tpp --config_file bundles/{name}/configs/pretrain_tpp.json \\
+        --dataset_dir /path/to/download --backbone_ckpt /path/to/medcoss/checkpoint-299.pth
+
+Defaults follow the paper: AdamW lr 1.5e-3, weight decay 1.5e-2, batch 64, 40 warm-up epochs then cosine,
+{recipe.epochs} epochs, the MedCoSS MAE decoder inherited and {decoder}. The stage writes
+`runs/pretrain_tpp/tpp_target.pt`: the target parameters only, with the method, options and backbone recorded.
+"""
+        tpp_note = (
+            " It starts from `runs/pretrain_tpp/tpp_target.pt`; `--tpp_ckpt none` fine-tunes from randomly "
+            "initialised target parameters (the paper's PEFT baseline)."
+        )
+    return f"""# {name}: {info.title} with {method}
+
+Generated by `python -m tpp_monai bundles`; do not edit by hand. {get_method(method).summary}. Backbone: MedCoSS
+ViT-B/16 (`--backbone path_dino_vit_s16` for the Path_DINO ViT-S/16 of the paper's Table 9).
 
 ## Data
 Download {info.title} yourself, then build the datalist (train/validation/test, paths relative to the download):
 
     python -m tpp_monai datalist {info.name} --root /path/to/download --out /path/to/download/datalist.json
 
-## TPP stage (MAE by default; `--pretext dino` for DINO)
+{stage}
+## Fine-tuning
 
-    python -m monai.bundle run pretrain_tpp --config_file bundles/{name}/configs/pretrain_tpp.json \\
+    python -m monai.bundle run finetune --config_file bundles/{name}/configs/finetune.json \\
         --dataset_dir /path/to/download --backbone_ckpt /path/to/medcoss/checkpoint-299.pth
 
-Defaults follow the paper: AdamW lr 1.5e-3, weight decay 1.5e-2, batch 64, 40 warm-up epochs then cosine,
-{recipe.epochs} epochs, the MedCoSS MAE decoder inherited and {decoder}.
-The stage writes `runs/pretrain_tpp/tpp_target.pt`: the target parameters only, with the method, options and
-backbone recorded. Add `--tracking mlflow` to record the run (SQLite store `runs/mlruns.db`).
+Paper Table 2 / MedCoSS recipe: lr {ft.lr:g}, batch {ft.batch_size}, {ft.iterations:,} iterations, AdamW (weight
+decay 1e-4), per-epoch poly(0.9) decay, gradient clipping 12; the best validation checkpoint
+({"ACC+AUC+F1" if info.task == "cls" else "Dice"}) is written to `models/model.pt` with how it was made.{tpp_note}
+`--label_fraction 0.1` keeps a stratified 10 % of the training labels (paper Figure 4).
 
-## Demo (no download, about a minute on 2 CPU cores)
+## Evaluation and inference
 
-    python -m monai.bundle run pretrain_tpp \\
-        --config_file "['bundles/{name}/configs/pretrain_tpp.json','bundles/{name}/configs/demo.json']"
+    python -m monai.bundle run evaluate --config_file bundles/{name}/configs/evaluate.json \\
+        --dataset_dir /path/to/download
+    python -m monai.bundle run --config_file bundles/{name}/configs/inference.json --input_dir /path/to/images
 
-Common overrides: `bundle_root`, `dataset_dir`, `datalist`, `output_dir`, `backbone` (`medcoss_vit_b16`,
-`path_dino_vit_s16`), `backbone_ckpt` (`none` = random weights), `pretext`, `epochs`, `batch_size`, `num_workers`,
-`device`, `seed`, `method_options` (e.g. `"{{'bottleneck': 64}}"`).
+`evaluate` writes `runs/evaluate/metrics.json`, `metrics.csv` and per-image CSVs ({metric_text}).
+`inference` writes {output_text}.
+`python -m tpp_monai report runs/evaluate ... --out report` builds the paper's table and plots.
+
+## Demo (no download)
+Add the demo overlay to any workflow: `--config_file {demo.format(workflow="finetune")}` (synthetic data in the
+official layout, a tiny backbone with random weights, a few epochs on 2 CPU cores).
+
+Common overrides: `bundle_root`, `dataset_dir`, `datalist`, `output_dir`, `backbone`, `backbone_ckpt` (`none` = random
+weights), `pretext`, `epochs`, `batch_size`, `num_workers`, `device`, `seed`, `method_options` (e.g.
+`"{{'bottleneck': 64}}"`). Add `--tracking mlflow` to record a run (SQLite store `runs/mlruns.db`).
+
+## Licence of the data
+{info.title}: see the dataset's own terms; nothing is redistributed here.
 """
 
 

@@ -28,6 +28,7 @@ from ignite.handlers import ProgressBar as _IgniteProgressBar
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.handlers import ValidationHandler as _ValidationHandler
 from monai.utils import is_scalar
 from torch import nn
 
@@ -237,6 +238,19 @@ class VerifiedCheckpointLoader(CheckpointLoader):
         self.logger.info(f"restored {', '.join(self.load_dict)} from {self.load_path}")
 
 
+class ValidationHandler(_ValidationHandler):
+    """MONAI's ``ValidationHandler`` that also validates after the last epoch when the interval skipped it, so a run
+    shorter than (or not a multiple of) ``interval`` still selects and saves a best model."""
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        engine.add_event_handler(Events.COMPLETED, self._final)
+
+    def _final(self, engine: Engine) -> None:
+        if self.validator is not None and engine.state.epoch % self.interval:
+            self.validator.run(engine.state.epoch)
+
+
 class HistoryWriter:
     """Append one CSV row per epoch: mean training loss, learning rate and the validator's metrics."""
 
@@ -261,7 +275,7 @@ class HistoryWriter:
         if self.optimizer is not None:
             row["lr"] = self.optimizer.param_groups[0]["lr"]
         if self.validator is not None and self.validator.state.epoch == engine.state.epoch:
-            row.update({f"val_{k}": float(v) for k, v in self.validator.state.metrics.items() if is_scalar(v)})
+            row.update({k: float(v) for k, v in self.validator.state.metrics.items() if is_scalar(v)})
         if not is_rank0():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,3 @@ class SegmentationInferer(Inferer):
             flipped = self.window(torch.flip(x, axes), network, *args, **kwargs)
             prob = prob + torch.flip(torch.sigmoid(flipped), axes)
         return _with_meta(prob / (1 + len(self.flips)), inputs)
-
-
-
