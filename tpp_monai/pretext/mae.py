@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from tpp_monai.backbones.checkpoint import load_into
-from tpp_monai.backbones.vit import TimmBlock, ViTBase
+from tpp_monai.backbones.vit import TimmBlock, ViTBase, run_block
 from tpp_monai.errors import ConfigError
 
 DECODER_MODES = ("random", "freeze", "update")
@@ -46,6 +46,8 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, device: torc
 
 class MAEDecoder(nn.Module):
     """The MedCoSS MAE decoder (2D path), with its checkpoint parameter names."""
+
+    activation_checkpointing: bool = False  # see tpp_monai.backbones.vit.set_activation_checkpointing
 
     def __init__(
         self, embed_dim: int, num_patches: int, dim: int = 512, depth: int = 8, heads: int = 16, patch: int = 16,
@@ -89,8 +91,9 @@ class MAEDecoder(nn.Module):
         patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # unshuffle
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed_2D
+        ckpt = self.activation_checkpointing and self.training
         for block in self.decoder_blocks:
-            x = block(x)
+            x = run_block(block, x, ckpt)
         return self.decoder_pred_2D(self.decoder_norm(x))[:, 1:]
 
 
