@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -197,12 +198,26 @@ def demo_dataset(dataset: str, folder: str) -> str:
     from tpp_monai.data.demo import MARKER
 
     folder_path = Path(folder)
-    for marker in folder_path.glob(f"*/{MARKER}"):
-        info = json.loads(marker.read_text())
-        if info.get("dataset") == dataset:
-            roots = [p.parent for p in marker.parent.rglob("datalist.json")]
-            if roots:
-                return str(roots[0])
+
+    def existing() -> str | None:
+        for marker in folder_path.glob(f"*/{MARKER}"):
+            if json.loads(marker.read_text()).get("dataset") == dataset:
+                roots = [p.parent for p in marker.parent.rglob("datalist.json")]
+                if roots:
+                    return str(roots[0])
+        return None
+
+    found = existing()
+    if found:
+        return found
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 writes the data; the others wait for it
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            time.sleep(0.5)
+            found = existing()
+            if found:
+                return found
+        raise ConfigError(f"rank {os.environ['RANK']}: the demo dataset under {folder} did not appear within 600 s")
     root = make_demo_dataset(dataset, folder_path)
     write_datalist(build_datalist(dataset, root), root / "datalist.json")
     return str(root)
@@ -228,3 +243,63 @@ def mask_saver(output_dir: str) -> object:
                        separate_folder=False, resample=False, scale=255, output_dtype=numpy.uint8,
                        writer="PILWriter", print_log=False)  # fmt: skip
     return saver.set_options(write_kwargs={"reverse_indexing": False})
+
+
+def distributed_sampler(dataset: object, shuffle: bool) -> object | None:
+    """MONAI's ``DistributedSampler`` over ``dataset`` when a process group is initialised (torchrun), else ``None``.
+
+    Training shards the data evenly (every rank takes the same number of steps); evaluation keeps every sample
+    once (``even_divisible=False``), and the metrics gather the shards.
+    """
+    import torch.distributed as dist
+    from monai.data import DistributedSampler
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return DistributedSampler(dataset, shuffle=shuffle, even_divisible=shuffle)
+
+
+def init_distributed() -> None:
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPUs) and pin this rank's GPU.
+
+    ignite computes its rank lazily with collective calls the first time it is asked; asking here, on every rank at
+    the same point, keeps a rank-0-only code path from blocking the others later.
+    """
+    import ignite.distributed as idist
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    idist.get_rank()
+
+
+def assert_replicas_agree(model: object, names: list[str] | None = None) -> None:
+    """After distributed training, check that every rank holds the same trainable tensors (a broken all-reduce or
+    an EMA that drifted would show here); logs the verdict, raises if they differ."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    params = dict(model.named_parameters())
+    names = names or [n for n, p in params.items() if p.requires_grad]
+    flat = torch.cat([params[n].detach().float().reshape(-1).cpu() for n in names]) if names else torch.zeros(1)
+    if dist.get_backend() == "nccl":
+        flat = flat.cuda()
+    lowest, highest = flat.clone(), flat.clone()
+    dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+    dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+    spread = float((highest - lowest).abs().max())
+    if spread > 0:
+        raise RuntimeError(f"trainable tensors differ across the {dist.get_world_size()} ranks (max spread {spread})")
+    logger.info("trainable tensors identical on %d ranks (%d tensors)", dist.get_world_size(), len(names))
+
+
+def finish_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,179 @@
+"""The ways users reach the bundles besides one process: torchrun (DDP), MLflow (SQLite store and tracking server),
+and the model-zoo checks (metadata schema, TorchScript export)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BUNDLES, REPO, run_cli, run_workflow
+
+from tpp_monai.io import load_verified
+
+SCHEMA = REPO / "tpp_monai" / "schemas" / "meta_schema.json"
+
+
+def _configs(bundle: str, *names: str, extra: tuple[Path, ...] = ()) -> str:
+    """The ``--config_file`` list literal of a bundle's configs (plus extra files)."""
+    return str([str(BUNDLES / bundle / "configs" / f"{n}.json") for n in names] + [str(p) for p in extra])
+
+
+def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           "-m", "monai.bundle", "run", *args]  # fmt: skip
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, check=False)
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path, demo_roots) -> None:
+    """pretrain_tpp and finetune under `torchrun --nproc_per_node=2` (gloo): one checkpoint, one MLflow run each,
+    the same target parameters on both ranks at the end."""
+    bundle, root = "mhist_adapter", demo_roots("mhist")
+    dump = tmp_path / "dump.json"  # every rank saves its target parameters after training
+    # (MONAI scans any expression containing the word "import" as an import statement, hence tpp.trainable_state)
+    dump.write_text(json.dumps({"+finalize": [
+        "$torch.save(tpp.trainable_state(@network_def).state_dict(), @output_dir + '/rank' + os.environ['RANK'] + "
+        "'.pt')"]}))  # fmt: skip
+    common = ["--runs_dir", str(tmp_path), "--dataset_dir", str(root), "--tracking", "mlflow",
+              "--meta_file", str(BUNDLES / bundle / "configs" / "metadata.json")]  # fmt: skip
+    overlays = ("demo", "multi_gpu")
+    proc = _torchrun("pretrain_tpp", "--config_file", _configs(bundle, "pretrain_tpp", *overlays, extra=(dump,)),
+                     *common, "--tpp_epochs", "2", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (
+        proc.stderr.count("trainable tensors identical on 2 ranks")
+        + proc.stdout.count("trainable tensors identical on 2 ranks")
+        == 2
+    )
+    out = tmp_path / "pretrain_tpp"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint_epoch=2.pt"]
+    saved = load_verified(out / "tpp_target.pt")["state"]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for name, tensor in saved.items():
+        assert torch.equal(ranks[0][name], tensor) and torch.equal(ranks[1][name], tensor), name
+
+    proc = _torchrun("finetune", "--config_file", _configs(bundle, "finetune", *overlays, extra=(dump,)),
+                     *common, "--epochs", "2", "--ckpt_dir", str(tmp_path / "models"), cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["model.pt"]
+    ranks = [torch.load(tmp_path / "finetune" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in ranks[0])
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(bundle).experiment_id])
+    assert sorted(r.info.run_name.split("_2")[0] for r in runs) == ["finetune", "pretrain_tpp"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_mlflow_chain_leaves_three_finished_runs(tmp_path, demo_roots) -> None:
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path / "mlruns.db"
+    common = {"runs_dir": str(tmp_path), "dataset_dir": str(demo_roots("qata")), "tracking_uri": f"sqlite:///{db}"}
+    for run_id, extra in (("pretrain_tpp", {"tpp_epochs": 2}), ("finetune", {"epochs": 2}), ("evaluate", {})):
+        from monai.bundle import run
+
+        bundle = BUNDLES / "qata_lora" / "configs"
+        run(run_id, config_file=[str(bundle / f"{run_id}.json"), str(bundle / "demo.json")],
+            meta_file=str(bundle / "metadata.json"), logging_file=False, tracking="mlflow", run_name=run_id,
+            ckpt_dir=str(tmp_path / "models"), **common, **extra)  # fmt: skip
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("qata_lora").experiment_id])}
+    assert set(runs) == {"pretrain_tpp", "finetune", "evaluate"}
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    assert client.get_metric_history(runs["pretrain_tpp"].info.run_id, "train_loss")
+    assert {"train_loss", "val_dice", "lr_group_0"} <= set(runs["finetune"].data.metrics)
+    assert {"dice", "hd95"} <= set(runs["evaluate"].data.metrics)
+    for r in runs.values():
+        assert any(a.path.startswith("config_") for a in client.list_artifacts(r.info.run_id)), r.info.run_name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_tracking_server(tmp_path, demo_roots) -> None:
+    """`tracking_uri` may name a tracking server: a real `mlflow server` on loopback receives the run."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    pytest.fail("mlflow server did not start within 120 s")
+                time.sleep(1)
+        uri = f"http://127.0.0.1:{port}"
+        configs = _configs("glas_ssf", "pretrain_tpp", "demo")
+        proc = run_cli("monai.bundle", "run", "pretrain_tpp", "--config_file", configs, "--runs_dir", str(tmp_path),
+                       "--dataset_dir", str(demo_roots("glas")), "--tpp_epochs", "1", "--tracking", "mlflow",
+                       "--tracking_uri", uri)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        runs = client.search_runs([client.get_experiment_by_name("glas_ssf").experiment_id])
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert client.get_metric_history(runs[0].info.run_id, "train_loss")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_every_bundle_metadata_validates_offline() -> None:
+    from monai.bundle import verify_metadata
+
+    bundles = sorted(p for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file())
+    assert len(bundles) >= 50
+    for bundle in bundles:
+        verify_metadata(meta_file=str(bundle / "configs" / "metadata.json"), filepath=str(SCHEMA))
+    broken = json.loads((BUNDLES / "glas_adapter" / "configs" / "metadata.json").read_text())
+    del broken["network_data_format"]["outputs"]["pred"]["dtype"]
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"broken_meta_{os.getpid()}.json"
+    path.write_text(json.dumps(broken))
+    with pytest.raises(Exception, match="dtype"):
+        verify_metadata(meta_file=str(path), filepath=str(SCHEMA))
+    path.unlink()
+
+
+@pytest.mark.parametrize(("bundle", "shape"), [("glas_adapter", [1, 3, 64, 64]), ("mhist_vpt", [1, 3, 64, 64])])
+def test_ckpt_export_torchscript_matches_eager(tmp_path, demo_roots, bundle, shape) -> None:
+    dataset = bundle.split("_")[0]
+    run_workflow(bundle, "finetune", runs_dir=str(tmp_path), dataset_dir=str(demo_roots(dataset)), tpp_ckpt="none",
+                 ckpt_dir=str(tmp_path / "models"), epochs=1, val_interval=1)  # fmt: skip
+    configs = _configs(bundle, "inference", "demo")
+    proc = run_cli("monai.bundle", "ckpt_export", "network_def", "--filepath", str(tmp_path / "model.ts"),
+                   "--ckpt_file", str(tmp_path / "models" / "model.pt"), "--key_in_ckpt", "model", "--meta_file",
+                   str(BUNDLES / bundle / "configs" / "metadata.json"), "--config_file", configs, "--use_trace",
+                   "True", "--input_shape", str(shape))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scripted = torch.jit.load(str(tmp_path / "model.ts"))
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(json.loads(configs.replace("'", '"')))
+    eager = parser.get_parsed_content("network_def")
+    eager.load_state_dict(load_verified(tmp_path / "models" / "model.pt")["model"])
+    eager.eval()
+    x = torch.rand(*shape)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), eager(x), rtol=1e-4, atol=1e-5)
