@@ -28,7 +28,7 @@ def _dataset(bundle: str) -> str:
     return json.loads((BUNDLES / bundle / "configs" / "finetune.json").read_text())["dataset_name"]
 
 
-@pytest.mark.parametrize("bundle", bundle_names())
+@pytest.mark.parametrize("bundle", bundle_names(2))  # the 3D bundles: tests/test_3d.py
 def test_finetune_then_evaluate_write_metrics(tmp_path, demo_roots, bundle) -> None:
     root = demo_roots(_dataset(bundle))
     common = {"runs_dir": str(tmp_path), "dataset_dir": str(root), "ckpt_dir": str(tmp_path / "models")}

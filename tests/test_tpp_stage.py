@@ -12,7 +12,7 @@ from conftest import BUNDLES, make_workflow, run_cli, run_workflow
 from ignite.engine import Events
 
 from tpp_monai.backbones import build_backbone
-from tpp_monai.bundle_gen import bundle_names, check_bundles
+from tpp_monai.bundle_gen import BASELINES, bundle_names, check_bundles
 from tpp_monai.data.info import DATASETS
 from tpp_monai.io import load_verified
 from tpp_monai.peft import METHODS, get_method, target_parameter_names
@@ -211,7 +211,7 @@ def test_bad_settings_fail_before_training_with_one_message(tmp_path, demo_roots
     assert "Loading dataset" not in proc.stderr, "must fail before any data is cached"
 
 
-@pytest.mark.parametrize("bundle", bundle_names())
+@pytest.mark.parametrize("bundle", [b for b in bundle_names(2) if not b.endswith(BASELINES)])  # 3D: test_3d
 def test_bundle_passes_check_properties(tmp_path, demo_roots, bundle) -> None:
     dataset = json.loads((BUNDLES / bundle / "configs" / "pretrain_tpp.json").read_text())["dataset_name"]
     wf = make_workflow(bundle, "pretrain_tpp", ("pretrain_tpp", "demo"),
@@ -221,4 +221,4 @@ def test_bundle_passes_check_properties(tmp_path, demo_roots, bundle) -> None:
 
 def test_committed_bundles_match_the_generator() -> None:
     assert check_bundles() == []
-    assert len(bundle_names()) == len(DATASETS_2D) * len(TPP_METHODS)
+    assert len(bundle_names(2)) == len(DATASETS_2D) * (len(TPP_METHODS) + len(BASELINES))

@@ -72,9 +72,15 @@ BASELINES = ("full_finetune", "linear_probe")
 DEMO_IMAGE_SIZE = 64
 
 
-def bundle_names() -> list[str]:
-    """Every bundle this generator writes."""
-    return [name for name, _ in _bundles()]
+def bundle_names(spatial_dims: int | None = None) -> list[str]:
+    """Every bundle this generator writes (only the 2D or the 3D ones with ``spatial_dims``)."""
+    names = [name for name, _ in _bundles()]
+    if spatial_dims is None:
+        return names
+    from tpp_monai import bundle_gen3d
+
+    three = {name for name, _ in bundle_gen3d.bundles()}
+    return [n for n in names if (n in three) == (int(spatial_dims) == 3)]
 
 
 def _bundles() -> list[tuple[str, Callable[[], dict[str, object]]]]:
@@ -86,7 +92,9 @@ def _bundles() -> list[tuple[str, Callable[[], dict[str, object]]]]:
         for method, spec in sorted(METHODS.items()):
             if "medcoss" in spec.families and (spec.pretrainable or method in BASELINES):
                 out.append((f"{info.name}_{method}", _files_factory(info, method)))
-    return out
+    from tpp_monai import bundle_gen3d  # the 3D (STU-Net) bundles; imported here because it imports this module
+
+    return out + bundle_gen3d.bundles()
 
 
 def _files_factory(info: DatasetInfo, method: str) -> Callable[[], dict[str, object]]:

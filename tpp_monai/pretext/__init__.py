@@ -1,7 +1,9 @@
 """The TPP stage's pretext tasks (paper §3.2): MAE (default) and DINO, selected by name in every bundle.
 
 The factories below are what ``configs/pretrain_tpp.json`` calls, so ``--pretext dino`` switches network, loss,
-views and batch preparation together.
+views and batch preparation together. 3D datasets (LiTS, KiTS19 on STU-Net, paper §5.4) take DINO only: the paper
+pairs STU-Net with DINO, and an MAE of a convolutional U-Net (masked 3D patches, a pixel decoder) is a different
+method that nothing here specifies, so asking for it is a :class:`~tpp_monai.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from tpp_monai.engines import plain_tensor
-from tpp_monai.errors import unknown_choice
+from tpp_monai.errors import ConfigError, unknown_choice
 from tpp_monai.peft import load_target_state, target_state
 from tpp_monai.pretext.dino import DINOLoss, DINOPretext
 from tpp_monai.pretext.mae import MAEPretext, MaskedPatchLoss
@@ -23,13 +25,32 @@ DINO_DEFAULTS = {
     "out_dim": 65536, "hidden_dim": 2048, "bottleneck_dim": 256, "global_size": 224, "local_size": 96, "num_local": 8,
     "momentum_teacher": 0.996, "teacher_temp": 0.04, "warmup_teacher_temp": 0.04, "warmup_teacher_temp_epochs": 0,
     "student_temp": 0.1, "clip_grad": 3.0, "freeze_last_layer": 1,
+    # DeSD-style student heads on the further feature levels (STU-Net's decoder levels; ViTs have none)
+    "level_heads": True,
 }  # fmt: skip
+# Pretexts each backbone family supports (STU-Net: DINO only, see the module docstring).
+FAMILY_PRETEXTS = {"stunet": ("dino",)}
 
 
-def check_pretext(pretext: str) -> str:
+def check_pretext(pretext: str, backbone: str | None = None) -> str:
+    """``pretext`` if it is known (and, with ``backbone`` given, supported by that backbone's family)."""
     if pretext not in PRETEXTS:
         raise unknown_choice("pretext", pretext, PRETEXTS, "--pretext")
+    if backbone is not None:
+        from tpp_monai.backbones import get_backbone_spec
+
+        family = get_backbone_spec(backbone, "backbone").family
+        _check_family(pretext, family, backbone)
     return pretext
+
+
+def _check_family(pretext: str, family: str | None, backbone: str) -> None:
+    allowed = FAMILY_PRETEXTS.get(str(family), PRETEXTS)
+    if pretext not in allowed:
+        raise ConfigError(
+            f"pretext {pretext!r} is not supported on the {family} backbone {backbone!r} (paper §5.4 pre-trains "
+            f"STU-Net's target parameters with DINO); use --pretext {allowed[0]}"
+        )
 
 
 def _dino(options: Mapping | None) -> dict:
@@ -45,10 +66,25 @@ def build_pretext(
     decoder: Mapping | None = None, dino: Mapping | None = None,
 ) -> nn.Module:  # fmt: skip
     """The pretext network around ``encoder`` (built with ``task="features"``, ``stage="tpp"``)."""
-    if check_pretext(pretext) == "mae":
+    _check_family(check_pretext(pretext), getattr(encoder, "family", None), getattr(encoder, "backbone_name", ""))
+    if pretext == "mae":
         return MAEPretext(encoder, mae_decoder, image_size, mask_ratio, decoder)
     d = _dino(dino)
-    return DINOPretext(encoder, d["out_dim"], d["hidden_dim"], d["bottleneck_dim"])
+    if hasattr(encoder, "check_input_size"):  # 3D CNN: every crop must pass the network's size rules
+        for key in ("global_size", "local_size") if d["num_local"] else ("global_size",):
+            try:
+                encoder.check_input_size(_size3(d[key], key), training=True)
+            except ConfigError as err:
+                raise ConfigError(f"DINO {key} {d[key]!r}: {err}") from None
+    return DINOPretext(encoder, d["out_dim"], d["hidden_dim"], d["bottleneck_dim"], level_heads=d["level_heads"])
+
+
+def _size3(size: int | Sequence[int], what: str) -> tuple[int, int, int]:
+    """A 3D crop size from an int (cube) or three ints."""
+    out = (int(size),) * 3 if isinstance(size, (int, float)) else tuple(int(s) for s in size)
+    if len(out) != 3 or min(out) < 1:
+        raise ConfigError(f"DINO {what} for a 3D dataset must be an int or 3 positive ints, got {size!r}")
+    return out  # type: ignore[return-value]
 
 
 def pretext_loss(pretext: str, net: nn.Module, dino: Mapping | None = None) -> nn.Module:
@@ -63,10 +99,20 @@ def pretext_transforms(
     dino: Mapping | None = None,
 ) -> object:  # fmt: skip
     """Cacheable image loading (at the dataset's ``image_size``) + the pretext's random views at ``pretext_size``
-    (MAE crop/flip, DINO multi-crop; DINO's own ``global_size`` then sets the global crops)."""
-    from tpp_monai.pretext.transforms import dino_transforms, mae_transforms
+    (MAE crop/flip, DINO multi-crop; DINO's own ``global_size`` then sets the global crops). 3D datasets get the
+    3D multi-crop (:func:`~tpp_monai.pretext.transforms.dino_transforms_3d`; ``pretext_size`` is unused)."""
+    from tpp_monai.data import get_dataset
+    from tpp_monai.pretext.transforms import dino_transforms, dino_transforms_3d, mae_transforms
 
-    if check_pretext(pretext) == "mae":
+    check_pretext(pretext)
+    if get_dataset(dataset, "dataset").spatial_dims == 3:
+        if pretext != "dino":
+            raise ConfigError(f"pretext {pretext!r} has no 3D views for {dataset!r}; 3D datasets use --pretext dino")
+        d = _dino(dino)
+        return dino_transforms_3d(
+            dataset, _size3(d["global_size"], "global_size"), _size3(d["local_size"], "local_size"), d["num_local"]
+        )
+    if pretext == "mae":
         return mae_transforms(dataset, pretext_size, image_size)
     d = _dino(dino)
     return dino_transforms(dataset, d["global_size"], d["local_size"], d["num_local"], image_size=image_size)
@@ -118,7 +164,8 @@ class PretextHandlers:
         if d["clip_grad"]:
             handlers.append(GradientClipHandler(trainable, d["clip_grad"]))
         if d["freeze_last_layer"]:
-            handlers.append(FreezeLastLayerHandler(self.net.student["head"].last_layer, d["freeze_last_layer"]))
+            last_layers = nn.ModuleList(head.last_layer for head in self.net.heads())  # every student head's
+            handlers.append(FreezeLastLayerHandler(last_layers, d["freeze_last_layer"]))
         for handler in handlers:
             handler.attach(engine)
 

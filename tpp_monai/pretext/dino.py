@@ -7,14 +7,26 @@
   student's distribution on every other crop; the centre is an EMA of the teacher's batch mean (all-reduced across
   processes under DDP), which keeps the teacher from collapsing to one dimension.
 
-The head reads the mean of the patch tokens (the feature the fine-tuning head uses; MedCoSS never trained its class
-token as an output). The head is discarded after the stage; the teacher's target parameters are exported.
+Features by backbone family (:func:`feature_fns`):
+
+* ViTs: the head reads the mean of the patch tokens (the feature the fine-tuning head uses; MedCoSS never trained its
+  class token as an output).
+* STU-Net (paper §5.4, Table 10; ``stunet.md`` §3.3 option b, after DeSD, Ye et al. 2022): the teacher's head reads
+  the globally pooled bottleneck (encoder only); the student has that head *and* one extra head per decoder level
+  (the pooled output of each ``conv_blocks_localization`` stage, :meth:`STUNet.forward_features`). Every student
+  head is trained to match the teacher's bottleneck distribution, and the levels' losses are averaged (DeSD's deep
+  self-distillation weights its levels equally). An encoder-only head would leave the decoder's Conv-Adapters
+  without gradient; with these heads every adapter of the encoder and the decoder receives a training signal. Only
+  the bottleneck head is averaged into the teacher; the decoder-level heads exist in the student only.
+
+The heads are discarded after the stage; the teacher's target parameters are exported.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -22,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from tpp_monai.errors import ConfigError
 from tpp_monai.peft import target_parameter_names
 
 
@@ -49,26 +62,77 @@ class DINOHead(nn.Module):
 
 
 def pooled_features(backbone: nn.Module, images: Tensor) -> Tensor:
-    """Mean of the patch tokens (prompts and class token excluded)."""
+    """Mean of the patch tokens (prompts and class token excluded): the ViT feature of student and teacher."""
     return backbone.forward_features(images).patches.mean(dim=1)
+
+
+def _vit_levels(backbone: nn.Module, images: Tensor) -> list[Tensor]:
+    return [pooled_features(backbone, images)]
+
+
+def _stunet_levels(backbone: nn.Module, images: Tensor) -> list[Tensor]:
+    return backbone.forward_features(images)  # pooled bottleneck, then decoder levels 0 (coarsest) .. 4
+
+
+def _stunet_bottleneck(backbone: nn.Module, images: Tensor) -> Tensor:
+    return backbone(images)  # the features task runs the encoder only and pools the bottleneck
+
+
+@dataclass(frozen=True)
+class FeatureFns:
+    """How DINO reads a backbone family.
+
+    Args:
+        dims: channels of each student level (level 0 is the one the teacher reads).
+        student: ``(backbone, images) -> [B, C_l]`` per level.
+        teacher: ``(backbone, images) -> [B, C_0]``, level 0 only (need not run what only the student needs).
+    """
+
+    dims: Callable[[nn.Module], list[int]]
+    student: Callable[[nn.Module, Tensor], list[Tensor]]
+    teacher: Callable[[nn.Module, Tensor], Tensor]
+
+
+_VIT_FNS = FeatureFns(lambda b: [b.embed_dim], _vit_levels, pooled_features)
+FEATURE_FNS: dict[str, FeatureFns] = {
+    "medcoss": _VIT_FNS,
+    "timm_vit": _VIT_FNS,
+    "stunet": FeatureFns(lambda b: list(b.feature_dims), _stunet_levels, _stunet_bottleneck),
+}
+
+
+def feature_fns(backbone: nn.Module) -> FeatureFns:
+    """The DINO feature functions of ``backbone``'s family."""
+    family = getattr(backbone, "family", None)
+    if family not in FEATURE_FNS:
+        raise ConfigError(f"DINO has no feature function for the {family} backbone family; known: {list(FEATURE_FNS)}")
+    return FEATURE_FNS[family]
 
 
 class DINOPretext(nn.Module):
     """Student and teacher. ``forward(crops) -> (student_logits per crop, teacher_logits per global crop)``.
 
+    A student entry is ``[B, K]`` with one feature level (ViTs) and ``[L, B, K]`` with ``L`` levels (STU-Net with
+    ``level_heads``: the bottleneck head first, then one head per decoder level); :class:`DINOLoss` averages the
+    levels.
+
     Args:
         encoder: backbone + PEFT method, task ``features``, target parameters trainable.
         out_dim, hidden_dim, bottleneck_dim: head geometry (65536, 2048, 256 in DINO).
         num_global: how many leading crops are global (teacher) crops.
+        level_heads: give the student a head on every further feature level of the backbone (STU-Net's decoder
+            levels; ViTs have one level, so this changes nothing for them).
     """
 
     def __init__(
         self, encoder: nn.Module, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-        num_global: int = 2,
+        num_global: int = 2, level_heads: bool = True,
     ) -> None:  # fmt: skip
         super().__init__()
         self.num_global = num_global
-        self.student = nn.ModuleDict({"backbone": encoder, "head": DINOHead(encoder.embed_dim, out_dim, hidden_dim,
+        self.features = feature_fns(encoder)
+        dims = self.features.dims(encoder)
+        self.student = nn.ModuleDict({"backbone": encoder, "head": DINOHead(dims[0], out_dim, hidden_dim,
                                                                              bottleneck_dim)})  # fmt: skip
         self.ema_names = [f"backbone.{n}" for n in target_parameter_names(encoder)]
         self.ema_names += [f"head.{n}" for n, p in self.student["head"].named_parameters() if p.requires_grad]
@@ -82,28 +146,42 @@ class DINOPretext(nn.Module):
             p.requires_grad_(False)
         self.teacher = teacher
         self.teacher.eval()
+        # Student-only heads on the further levels, added after the teacher copy so the teacher has none.
+        self.level_dims = dims if level_heads else dims[:1]
+        if len(self.level_dims) > 1:
+            self.student["level_heads"] = nn.ModuleList(
+                DINOHead(d, out_dim, hidden_dim, bottleneck_dim) for d in self.level_dims[1:]
+            )
 
     def train(self, mode: bool = True) -> DINOPretext:
         super().train(mode)
         self.teacher.eval()  # no drop-path or random position rows in the teacher, as in DINO
         return self
 
+    def heads(self) -> list[DINOHead]:
+        """The student's heads, level 0 first."""
+        extra = list(self.student["level_heads"]) if "level_heads" in self.student else []
+        return [self.student["head"], *extra]
+
     def _student(self, crops: Sequence[Tensor]) -> list[Tensor]:
         out: list[Tensor] = []
+        heads = self.heads()
         start = 0
         while start < len(crops):  # one forward per run of equally sized crops (DINO's MultiCropWrapper)
             end = start
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+            while end < len(crops) and crops[end].shape[2:] == crops[start].shape[2:]:
                 end += 1
-            feats = pooled_features(self.student["backbone"], torch.cat(list(crops[start:end])))
-            out.extend(self.student["head"](feats).chunk(end - start))
+            levels = self.features.student(self.student["backbone"], torch.cat(list(crops[start:end])))
+            logits = [head(f) for head, f in zip(heads, levels)]
+            joined = logits[0] if len(logits) == 1 else torch.stack(logits)  # [B, K] or [L, B, K]
+            out.extend(joined.chunk(end - start, dim=-2))
             start = end
         return out
 
     def forward(self, crops: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         with torch.no_grad():
             globals_ = torch.cat(list(crops[: self.num_global]))
-            teacher = self.teacher["head"](pooled_features(self.teacher["backbone"], globals_))
+            teacher = self.teacher["head"](self.features.teacher(self.teacher["backbone"], globals_))
         return self._student(crops), list(teacher.chunk(self.num_global))
 
     @torch.no_grad()
@@ -118,6 +196,9 @@ class DINOPretext(nn.Module):
     def pretext_state_names(self) -> list[str]:
         """Tensors besides the student's target parameters that a resume needs: heads and teacher averages."""
         head = [f"student.{n}" for n in self.ema_names if n.startswith("head.")]
+        if "level_heads" in self.student:
+            levels = self.student["level_heads"].named_parameters(prefix="level_heads")
+            head += [f"student.{n}" for n, p in levels if p.requires_grad]
         return head + [f"teacher.{n}" for n in self.ema_names]
 
     def export_backbone(self) -> nn.Module:
@@ -144,6 +225,8 @@ class DINOLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, output: tuple[list[Tensor], list[Tensor]], target: object = None) -> Tensor:
+        """``output`` = (student ``[B, K]`` or ``[L, B, K]`` per crop, teacher ``[B, K]`` per global crop); with
+        ``L`` student levels each level is matched to the same teacher distribution and the levels are averaged."""
         student, teacher = output
         log_p = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student]
         q = [F.softmax((t.float() - self.center) / self.teacher_temp, dim=-1).detach() for t in teacher]
@@ -161,7 +244,7 @@ class DINOLoss(nn.Module):
     def update_center(self, teacher: Sequence[Tensor]) -> None:
         batch = torch.cat([t.float() for t in teacher])
         total = batch.sum(dim=0, keepdim=True)
-        count = torch.tensor(float(batch.shape[0]), device=batch.device)
+        count = batch.new_full((), float(batch.shape[0]))  # filled on the device: no blocking host-to-device copy
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)
             dist.all_reduce(count)

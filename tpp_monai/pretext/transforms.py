@@ -6,6 +6,14 @@
   solarised (p 0.2), as DINO's ``DataAugmentationDINO``. Colour operations run on [0, 1] intensities; datasets
   whose fine-tuning input is z-scored (2D segmentation) are z-scored per crop afterwards, so every crop has the
   intensity statistics the fine-tuning stage feeds the backbone.
+* DINO on 3D CT (:func:`dino_transforms_3d`; the STU-Net arm, paper §5.4): after the fine-tuning loading chain
+  (RAS, 0.8 x 0.8 x 1.5 mm, per-volume z-score: the intensities STU-Net's frozen weights saw) the volume is cropped
+  to its body (voxels above the volume mean), and one region of 1.5x the global crop in-plane is drawn; every view
+  comes from that region, so global and local views overlap (DeSD draws all crops from one pre-crop). Each view is
+  a random box with in-plane scale jitter (the slice axis is never rescaled), resized to the view size (sizes
+  respecting STU-Net's divisibility and bottleneck rules, checked by the pretext network), flipped on every axis,
+  and given DeSD's intensity set: Gaussian noise, blur (DINO's p 1.0 / 0.1 / 0.5 for global 1 / global 2 / local),
+  multiplicative brightness 0.75-1.25, additive shift and gamma contrast.
 """
 
 from __future__ import annotations
@@ -18,14 +26,21 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
+    CropForegroundd,
     MapTransform,
     NormalizeIntensity,
+    RandAdjustContrastd,
     RandFlipd,
+    RandGaussianNoised,
     RandGaussianSmoothd,
     Randomizable,
     RandomizableTransform,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropd,
     Resize,
     ScaleIntensityRanged,
+    SpatialPadd,
 )
 from monai.utils import MAX_SEED
 
@@ -162,3 +177,77 @@ def dino_transforms(
     views = [view(global_size, global_scale, 1.0, 0.0), view(global_size, global_scale, 0.1, 0.2)]
     views += [view(local_size, local_scale, 0.5, 0.0) for _ in range(num_local)]
     return Compose([*chain, MultiCropd(views, zscore)])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3D (STU-Net): DINO multi-crop of CT volumes
+
+
+class RandInPlaneScaledCropd(Randomizable, MapTransform):
+    """A random box of ``size`` with its in-plane sides (``axes``) scaled by one factor from ``scale``, resized back
+    to ``size`` (trilinear): DeSD's in-plane scale jitter, with the slice axis never rescaled. Boxes are clipped to
+    the image (then resized up)."""
+
+    def __init__(
+        self, keys: KeysCollection, size: Sequence[int], scale: tuple[float, float] = (0.8, 1.2),
+        axes: Sequence[int] = (0, 1),
+    ) -> None:  # fmt: skip
+        super().__init__(keys)
+        self.size, self.scale, self.axes = tuple(int(v) for v in size), scale, set(axes)
+        self.resize = Resize(spatial_size=self.size, mode="trilinear")
+        self._box: list[slice] = []
+
+    def randomize(self, shape: Sequence[int]) -> None:
+        factor = self.R.uniform(*self.scale)
+        sides = [min(n, max(1, round(s * factor) if a in self.axes else s)) for a, (n, s) in
+                 enumerate(zip(shape, self.size))]  # fmt: skip
+        starts = [int(self.R.randint(0, n - side + 1)) for n, side in zip(shape, sides)]
+        self._box = [slice(b, b + side) for b, side in zip(starts, sides)]
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        self.randomize(d[self.first_key(d)].shape[1:])
+        for key in self.key_iterator(d):
+            d[key] = self.resize(d[key][(slice(None), *self._box)])
+        return d
+
+
+def dino_transforms_3d(
+    dataset: str, global_size: Sequence[int] = (96, 96, 64), local_size: Sequence[int] = (48, 48, 32),
+    num_local: int = 4, global_scale: tuple[float, float] = (0.8, 1.2), local_scale: tuple[float, float] = (0.8, 1.2),
+    context: float = 1.5,
+) -> Compose:  # fmt: skip
+    """Volume loading as in fine-tuning (cacheable, body-cropped) + DINO multi-crop in 3D (module docstring); the
+    sample's ``crops`` key holds 2 global and ``num_local`` local views, each ``[1, x, y, z]`` (RAS axes)."""
+    info = get_dataset(dataset)
+    if info.spatial_dims != 3:
+        raise ConfigError(f"the 3D DINO views do not apply to the 2D dataset {dataset!r}")
+    region = (math.ceil(global_size[0] * context), math.ceil(global_size[1] * context), int(global_size[2]))
+
+    def view(size: Sequence[int], scale: tuple[float, float], blur: float) -> Compose:
+        return Compose(
+            [
+                RandInPlaneScaledCropd(keys="image", size=size, scale=scale),
+                *(RandFlipd(keys="image", spatial_axis=a, prob=0.5) for a in range(3)),
+                RandGaussianNoised(keys="image", prob=0.1, std=0.1),
+                RandGaussianSmoothd(
+                    keys="image", sigma_x=(0.1, 2.0), sigma_y=(0.1, 2.0), sigma_z=(0.1, 2.0), prob=blur
+                ),
+                RandScaleIntensityd(keys="image", factors=0.25, prob=0.8),
+                RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+                RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
+            ]
+        )
+
+    views = [view(global_size, global_scale, 1.0), view(global_size, global_scale, 0.1)]
+    views += [view(local_size, local_scale, 0.5) for _ in range(num_local)]
+    return Compose(
+        [
+            *image_transforms(dataset),
+            # the body's bounding box: z-scored CT is positive in tissue and negative in the surrounding air
+            CropForegroundd(keys="image", source_key="image", allow_smaller=True),
+            SpatialPadd(keys="image", spatial_size=region),
+            RandSpatialCropd(keys="image", roi_size=region, random_size=False),
+            MultiCropd(views, zscore=False),
+        ]
+    )
