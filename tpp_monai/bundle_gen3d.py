@@ -110,10 +110,12 @@ def _common_3d(info: DatasetInfo, method: str, workflow: str) -> dict:
     return cfg
 
 
-def _initialize(check: str, extra: str = "") -> list[str]:
-    """The 3D checks first: they need no data (a wrong patch size fails before the datalist is even read)."""
+def _initialize(check: str, extra: str = "", distributed: bool = False) -> list[str]:
+    """The 3D checks first: they need no data (a wrong patch size fails before the datalist is even read); training
+    joins the torchrun process group when ``distributed`` is set (the ``multi_gpu.json`` overlay)."""
     return [
         "$tpp.install_excepthook()",
+        *(["$tpp.init_distributed() if @distributed else None"] if distributed else []),
         "$tpp3d.check_3d(@dataset_name, @backbone, @image_size, @backbone_options" + extra + ")",
         check,
         "$tpp3d.gpu_speedups()",
@@ -256,6 +258,7 @@ def finetune_config_3d(info: DatasetInfo, method: str) -> dict:
             "weight_decay": recipe.weight_decay,
             "grad_clip": recipe.grad_clip,
             "label_fraction": None,
+            "distributed": False,
             "val_interval": 50,
             "val_batch_size": 1,
             "network_def": _network_def_3d(info, "@backbone_ckpt", "@tpp_ckpt"),
@@ -364,7 +367,8 @@ def finetune_config_3d(info: DatasetInfo, method: str) -> dict:
             "initialize": [
                 *_initialize(
                     "$tpp.check_settings(@dataset_name, @method, @backbone, datalist=@datalist, "
-                    "dataset_dir=@dataset_dir, keys=('training', 'validation'), tpp_ckpt=@tpp_ckpt)"
+                    "dataset_dir=@dataset_dir, keys=('training', 'validation'), tpp_ckpt=@tpp_ckpt)",
+                    distributed=True,
                 ),
                 "$@network_def",
             ],
