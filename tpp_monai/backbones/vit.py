@@ -107,7 +107,7 @@ class DropPath(nn.Module):
             return x
         keep = 1.0 - self.prob
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        return x * mask.div_(keep)  # scale the [B, 1, 1] mask, not the activations: one full-size op instead of two
 
 
 class ViTBlockBase(nn.Module):
@@ -141,7 +141,10 @@ class ViTBlockBase(nn.Module):
         weight, bias = self.qkv_params()
         qkv = self._site("qkv", F.linear(h, weight, bias), h)  # [B, L, 3D]
         qkv = qkv.view(b, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, heads, L, hd]
+        # unbind, not qkv[0..2]: its backward stacks the three gradients at once, where three selects would each
+        # zero-fill and add a full [3, B, heads, L, hd] buffer
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, L, hd]
         return out.transpose(1, 2).reshape(b, length, dim)
 
     def forward(self, x: Tensor) -> Tensor:
