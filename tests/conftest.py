@@ -42,6 +42,9 @@ def bundle_configs(bundle: str, *names: str) -> list[str]:
 def make_workflow(bundle: str, run_id: str, configs: tuple[str, ...], **overrides: object):
     from monai.bundle import ConfigWorkflow
 
+    if "runs_dir" in overrides:  # keep every output of a test out of the repository's bundle folders
+        overrides.setdefault("ckpt_dir", str(Path(str(overrides["runs_dir"])) / "models"))
+
     wf = ConfigWorkflow(
         config_file=bundle_configs(bundle, *configs),
         meta_file=str(BUNDLES / bundle / "configs" / "metadata.json"),

@@ -139,6 +139,8 @@ def pretrain_tpp_config(info: DatasetInfo, method: str) -> dict:
     cfg.update(
         {
             "pretext": "mae",
+            "resume": False,
+            "distributed": False,
             "tpp_epochs": recipe.epochs,
             "epochs": "@tpp_epochs",
             "batch_size": 64,
@@ -170,7 +172,8 @@ def pretrain_tpp_config(info: DatasetInfo, method: str) -> dict:
                 "decoder": "$tpp.mae_decoder_geometry(@backbone)",
                 "dino": "@dino",
             },
-            "network": "$@pretext_net.to(@device)",
+            "network_module": "@pretext_net",
+            "network": "$@network_module.to(@device)",
             "loss": "$pretexts.pretext_loss(@pretext, @pretext_net, @dino).to(@device)",
             "optimizer": {
                 "_target_": "torch.optim.AdamW",
@@ -179,26 +182,13 @@ def pretrain_tpp_config(info: DatasetInfo, method: str) -> dict:
                 "betas": [0.9, 0.95],
             },
             "train": {
-                "datalist": "$tpp.images_of(@datalist, @dataset_dir, 'training')",
-                "preprocessing": "$pretexts.pretext_transforms(@pretext, @dataset_name, @pretext_size, @image_size, "
-                "@dino)",
-                "dataset": {
-                    "_target_": "CacheDataset",
-                    "data": "@train#datalist",
-                    "transform": "@train#preprocessing",
-                    "cache_rate": 1.0,
-                    "num_workers": "@num_workers",
-                },
-                "dataloader": {
-                    "_target_": "DataLoader",
-                    "dataset": "@train#dataset",
-                    "batch_size": "@batch_size",
-                    "shuffle": True,
-                    "drop_last": "$len(@train#dataset) > @batch_size",
-                    "num_workers": "@num_workers",
-                    "pin_memory": "$torch.cuda.is_available()",
-                    "persistent_workers": "$@num_workers > 0",
-                },
+                **_data_section(
+                    "training",
+                    "$pretexts.pretext_transforms(@pretext, @dataset_name, @pretext_size, @image_size, @dino)",
+                    "@batch_size",
+                    True,
+                    records="$tpp.images_of(@datalist, @dataset_dir, 'training')",
+                ),
                 "iters_per_epoch": "$len(@train#dataloader)",
                 "inferer": {"_target_": "SimpleInferer"},
                 "handlers": [
@@ -231,10 +221,18 @@ def pretrain_tpp_config(info: DatasetInfo, method: str) -> dict:
                             "pretext": "$pretexts.resume_state(@pretext_net)",
                             "optimizer": "@optimizer",
                             "loss": "@loss",
+                            "rng": "$tpp.RandomStates(@train#preprocessing)",
                         },
                         "engine_key": "trainer",
+                        "resume": "@resume",
                         "save_interval": 1,
                         "n_saved": 1,
+                    },
+                    {
+                        "_target_": "tpp_monai.handlers.NonFiniteLossGuard",
+                        "checkpoint_dir": "$@output_dir + '/checkpoints'",
+                        "lr": "@lr",
+                        "amp": "@amp",
                     },
                     {"_target_": "tpp_monai.handlers.ProgressBar"},
                     {
@@ -260,26 +258,37 @@ def pretrain_tpp_config(info: DatasetInfo, method: str) -> dict:
                     "optim_set_to_none": True,
                 },
             },
-            "initialize": [
-                "$tpp.install_excepthook()",
-                "$tpp.check_settings(@dataset_name, @method, @backbone, @pretext, @datalist, @dataset_dir)",
-                "$monai.utils.set_determinism(seed=@seed)",
-                "$@network_def",
-            ],
+            "initialize": _training_initialize(
+                "$tpp.check_settings(@dataset_name, @method, @backbone, @pretext, @datalist, @dataset_dir, "
+                "image_size=@image_size)",
+                "$tpp.check_output(@output_dir, @resume)",
+            ),
             "pretrain_tpp": ["$@train#trainer.run()"],
         }
     )
-    return cfg
+    return _with_settings_record(cfg)
 
 
-def _data_section(split: str, transforms: str, batch_size: str, shuffle: bool, cache: bool = True) -> dict:
-    """datalist -> (cached) dataset -> dataloader of one split."""
-    section = f"@{ {'training': 'train', 'validation': 'validate', 'test': 'test'}[split] }"
-    records = f"$tpp.records_of(@datalist, @dataset_dir, '{split}', dataset=@dataset_name)"
+SECTIONS = {"training": "train", "validation": "validate", "test": "test"}
+
+
+def _records(split: str) -> str:
     if split == "training":
-        records = "$tpp.records_of(@datalist, @dataset_dir, 'training', @label_fraction, @seed, @dataset_name)"
+        return "$tpp.records_of(@datalist, @dataset_dir, 'training', @label_fraction, @seed, @dataset_name)"
+    return f"$tpp.records_of(@datalist, @dataset_dir, '{split}', dataset=@dataset_name)"
+
+
+def _data_section(
+    split: str, transforms: str, batch_size: str, shuffle: bool, cache: bool = True, records: str | None = None
+) -> dict:
+    """datalist -> (cached) dataset -> sampler -> dataloader of one split.
+
+    The sampler is a ``DistributedSampler`` when a process group is initialised (``multi_gpu.json`` under
+    torchrun) and ``None`` otherwise, so the same config serves one process and several.
+    """
+    section = f"@{SECTIONS[split]}"
     return {
-        "datalist": records,
+        "datalist": records or _records(split),
         "preprocessing": transforms,
         "dataset": {
             "_target_": "CacheDataset" if cache else "Dataset",
@@ -287,20 +296,24 @@ def _data_section(split: str, transforms: str, batch_size: str, shuffle: bool, c
             "transform": f"{section}#preprocessing",
             **({"cache_rate": 1.0, "num_workers": "@num_workers"} if cache else {}),
         },
+        "sampler": f"$tpp.distributed_sampler({section}#dataset, shuffle={shuffle})",
         "dataloader": {
             "_target_": "DataLoader",
             "dataset": f"{section}#dataset",
             "batch_size": batch_size,
-            "shuffle": shuffle,
+            "sampler": f"{section}#sampler",
+            "shuffle": f"${section}#sampler is None and {shuffle}",
             **({"drop_last": f"$len({section}#dataset) > {batch_size}"} if shuffle else {}),
             "num_workers": "@num_workers",
             "pin_memory": "$torch.cuda.is_available()",
+            **({"persistent_workers": "$@num_workers > 0"} if shuffle else {}),
         },
     }
 
 
-def _network_def(info: DatasetInfo, backbone_ckpt: str, tpp_ckpt: str) -> dict:
-    task = {"cls": {"task": "cls", "num_classes": len(info.classes)}, "seg": {"task": "seg", "out_channels": 1}}
+def _network_def(info: DatasetInfo, backbone_ckpt: str, tpp_ckpt: str, classes: str | int | None = None) -> dict:
+    num_classes = len(info.classes) if classes is None else classes
+    task = {"cls": {"task": "cls", "num_classes": num_classes}, "seg": {"task": "seg", "out_channels": 1}}
     return {
         "_target_": "tpp_monai.network.build_network",
         "backbone": "@backbone",
@@ -345,6 +358,37 @@ def _metrics(info: DatasetInfo, prefix: str, test: bool) -> tuple[dict, dict]:
     return key, ({f"{prefix}hd95": {"_target_": handler, "key": "hd95", "save_details": True}} if test else {})
 
 
+SETTINGS_EXCLUDED = {"imports", "initialize", "finalize", "network_def", "network", "network_module", "pretext_net",
+                     "loss", "optimizer", "train", "validate", "test", "evaluator", "handlers", "inferer",
+                     "postprocessing", "preprocessing", "dataset", "dataloader", "checkpoint_loader", "key_metric",
+                     "additional_metrics", "datalist_records"}  # fmt: skip
+
+
+def _training_initialize(check_settings: str, check_output: str) -> list[str]:
+    """``initialize`` of the training workflows: clear errors first, then the process group (``multi_gpu.json``
+    sets ``distributed``), fail-fast checks, seeding, the network (so option and checkpoint errors surface before
+    any data is cached), and the record of the resolved settings."""
+    return [
+        "$tpp.install_excepthook()",
+        "$tpp.init_distributed() if @distributed else None",
+        check_settings,
+        check_output,
+        "$monai.utils.set_determinism(seed=@seed)",
+        "$@network_def",
+    ]
+
+
+def _with_settings_record(cfg: dict) -> dict:
+    """Append to ``initialize`` the record of every plain top-level setting (seed, lr, epochs, paths...)."""
+    run_ids = ("pretrain_tpp", "finetune", "evaluate", "run")
+    keys = [
+        k for k, v in cfg.items()
+        if k not in SETTINGS_EXCLUDED and k not in run_ids and not (isinstance(v, dict) and "_target_" in v)
+    ]  # fmt: skip
+    cfg["initialize"].append("$tpp.record_settings(@output_dir, {" + ", ".join(f"'{k}': @{k}" for k in keys) + "})")
+    return cfg
+
+
 def finetune_config(info: DatasetInfo, method: str) -> dict:
     """``configs/finetune.json``: target parameters (from ``pretrain_tpp``, or random with ``--tpp_ckpt none``) and a
     fresh head trained with the backbone frozen; the best validation checkpoint is ``models/model.pt``."""
@@ -362,6 +406,8 @@ def finetune_config(info: DatasetInfo, method: str) -> dict:
         {
             "tpp_ckpt": "none" if baseline else "$@runs_dir + '/pretrain_tpp/tpp_target.pt'",
             "ckpt_dir": "$@bundle_root + '/models'",
+            "resume": False,
+            "distributed": False,
             "lr": recipe.lr,
             "batch_size": recipe.batch_size,
             "iterations": recipe.iterations,
@@ -371,8 +417,10 @@ def finetune_config(info: DatasetInfo, method: str) -> dict:
             "label_fraction": None,
             "val_interval": 1,
             "val_batch_size": 1,
-            "network_def": _network_def(info, "@backbone_ckpt", "@tpp_ckpt"),
-            "network": "$@network_def.to(@device)",
+            **({"num_classes": len(info.classes)} if info.task == "cls" else {}),
+            "network_def": _network_def(info, "@backbone_ckpt", "@tpp_ckpt", classes="@num_classes"),
+            "network_module": "@network_def",
+            "network": "$@network_module.to(@device)",
             "loss": loss,
             "optimizer": {
                 "_target_": "torch.optim.AdamW",
@@ -415,10 +463,19 @@ def finetune_config(info: DatasetInfo, method: str) -> dict:
                         "save_dict": {
                             "trainable": "$tpp.trainable_state(@network_def)",
                             "optimizer": "@optimizer",
+                            "rng": "$tpp.RandomStates(@train#preprocessing)",
+                            "best_model": "@validate#handlers#1",
                         },
                         "engine_key": "trainer",
+                        "resume": "@resume",
                         "save_interval": 1,
                         "n_saved": 1,
+                    },
+                    {
+                        "_target_": "tpp_monai.handlers.NonFiniteLossGuard",
+                        "checkpoint_dir": "$@output_dir + '/checkpoints'",
+                        "lr": "@lr",
+                        "amp": "@amp",
                     },
                     {"_target_": "tpp_monai.handlers.ProgressBar"},
                     {
@@ -480,17 +537,16 @@ def finetune_config(info: DatasetInfo, method: str) -> dict:
                     "amp_kwargs": {"dtype": "$torch.bfloat16"},
                 },
             },
-            "initialize": [
-                "$tpp.install_excepthook()",
+            "initialize": _training_initialize(
                 "$tpp.check_settings(@dataset_name, @method, @backbone, datalist=@datalist, dataset_dir=@dataset_dir, "
-                "keys=('training', 'validation'), tpp_ckpt=@tpp_ckpt)",
-                "$monai.utils.set_determinism(seed=@seed)",
-                "$@network_def",
-            ],
+                "keys=('training', 'validation'), tpp_ckpt=@tpp_ckpt, image_size=@image_size"
+                + (", num_classes=@num_classes)" if info.task == "cls" else ")"),
+                "$tpp.check_output(@output_dir, @resume, @ckpt_dir)",
+            ),
             "finetune": ["$@train#trainer.run()"],
         }
     )
-    return cfg
+    return _with_settings_record(cfg)
 
 
 def evaluate_config(info: DatasetInfo, method: str) -> dict:
@@ -645,6 +701,26 @@ def inference_config(info: DatasetInfo, method: str) -> dict:
         }
     )
     return cfg
+
+
+def multi_gpu_config() -> dict:
+    """``configs/multi_gpu.json``: overlay for ``pretrain_tpp`` and ``finetune`` under torchrun (DDP; NCCL on GPUs,
+    gloo on CPU). Only rank 0 writes checkpoints and tracking (the handlers check the rank); the samplers shard the
+    data as soon as the process group exists; the DINO centre is all-reduced and the EMA follows identical students,
+    which ``finalize`` verifies."""
+    return {
+        "device": "$torch.device('cuda:' + os.environ.get('LOCAL_RANK', '0')) if torch.cuda.is_available() "
+        "else torch.device('cpu')",
+        "network": {
+            "_target_": "torch.nn.parallel.DistributedDataParallel",
+            "module": "$@network_module.to(@device)",
+            "device_ids": "$[@device] if torch.cuda.is_available() else None",
+            # frozen tensors and unused ones (MedCoSS's 3D embedding, BitFit's 3D bias) must not block the reduction
+            "find_unused_parameters": True,
+        },
+        "distributed": True,
+        "finalize": ["$tpp.assert_replicas_agree(@network_module)", "$tpp.finish_distributed()"],
+    }
 
 
 def demo_config(info: DatasetInfo) -> dict:
@@ -840,6 +916,7 @@ def bundle_files(info: DatasetInfo, method: str) -> dict[str, object]:
             "configs/evaluate.json": evaluate_config(info, method),
             "configs/inference.json": inference_config(info, method),
             "configs/demo.json": demo_config(info),
+            "configs/multi_gpu.json": multi_gpu_config(),
             "configs/logging.conf": LOGGING_CONF,
             "docs/README.md": readme(info, method),
         }

@@ -17,6 +17,7 @@ pipeline working, not the paper's results.
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -94,6 +95,8 @@ def run_demo(dataset: str = "glas", method: str = "adapter", out: str | Path = "
         valid = sorted(p.name for p in BUNDLES_DIR.glob("*") if (p / "configs" / "pretrain_tpp.json").is_file())
         raise ConfigError(f"no TPP bundle {bundle.name!r}; choose --dataset/--method from: {', '.join(valid)}")
     runs = Path(out).resolve() / "runs"
+    for previous in ("pretrain_tpp", "finetune_tpp", "finetune_random", "evaluate_tpp", "evaluate_random"):
+        shutil.rmtree(runs / previous, ignore_errors=True)  # the demo's own earlier outputs: a re-run starts afresh
     start = time.time()
     backbone_ckpt = pretrain_upstream(dataset, runs, seed=seed)
     common = {"runs_dir": str(runs), "dataset_dir": demo_dataset(dataset, str(runs / "demo_data")), "seed": seed,

@@ -21,6 +21,10 @@ class ConfigError(UserError):
     """An unknown or inconsistent option: a method, dataset, pretext or option name, or a value out of range."""
 
 
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; usually a learning rate too high or a mixed-precision overflow."""
+
+
 def unknown_choice(kind: str, value: object, allowed: Iterable[str], where: str = "") -> ConfigError:
     """Build the error for a value that is not one of the allowed names."""
     where = f" (from {where})" if where else ""

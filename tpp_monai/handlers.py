@@ -32,7 +32,7 @@ from monai.handlers import ValidationHandler as _ValidationHandler
 from monai.utils import is_scalar
 from torch import nn
 
-from tpp_monai.errors import CheckpointError
+from tpp_monai.errors import CheckpointError, TrainingDiverged
 from tpp_monai.io import atomic_save, load_verified
 from tpp_monai.peft import target_state
 
@@ -199,10 +199,12 @@ class SafeCheckpointSaver(CheckpointSaver):
     """
 
     def __init__(
-        self, *args: object, engine_key: str | None = None, run_info: Mapping | None = None, **kwargs: object
-    ) -> None:
+        self, *args: object, engine_key: str | None = None, run_info: Mapping | None = None, resume: bool = False,
+        **kwargs: object,
+    ) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
         self.engine_key = engine_key
+        self.resume = bool(resume)
         single = next(iter(self.save_dict)) if len(self.save_dict) == 1 and not engine_key else None
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
@@ -212,7 +214,142 @@ class SafeCheckpointSaver(CheckpointSaver):
     def attach(self, engine: Engine) -> None:
         if self.engine_key:
             self.save_dict[self.engine_key] = engine  # the Checkpoint objects share this dict
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self._resume)
         super().attach(engine)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint in ``save_dir`` (temporary files of an interrupted write are ignored)."""
+        files = [p for p in Path(self.save_dir).glob("*.pt") if not p.name.startswith(".")]
+        return max(files, key=lambda p: p.stat().st_mtime) if files else None
+
+    def _resume(self, engine: Engine) -> None:
+        """Continue from :meth:`latest`: target parameters, optimizer, pretext state, epoch/iteration and RNG."""
+        path = self.latest()
+        if path is None:
+            logger.warning("resume requested but %s holds no checkpoint; starting from the beginning", self.save_dir)
+            return
+        checkpoint = load_verified(path)
+        checkpoint.pop("run_info", None)
+        missing = [k for k in self.save_dict if k not in checkpoint]
+        if missing:
+            raise CheckpointError(f"{path} cannot resume this run: it lacks {missing}; it was written by another "
+                                  "workflow or version")  # fmt: skip
+        max_epochs = engine.state.max_epochs
+        Checkpoint.load_objects(to_load=self.save_dict, checkpoint=checkpoint)
+        engine.state.max_epochs = max_epochs
+        if self._interval_checkpoint is not None:  # rotate the resumed file out like any other (n_saved)
+            self._interval_checkpoint.load_state_dict({"_saved": [(engine.state.epoch, path.name)]})
+        logger.info("resumed from %s at epoch %d, iteration %d", path, engine.state.epoch, engine.state.iteration)
+
+    def state_dict(self) -> dict:
+        """Which file is the best so far (key-metric saving), so a resumed run keeps comparing against it."""
+        return self._key_metric_checkpoint.state_dict() if self._key_metric_checkpoint is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._key_metric_checkpoint is not None and state:
+            self._key_metric_checkpoint.load_state_dict(state)
+
+
+class RandomStates:
+    """Checkpointable random state of a run: PyTorch (CPU and CUDA), NumPy, Python, and every randomised transform
+    of the data pipeline (MONAI transforms keep their own ``RandomState``), so a resumed run draws the same numbers
+    as an uninterrupted one."""
+
+    def __init__(self, *transforms: object) -> None:
+        self.randomizables = [t for root in transforms for t in _walk_transforms(root)]
+
+    def state_dict(self) -> dict:
+        import random
+
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": _np_state(np.random.get_state()),
+            "python": random.getstate(),
+            "transforms": [_np_state(t.R.get_state()) for t in self.randomizables],
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        import random
+
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(_np_state_back(state["numpy"]))
+        random.setstate(_as_tuple(state["python"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        if len(state["transforms"]) != len(self.randomizables):
+            raise CheckpointError("the checkpoint's data pipeline differs from this run's (random transform count)")
+        for transform, rng in zip(self.randomizables, state["transforms"]):
+            transform.R.set_state(_np_state_back(rng))
+
+
+def _np_state(state: tuple) -> list:
+    """A NumPy ``RandomState`` state as plain values (weights-only checkpoints refuse NumPy arrays)."""
+    name, keys, pos, has_gauss, cached = state
+    return [name, torch.as_tensor(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
+def _np_state_back(state: list) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return (name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached)
+
+
+def _as_tuple(value: object) -> object:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
+
+
+def _walk_transforms(obj: object, seen: set | None = None) -> list:
+    """Every object with its own ``RandomState`` (MONAI ``Randomizable``) reachable from ``obj``: through transform
+    lists and through attributes, since MONAI's dictionary transforms keep randomised array transforms inside
+    (``RandAffined.rand_affine.rand_affine_grid``...), as MONAI's own ``set_rnd`` walks them."""
+    from monai.transforms import Randomizable
+
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, (torch.Tensor, np.ndarray, str, bytes, int, float)) or obj is None:
+        return []
+    seen.add(id(obj))
+    found = [obj] if isinstance(obj, Randomizable) else []
+    if isinstance(obj, (list, tuple)):
+        children = list(obj)
+    elif isinstance(obj, dict):
+        children = list(obj.values())
+    elif type(obj).__module__.startswith(("monai.", "tpp_monai.")):
+        children = list(vars(obj).values()) if hasattr(obj, "__dict__") else []
+    else:
+        children = []
+    for child in children:
+        found.extend(_walk_transforms(child, seen))
+    return found
+
+
+class NonFiniteLossGuard:
+    """Stop the run when the loss becomes NaN or infinite, naming the iteration, where the last good checkpoint is
+    and what usually causes it. Checked after the step, so the step itself never waits for the GPU."""
+
+    def __init__(self, checkpoint_dir: str | Path | None = None, lr: float | None = None, amp: bool = False) -> None:
+        self.checkpoint_dir, self.lr, self.amp = checkpoint_dir, lr, amp
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        out = engine.state.output
+        out = out[0] if isinstance(out, list) else out
+        loss = float(torch.as_tensor(out["loss"]).detach())
+        if math.isfinite(loss):
+            return
+        saved = sorted(Path(self.checkpoint_dir).glob("*.pt")) if self.checkpoint_dir else []
+        keep = f"the last good checkpoint is {saved[-1]} (resume with --resume true)" if saved else "no checkpoint yet"
+        hint = f"lower the learning rate (now {self.lr:g})" if self.lr else "lower the learning rate"
+        if self.amp:
+            hint += " or turn mixed precision off (--amp false)"
+        raise TrainingDiverged(
+            f"the loss became {loss} at iteration {engine.state.iteration} (epoch {engine.state.epoch}); "
+            f"training stopped; {keep}; {hint}"
+        )
 
 
 class VerifiedCheckpointLoader(CheckpointLoader):

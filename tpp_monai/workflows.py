@@ -18,15 +18,16 @@ from monai.data import load_decathlon_datalist
 from tpp_monai.backbones import get_backbone_spec
 from tpp_monai.data import check_datalist, get_dataset, subsample_labels
 from tpp_monai.errors import ConfigError, UserError
-from tpp_monai.handlers import cosine_schedule, param_groups
+from tpp_monai.handlers import RandomStates, cosine_schedule, param_groups
 
-__all__ = ["param_groups"]  # re-exported for the configs
+__all__ = ["RandomStates", "param_groups"]  # re-exported for the configs
 
 logger = logging.getLogger(__name__)
 REPO_BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 
 
-def _user_error(exc: BaseException | None) -> UserError | None:
+def user_error_in(exc: BaseException | None) -> UserError | None:
+    """The :class:`UserError` behind ``exc`` (MONAI wraps errors raised while it evaluates a config), if any."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, UserError):
@@ -47,7 +48,7 @@ def install_excepthook() -> None:
         return
 
     def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
-        err = _user_error(value)
+        err = user_error_in(value)
         if err is None:
             previous(kind, value, tb)
             return
@@ -60,17 +61,19 @@ def install_excepthook() -> None:
 def check_settings(
     dataset: str, method: str, backbone: str, pretext: str | None = None, datalist: str | None = None,
     dataset_dir: str | None = None, keys: tuple[str, ...] = ("training",), tpp_ckpt: str | None = None,
+    image_size: list | None = None, num_classes: int | None = None,
 ) -> None:  # fmt: skip
     """Fail fast, before any data is cached or a network is built, on unknown names and missing inputs.
 
     ``pretext`` given means the TPP stage, which needs a method with target parameters to pre-train; ``tpp_ckpt``
-    (fine-tuning) must exist unless it is ``none``.
+    (fine-tuning) must exist unless it is ``none``; ``image_size`` must be a multiple of the ViT patch size;
+    ``num_classes`` must match the dataset's classes and the datalist's labels.
     """
     from tpp_monai.network import is_none
     from tpp_monai.peft import get_method
     from tpp_monai.pretext import check_pretext
 
-    get_dataset(dataset, "dataset")
+    get_dataset(dataset, "dataset_name")
     spec = get_method(method, "method")
     get_backbone_spec(backbone, "backbone")
     if pretext is not None:
@@ -80,8 +83,30 @@ def check_settings(
                 f"pretrain_tpp does not apply to {method!r}: {spec.summary}; it adds no target parameters to "
                 "pre-train, so fine-tune it directly (finetune)"
             )
+    info = get_dataset(dataset)
+    spec_backbone = get_backbone_spec(backbone)
+    if image_size is not None and spec_backbone.family != "stunet":
+        patch = int(spec_backbone.kwargs.get("patch_size", 16))
+        if any(int(s) % patch for s in image_size):
+            raise ConfigError(
+                f"image_size {list(image_size)} (from image_size) is not a multiple of the {backbone} patch size "
+                f"{patch}; use e.g. {[max(patch, round(int(s) / patch) * patch) for s in image_size]}"
+            )
     if datalist is not None:
-        check_datalist(datalist, dataset_dir, keys=keys)
+        listed = check_datalist(datalist, dataset_dir, keys=keys)
+        if num_classes is not None and info.task == "cls":
+            if int(num_classes) != len(info.classes):
+                raise ConfigError(
+                    f"num_classes {num_classes} (from num_classes) does not match {info.title}'s "
+                    f"{len(info.classes)} classes {list(info.classes)}"
+                )
+            labels = {r.get("label") for k in keys for r in listed.get(k, [])}
+            bad = sorted(str(v) for v in labels if not (isinstance(v, int) and 0 <= v < int(num_classes)))
+            if bad:
+                raise ConfigError(
+                    f"{datalist} has labels {bad[:5]} outside 0..{int(num_classes) - 1} for {num_classes} classes; "
+                    "rebuild it with `python -m tpp_monai datalist`"
+                )
     if not is_none(tpp_ckpt) and not Path(str(tpp_ckpt)).is_file():
         raise ConfigError(
             f"tpp_ckpt {tpp_ckpt} not found: run pretrain_tpp first (it writes runs/pretrain_tpp/tpp_target.pt), "
@@ -303,3 +328,29 @@ def finish_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def check_output(output_dir: str, resume: bool, ckpt_dir: str | None = None) -> None:
+    """Refuse to overwrite an earlier run silently: its checkpoints (and, for fine-tuning, its best model) stay
+    unless the run is resumed; a resume without checkpoints starts from the beginning."""
+    if resume:
+        return
+    earlier = sorted((Path(output_dir) / "checkpoints").glob("*.pt"))
+    if ckpt_dir is not None and (Path(ckpt_dir) / "model.pt").is_file():
+        earlier.append(Path(ckpt_dir) / "model.pt")
+    if earlier:
+        raise ConfigError(
+            f"{earlier[0]} is from an earlier run; pass --resume true to continue that run, or choose another "
+            "--output_dir / --ckpt_dir (or delete them) to start a new one"
+        )
+
+
+def record_settings(output_dir: str, settings: dict) -> None:
+    """Write the run's resolved settings (seed included) to ``<output_dir>/settings.json`` (rank 0)."""
+    from tpp_monai.handlers import is_rank0
+
+    if not is_rank0():
+        return
+    path = Path(output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
