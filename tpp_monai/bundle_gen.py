@@ -131,6 +131,54 @@ def _common(info: DatasetInfo, method: str, workflow: str) -> dict:
     }
 
 
+def _training_tail(resume_state: dict) -> list[dict]:
+    """The handlers every training workflow ends ``train#handlers`` with: the resumable checkpoint (``resume_state``
+    plus the random state and the engine), the NaN/inf guard, a progress bar and the epoch log."""
+    return [
+        {
+            "_target_": "tpp_monai.handlers.SafeCheckpointSaver",
+            "save_dir": "$@output_dir + '/checkpoints'",
+            "save_dict": {**resume_state, "rng": "$tpp.RandomStates(@train#preprocessing)"},
+            "engine_key": "trainer",
+            "resume": "@resume",
+            "save_interval": 1,
+            "n_saved": 1,
+        },
+        {
+            "_target_": "tpp_monai.handlers.NonFiniteLossGuard",
+            "checkpoint_dir": "$@output_dir + '/checkpoints'",
+            "lr": "@lr",
+            "amp": "@amp",
+        },
+        {"_target_": "tpp_monai.handlers.ProgressBar"},
+        {
+            "_target_": "StatsHandler",
+            "iteration_log": False,
+            "tag_name": "train_loss",
+            "output_transform": "$monai.handlers.from_engine(['loss'], first=True)",
+        },
+    ]
+
+
+def _trainer(prepare_batch: str | dict) -> dict:
+    """``train#trainer`` of every training workflow (bf16 autocast when ``amp``, gradients set to ``None``)."""
+    return {
+        "_target_": "tpp_monai.engines.LeanTrainer",
+        "max_epochs": "@epochs",
+        "device": "@device",
+        "train_data_loader": "@train#dataloader",
+        "network": "@network",
+        "loss_function": "@loss",
+        "optimizer": "@optimizer",
+        "inferer": "@train#inferer",
+        "prepare_batch": prepare_batch,
+        "train_handlers": "@train#handlers",
+        "amp": "@amp",
+        "amp_kwargs": {"dtype": "$torch.bfloat16"},
+        "optim_set_to_none": True,
+    }
+
+
 def pretrain_tpp_config(info: DatasetInfo, method: str) -> dict:
     """``configs/pretrain_tpp.json``: the TPP stage (MAE by default, ``--pretext dino``)."""
     recipe = tpp_recipe(info)
@@ -213,50 +261,16 @@ def pretrain_tpp_config(info: DatasetInfo, method: str) -> dict:
                         "path": "$@output_dir + '/tpp_target.pt'",
                         "info": {"pretext": "@pretext", "dataset": "@dataset_name"},
                     },
-                    {
-                        "_target_": "tpp_monai.handlers.SafeCheckpointSaver",
-                        "save_dir": "$@output_dir + '/checkpoints'",
-                        "save_dict": {
+                    *_training_tail(
+                        {
                             "target_state": "$pretexts.TargetStateView(@network_def)",
                             "pretext": "$pretexts.resume_state(@pretext_net)",
                             "optimizer": "@optimizer",
                             "loss": "@loss",
-                            "rng": "$tpp.RandomStates(@train#preprocessing)",
-                        },
-                        "engine_key": "trainer",
-                        "resume": "@resume",
-                        "save_interval": 1,
-                        "n_saved": 1,
-                    },
-                    {
-                        "_target_": "tpp_monai.handlers.NonFiniteLossGuard",
-                        "checkpoint_dir": "$@output_dir + '/checkpoints'",
-                        "lr": "@lr",
-                        "amp": "@amp",
-                    },
-                    {"_target_": "tpp_monai.handlers.ProgressBar"},
-                    {
-                        "_target_": "StatsHandler",
-                        "iteration_log": False,
-                        "tag_name": "train_loss",
-                        "output_transform": "$monai.handlers.from_engine(['loss'], first=True)",
-                    },
+                        }
+                    ),
                 ],
-                "trainer": {
-                    "_target_": "tpp_monai.engines.LeanTrainer",
-                    "max_epochs": "@epochs",
-                    "device": "@device",
-                    "train_data_loader": "@train#dataloader",
-                    "network": "@network",
-                    "loss_function": "@loss",
-                    "optimizer": "@optimizer",
-                    "inferer": "@train#inferer",
-                    "prepare_batch": "$pretexts.PretextBatch(@pretext)",
-                    "train_handlers": "@train#handlers",
-                    "amp": "@amp",
-                    "amp_kwargs": {"dtype": "$torch.bfloat16"},
-                    "optim_set_to_none": True,
-                },
+                "trainer": _trainer("$pretexts.PretextBatch(@pretext)"),
             },
             "initialize": _training_initialize(
                 "$tpp.check_settings(@dataset_name, @method, @backbone, @pretext, @datalist, @dataset_dir, "
@@ -457,49 +471,15 @@ def finetune_config(info: DatasetInfo, method: str) -> dict:
                         "optimizer": "@optimizer",
                         "validator": "@validate#evaluator",
                     },
-                    {
-                        "_target_": "tpp_monai.handlers.SafeCheckpointSaver",
-                        "save_dir": "$@output_dir + '/checkpoints'",
-                        "save_dict": {
+                    *_training_tail(
+                        {
                             "trainable": "$tpp.trainable_state(@network_def)",
                             "optimizer": "@optimizer",
-                            "rng": "$tpp.RandomStates(@train#preprocessing)",
                             "best_model": "@validate#handlers#1",
-                        },
-                        "engine_key": "trainer",
-                        "resume": "@resume",
-                        "save_interval": 1,
-                        "n_saved": 1,
-                    },
-                    {
-                        "_target_": "tpp_monai.handlers.NonFiniteLossGuard",
-                        "checkpoint_dir": "$@output_dir + '/checkpoints'",
-                        "lr": "@lr",
-                        "amp": "@amp",
-                    },
-                    {"_target_": "tpp_monai.handlers.ProgressBar"},
-                    {
-                        "_target_": "StatsHandler",
-                        "iteration_log": False,
-                        "tag_name": "train_loss",
-                        "output_transform": "$monai.handlers.from_engine(['loss'], first=True)",
-                    },
+                        }
+                    ),
                 ],
-                "trainer": {
-                    "_target_": "tpp_monai.engines.LeanTrainer",
-                    "max_epochs": "@epochs",
-                    "device": "@device",
-                    "train_data_loader": "@train#dataloader",
-                    "network": "@network",
-                    "loss_function": "@loss",
-                    "optimizer": "@optimizer",
-                    "inferer": "@train#inferer",
-                    "prepare_batch": {"_target_": "tpp_monai.engines.PlainBatch"},
-                    "train_handlers": "@train#handlers",
-                    "amp": "@amp",
-                    "amp_kwargs": {"dtype": "$torch.bfloat16"},
-                    "optim_set_to_none": True,
-                },
+                "trainer": _trainer({"_target_": "tpp_monai.engines.PlainBatch"}),
             },
             "validate": {
                 **_data_section(

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from tpp_monai.errors import ConfigError
 from tpp_monai.peft.modules import Bottleneck
-from tpp_monai.peft.registry import MethodSpec, is_peft_parameter, register
+from tpp_monai.peft.registry import register_added
 
 
 @dataclass(frozen=True)
@@ -52,15 +52,10 @@ def inject(model: nn.Module, cfg: AdapterConfig) -> AdapterConfig:
     return cfg
 
 
-SPEC = register(
-    MethodSpec(
-        name="adapter",
-        config=AdapterConfig,
-        inject=inject,
-        target=lambda m, n: is_peft_parameter(n),
-        families=("medcoss", "timm_vit"),
-        identity_at_init=True,
-        pretrainable=True,
-        summary="Houlsby adapter: two serial bottlenecks (76) per block",
-    )
+SPEC = register_added(
+    "adapter",
+    AdapterConfig,
+    inject,
+    identity_at_init=True,
+    summary="Houlsby adapter: two serial bottlenecks (76) per block",
 )

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from torch import Tensor, nn
 
 from tpp_monai.peft.modules import Bottleneck
-from tpp_monai.peft.registry import MethodSpec, is_peft_parameter, register
+from tpp_monai.peft.registry import register_added
 
 
 @dataclass(frozen=True)
@@ -44,15 +44,10 @@ def inject(model: nn.Module, cfg: AdaptFormerConfig) -> AdaptFormerConfig:
     return cfg
 
 
-SPEC = register(
-    MethodSpec(
-        name="adaptformer",
-        config=AdaptFormerConfig,
-        inject=inject,
-        target=lambda m, n: is_peft_parameter(n),
-        families=("medcoss", "timm_vit"),
-        identity_at_init=True,
-        pretrainable=True,
-        summary="AdaptFormer: parallel scaled bottleneck (192) next to every MLP",
-    )
+SPEC = register_added(
+    "adaptformer",
+    AdaptFormerConfig,
+    inject,
+    identity_at_init=True,
+    summary="AdaptFormer: parallel scaled bottleneck (192) next to every MLP",
 )

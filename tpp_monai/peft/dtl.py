@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tpp_monai.backbones.vit import EncoderTuner, TokenLayout
 from tpp_monai.errors import ConfigError
 from tpp_monai.peft.modules import LowRank
-from tpp_monai.peft.registry import MethodSpec, is_peft_parameter, register
+from tpp_monai.peft.registry import register_added
 
 
 @dataclass(frozen=True)
@@ -71,15 +71,10 @@ def inject(model: nn.Module, cfg: DTLConfig) -> DTLConfig:
     return cfg
 
 
-SPEC = register(
-    MethodSpec(
-        name="dtl",
-        config=DTLConfig,
-        inject=inject,
-        target=lambda m, n: is_peft_parameter(n),
-        families=("medcoss", "timm_vit"),
-        identity_at_init=True,
-        pretrainable=True,
-        summary="DTL+: rank-2 side network with a depth-wise fusion conv, fed back from the middle block on",
-    )
+SPEC = register_added(
+    "dtl",
+    DTLConfig,
+    inject,
+    identity_at_init=True,
+    summary="DTL+: rank-2 side network with a depth-wise fusion conv, fed back from the middle block on",
 )

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from tpp_monai.backbones.vit import EncoderTuner, TokenLayout
 from tpp_monai.errors import ConfigError
-from tpp_monai.peft.registry import MethodSpec, is_peft_parameter, register
+from tpp_monai.peft.registry import register_added
 
 
 @dataclass(frozen=True)
@@ -95,15 +95,10 @@ def inject(model: nn.Module, cfg: EVPConfig) -> EVPConfig:
     return cfg
 
 
-SPEC = register(
-    MethodSpec(
-        name="evp",
-        config=EVPConfig,
-        inject=inject,
-        target=lambda m, n: is_peft_parameter(n),
-        families=("medcoss", "timm_vit"),
-        identity_at_init=False,
-        pretrainable=True,
-        summary="EVP: explicit per-patch prompts from patch features and high frequencies (scale factor 4)",
-    )
+SPEC = register_added(
+    "evp",
+    EVPConfig,
+    inject,
+    identity_at_init=False,
+    summary="EVP: explicit per-patch prompts from patch features and high frequencies (scale factor 4)",
 )

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from tpp_monai.errors import ConfigError
 from tpp_monai.peft.modules import LowRank
-from tpp_monai.peft.registry import MethodSpec, is_peft_parameter, register
+from tpp_monai.peft.registry import register_added
 
 SLICES = ("q", "k", "v")
 
@@ -57,15 +57,10 @@ def inject(model: nn.Module, cfg: LoRAConfig) -> LoRAConfig:
     return cfg
 
 
-SPEC = register(
-    MethodSpec(
-        name="lora",
-        config=LoRAConfig,
-        inject=inject,
-        target=lambda m, n: is_peft_parameter(n),
-        families=("medcoss", "timm_vit"),
-        identity_at_init=True,
-        pretrainable=True,
-        summary="LoRA rank 8 on the q and v slices of the fused attention projection",
-    )
+SPEC = register_added(
+    "lora",
+    LoRAConfig,
+    inject,
+    identity_at_init=True,
+    summary="LoRA rank 8 on the q and v slices of the fused attention projection",
 )

@@ -57,6 +57,16 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
+def register_added(
+    name: str, config: type, inject: Callable[[nn.Module, object], object], identity_at_init: bool, summary: str
+) -> MethodSpec:
+    """Register a method that adds new modules to the ViT backbones: its targets are exactly what it added."""
+    return register(MethodSpec(
+        name=name, config=config, inject=inject, target=lambda model, param: is_peft_parameter(param),
+        families=("medcoss", "timm_vit"), identity_at_init=identity_at_init, pretrainable=True, summary=summary,
+    ))  # fmt: skip
+
+
 def get_method(name: str, where: str = "") -> MethodSpec:
     """The registered method ``name``; unknown names raise a :class:`ConfigError` listing the valid ones."""
     from tpp_monai.peft import methods  # noqa: F401  (registers the built-in methods)

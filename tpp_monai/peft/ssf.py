@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from tpp_monai.backbones.vit import EncoderTuner, TokenLayout, default_taps
 from tpp_monai.errors import ConfigError
 from tpp_monai.peft.modules import ScaleShift
-from tpp_monai.peft.registry import MethodSpec, is_peft_parameter, register
+from tpp_monai.peft.registry import register_added
 
 BLOCK_SITES = ("norm1", "qkv", "attn_out", "norm2", "fc1", "fc2")
 EMBED_SITES = ("patch", "embed")
@@ -68,15 +68,10 @@ def inject(model: nn.Module, cfg: SSFConfig) -> SSFConfig:
     return cfg
 
 
-SPEC = register(
-    MethodSpec(
-        name="ssf",
-        config=SSFConfig,
-        inject=inject,
-        target=lambda m, n: is_peft_parameter(n),
-        families=("medcoss", "timm_vit"),
-        identity_at_init=False,
-        pretrainable=True,
-        summary="SSF: scale and shift after 8 units per block plus 6 global units (204 vectors on ViT-B)",
-    )
+SPEC = register_added(
+    "ssf",
+    SSFConfig,
+    inject,
+    identity_at_init=False,
+    summary="SSF: scale and shift after 8 units per block plus 6 global units (204 vectors on ViT-B)",
 )

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from tpp_monai.backbones.vit import EncoderTuner, TokenLayout
 from tpp_monai.errors import ConfigError
-from tpp_monai.peft.registry import MethodSpec, is_peft_parameter, register
+from tpp_monai.peft.registry import register_added
 
 
 @dataclass(frozen=True)
@@ -64,15 +64,4 @@ def inject(model: nn.Module, cfg: VPTConfig) -> VPTConfig:
     return cfg
 
 
-SPEC = register(
-    MethodSpec(
-        name="vpt",
-        config=VPTConfig,
-        inject=inject,
-        target=lambda m, n: is_peft_parameter(n),
-        families=("medcoss", "timm_vit"),
-        identity_at_init=False,
-        pretrainable=True,
-        summary="deep VPT: 10 prompt tokens per block",
-    )
-)
+SPEC = register_added("vpt", VPTConfig, inject, identity_at_init=False, summary="deep VPT: 10 prompt tokens per block")
