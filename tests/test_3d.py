@@ -269,3 +269,13 @@ def test_committed_3d_bundles_match_the_generator() -> None:
         assert finetune["loss"]["weights"] == [1, 0.5, 0.25, 0.125, 0]
         readme = (BUNDLES / bundle / "docs" / "README.md").read_text()
         assert ("pretrain_tpp does not apply" in readme) == bundle.endswith("full_finetune")
+
+
+@pytest.mark.parametrize("bundle", ["kits_conv_adapter", "lits_full_finetune"])
+def test_metadata_matches_the_network(bundle) -> None:
+    """MONAI's ``verify_net_in_out`` with the metadata's patch shape (``stunet_tiny`` keeps it fast)."""
+    from monai.bundle import verify_net_in_out
+
+    configs = BUNDLES / bundle / "configs"
+    verify_net_in_out("network_def", meta_file=str(configs / "metadata.json"),
+                      config_file=str(configs / "inference.json"), backbone="stunet_tiny")  # fmt: skip

@@ -94,7 +94,11 @@ def test_input_size_errors_name_the_size_and_the_multiple() -> None:
         model.check_input_size((40, 32, 32))
     with pytest.raises(ConfigError, match=r"\(1, 1, 1\) bottleneck; InstanceNorm needs more than one voxel"):
         model(_x(1, (16, 16, 32)))
-    model.check_input_size((16, 16, 32), training=False)  # fine at inference
+    with pytest.raises(ConfigError, match=r"InstanceNorm needs more than one voxel \(training and inference\)"):
+        model.check_input_size((16, 16, 32), training=False)  # instance statistics in eval mode too
+    with torch.no_grad(), pytest.raises(ConfigError, match="bottleneck"):
+        model.eval()(_x(1, (16, 16, 32)))
+    model.train()
     with pytest.raises(ConfigError, match=r"expects \[B, 1, D, H, W\]"):
         model(torch.zeros(1, 2, *PATCH))
     # anisotropic strides as nnU-Net plans them for 1.5 x 0.8 x 0.8 mm data: patch 64 x 192 x 192 (z, y, x)

@@ -546,6 +546,9 @@ def metadata_3d(info: DatasetInfo, method: str) -> dict:
             ],
         }
     )
+    # multiples of 32 meet STU-Net's rules with the released strides (stride product (16, 16, 32), bottleneck of more
+    # than one voxel); the training patch is image_size
+    shape = ["32*n", "32*n", "32*n"]
     meta["network_data_format"] = {
         "inputs": {
             "image": {
@@ -553,7 +556,7 @@ def metadata_3d(info: DatasetInfo, method: str) -> dict:
                 "format": "hounsfield",
                 "modality": info.modality,
                 "num_channels": 1,
-                "spatial_shape": list(info.image_size),
+                "spatial_shape": shape,
                 "dtype": "float32",
                 "value_range": [-5, 5],
                 "is_patch_data": True,
@@ -565,7 +568,7 @@ def metadata_3d(info: DatasetInfo, method: str) -> dict:
                 "type": "image",
                 "format": "segmentation",
                 "num_channels": info.num_classes,
-                "spatial_shape": list(info.image_size),
+                "spatial_shape": shape,
                 "dtype": "float32",
                 "value_range": [0, 1],
                 "is_patch_data": True,

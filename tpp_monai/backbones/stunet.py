@@ -237,7 +237,9 @@ class STUNet(nn.Module):
         """Raise a :class:`ConfigError` unless a patch of this spatial size runs through the network.
 
         Every axis must be a multiple of the product of the strides along it (otherwise the nearest up-sampling
-        cannot meet the skip connection), and in training the bottleneck needs more than one voxel (InstanceNorm).
+        cannot meet the skip connection), and the bottleneck needs more than one voxel: InstanceNorm without running
+        statistics normalises with the instance's own statistics in eval mode too, so this holds for sliding-window
+        ROIs as well (``training`` is accepted for compatibility and changes nothing).
         """
         spatial = tuple(int(s) for s in spatial)
         training = self.training if training is None else training
@@ -252,10 +254,11 @@ class STUNet(nn.Module):
                     f"size of multiples of {self.stride_product}, e.g. {fixed}"
                 )
         bottleneck = tuple(s // m for s, m in zip(spatial, self.stride_product))
-        if training and math.prod(bottleneck) < 2:
+        if math.prod(bottleneck) < 2:
             raise ConfigError(
                 f"STU-Net input of spatial size {spatial} leaves a {bottleneck} bottleneck; InstanceNorm needs more "
-                f"than one voxel in training: double the patch along an axis (multiples of {self.stride_product})"
+                f"than one voxel (training and inference): double the patch along an axis (multiples of "
+                f"{self.stride_product})"
             )
 
     # ----- forward ---------------------------------------------------------------------------------------------------
