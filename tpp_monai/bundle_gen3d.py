@@ -23,7 +23,17 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tpp_monai.bundle_gen import LOGGING_CONF, _common, _data_section, metadata, pretrain_tpp_config
+from tpp_monai.bundle_gen import (
+    LOGGING_CONF,
+    _common,
+    _data_section,
+    _trainer,
+    _training_initialize,
+    _training_tail,
+    _with_settings_record,
+    metadata,
+    pretrain_tpp_config,
+)
 from tpp_monai.data.info import DATASETS, DatasetInfo
 from tpp_monai.peft import get_method
 
@@ -110,17 +120,18 @@ def _common_3d(info: DatasetInfo, method: str, workflow: str) -> dict:
     return cfg
 
 
-def _initialize(check: str, extra: str = "", distributed: bool = False) -> list[str]:
-    """The 3D checks first: they need no data (a wrong patch size fails before the datalist is even read); training
-    joins the torchrun process group when ``distributed`` is set (the ``multi_gpu.json`` overlay)."""
-    return [
-        "$tpp.install_excepthook()",
-        *(["$tpp.init_distributed() if @distributed else None"] if distributed else []),
+def _with_3d_checks(initialize: list[str], extra: str = "") -> list[str]:
+    """``initialize`` with the 3D checks and GPU settings right after the error hook (and the process group): they
+    need no data, so a wrong patch size fails before the datalist is even read."""
+    out = list(initialize)
+    start = 0
+    while start < len(out) and ("install_excepthook" in out[start] or "init_distributed" in out[start]):
+        start += 1
+    out[start:start] = [
         "$tpp3d.check_3d(@dataset_name, @backbone, @image_size, @backbone_options" + extra + ")",
-        check,
         "$tpp3d.gpu_speedups()",
-        "$monai.utils.set_determinism(seed=@seed)",
     ]
+    return out
 
 
 def _network_def_3d(info: DatasetInfo, backbone_ckpt: str, tpp_ckpt: str) -> dict:
@@ -222,13 +233,7 @@ def pretrain_tpp_config_3d(info: DatasetInfo, method: str) -> dict:
     train = cfg["train"]
     train["preprocessing"] = "$pretexts.pretext_transforms(@pretext, @dataset_name, dino=@dino)"
     train["dataset"]["cache_rate"] = "@cache_rate"
-    # the 3D checks and GPU settings first, then the 2D stage's own steps (settings check, seeding, network, ...)
-    init = cfg["initialize"]
-    start = 1 if init and "install_excepthook" in init[0] else 0
-    init[start:start] = [
-        "$tpp3d.check_3d(@dataset_name, @backbone, @image_size, @backbone_options, pretext=@pretext, dino=@dino)",
-        "$tpp3d.gpu_speedups()",
-    ]
+    cfg["initialize"] = _with_3d_checks(cfg["initialize"], ", pretext=@pretext, dino=@dino")
     return cfg
 
 
@@ -250,6 +255,8 @@ def finetune_config_3d(info: DatasetInfo, method: str) -> dict:
         {
             "tpp_ckpt": "none" if method in BASELINES_3D else "$@runs_dir + '/pretrain_tpp/tpp_target.pt'",
             "ckpt_dir": "$@bundle_root + '/models'",
+            "resume": False,
+            "distributed": False,
             "lr": recipe.lr,
             "batch_size": recipe.batch_size,
             "iterations": recipe.iterations,
@@ -258,7 +265,6 @@ def finetune_config_3d(info: DatasetInfo, method: str) -> dict:
             "weight_decay": recipe.weight_decay,
             "grad_clip": recipe.grad_clip,
             "label_fraction": None,
-            "distributed": False,
             "val_interval": 50,
             "val_batch_size": 1,
             "network_def": _network_def_3d(info, "@backbone_ckpt", "@tpp_ckpt"),
@@ -304,37 +310,15 @@ def finetune_config_3d(info: DatasetInfo, method: str) -> dict:
                         "optimizer": "@optimizer",
                         "validator": "@validate#evaluator",
                     },
-                    {
-                        "_target_": "tpp_monai.handlers.SafeCheckpointSaver",
-                        "save_dir": "$@output_dir + '/checkpoints'",
-                        "save_dict": {"trainable": "$tpp.trainable_state(@network_def)", "optimizer": "@optimizer"},
-                        "engine_key": "trainer",
-                        "save_interval": 1,
-                        "n_saved": 1,
-                    },
-                    {"_target_": "tpp_monai.handlers.ProgressBar"},
-                    {
-                        "_target_": "StatsHandler",
-                        "iteration_log": False,
-                        "tag_name": "train_loss",
-                        "output_transform": "$monai.handlers.from_engine(['loss'], first=True)",
-                    },
+                    *_training_tail(
+                        {
+                            "trainable": "$tpp.trainable_state(@network_def)",
+                            "optimizer": "@optimizer",
+                            "best_model": "@validate#handlers#1",
+                        }
+                    ),
                 ],
-                "trainer": {
-                    "_target_": "tpp_monai.engines.LeanTrainer",
-                    "max_epochs": "@epochs",
-                    "device": "@device",
-                    "train_data_loader": "@train#dataloader",
-                    "network": "@network",
-                    "loss_function": "@loss",
-                    "optimizer": "@optimizer",
-                    "inferer": "@train#inferer",
-                    "prepare_batch": {"_target_": "tpp_monai.engines.PlainBatch"},
-                    "train_handlers": "@train#handlers",
-                    "amp": "@amp",
-                    "amp_kwargs": {"dtype": "$torch.bfloat16"},
-                    "optim_set_to_none": True,
-                },
+                "trainer": _trainer({"_target_": "tpp_monai.engines.PlainBatch"}),
             },
             "validate": {
                 **validate,
@@ -364,18 +348,17 @@ def finetune_config_3d(info: DatasetInfo, method: str) -> dict:
                     ("@validate#key_metric", "@validate#additional_metrics"),
                 ),
             },
-            "initialize": [
-                *_initialize(
+            "initialize": _with_3d_checks(
+                _training_initialize(
                     "$tpp.check_settings(@dataset_name, @method, @backbone, datalist=@datalist, "
                     "dataset_dir=@dataset_dir, keys=('training', 'validation'), tpp_ckpt=@tpp_ckpt)",
-                    distributed=True,
-                ),
-                "$@network_def",
-            ],
+                    "$tpp.check_output(@output_dir, @resume, @ckpt_dir)",
+                )
+            ),
             "finetune": ["$@train#trainer.run()"],
         }
     )
-    return cfg
+    return _with_settings_record(cfg)
 
 
 def evaluate_config_3d(info: DatasetInfo, method: str) -> dict:
@@ -429,9 +412,13 @@ def evaluate_config_3d(info: DatasetInfo, method: str) -> dict:
             "evaluator": _evaluator(
                 "@test#dataloader", "@inferer", "@postprocessing", "@handlers", ("@key_metric", "@additional_metrics")
             ),
-            "initialize": _initialize(
-                "$tpp.check_settings(@dataset_name, @method, @backbone, datalist=@datalist, dataset_dir=@dataset_dir, "
-                "keys=('test',))"
+            "initialize": _with_3d_checks(
+                [
+                    "$tpp.install_excepthook()",
+                    "$tpp.check_settings(@dataset_name, @method, @backbone, datalist=@datalist, "
+                    "dataset_dir=@dataset_dir, keys=('test',))",
+                    "$monai.utils.set_determinism(seed=@seed)",
+                ]
             ),
             "evaluate": ["$@evaluator.run()"],
         }
@@ -479,12 +466,7 @@ def inference_config_3d(info: DatasetInfo, method: str) -> dict:
                 {"_target_": "StatsHandler", "iteration_log": False},
             ],
             "evaluator": _evaluator("@dataloader", "@inferer", "@postprocessing", "@handlers", None),
-            "initialize": [
-                "$tpp.install_excepthook()",
-                "$tpp3d.check_3d(@dataset_name, @backbone, @image_size, @backbone_options)",
-                "$tpp3d.gpu_speedups()",
-                "$monai.utils.set_determinism(seed=@seed)",
-            ],
+            "initialize": _with_3d_checks(["$tpp.install_excepthook()", "$monai.utils.set_determinism(seed=@seed)"]),
             "run": ["$@evaluator.run()"],
         }
     )
