@@ -1,0 +1,285 @@
+"""MONAI Label's own bundle tasks, configured for this project's bundles.
+
+``BundleInferTask`` / ``BundleTrainTask`` do the work; the subclasses only say what differs from a model-zoo bundle:
+the training workflow is ``configs/finetune.json`` run as ``finetune`` (not ``train.json`` / ``run``), the fine-tuned
+model can live outside ``<bundle>/models``, overlays (``demo.json``) merge into the configs, 2D arrays are
+``(C, H, W)``, and classification labels come from the datastore's image info rather than from label files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import monai.bundle
+import numpy as np
+from monai.bundle import ConfigParser
+from monai.transforms import MapTransform
+from monai.utils import convert_to_numpy
+
+from tpp_monai.label.app_conf import MODEL_FILE, BundleSpec, class_names, output_kind, spatial_dims
+from tpp_monai.label.torchvision_compat import import_torchvision
+
+import_torchvision()  # before monailabel.tasks.infer.bundle imports torchvision.utils (see torchvision_compat)
+
+from monailabel.interfaces.datastore import Datastore  # noqa: E402
+from monailabel.tasks.infer.bundle import BundleConstants as InferConstants  # noqa: E402
+from monailabel.tasks.infer.bundle import BundleInferTask  # noqa: E402
+from monailabel.tasks.train.bundle import BundleConstants as TrainConstants  # noqa: E402
+from monailabel.tasks.train.bundle import BundleTrainTask  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+CLASS_INFO_KEY = "class"  # image info key holding an image's class (name or index) for classification training
+IMAGE_2D = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_3D = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd", ".dcm")
+RUN_ID = "finetune"  # our training workflow's run id (model-zoo bundles use "run")
+
+
+def _load_config(spec: BundleSpec, config_path: str) -> ConfigParser:
+    """The workflow config merged with the overlays, its paths sent where the app was told (both tasks read it)."""
+    parser = ConfigParser()
+    parser.read_config([config_path, *spec.overlays])
+    parser.config.update({"bundle_root": spec.path, **spec.path_overrides()})  # type: ignore[union-attr]
+    return parser
+
+
+class ModelPathConstants(InferConstants):
+    """``BundleInferTask`` reads ``os.path.join(<bundle>, "models", model_pytorch())``; an absolute name makes that
+    join yield it unchanged, which is how ``--conf ckpt_dir`` points inference at a model outside the bundle."""
+
+    def __init__(self, model_path: str) -> None:
+        self._model_path = model_path
+
+    def model_pytorch(self) -> str:
+        return self._model_path
+
+
+class ToWriterLayout2Dd(MapTransform):
+    """``(1, H, W)`` mask -> ``(W, H)`` uint8 array, the layout MONAI Label's ITK writer expects.
+
+    Our 2D chains read images as ``(C, H, W)`` (``PILReader(reverse_indexing=False)``); MONAI Label's ``Writer``
+    transposes arrays before handing them to ITK (MONAI's default ``(W, H)`` indexing), and its ``Restored`` resizes
+    to the reader's ``spatial_shape``, which PIL reports as ``(W, H)``: both would transpose a non-square mask. The
+    bundle's own ``Invertd`` already restores the input's size, so this replaces ``Restored`` for 2D bundles.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            mask = convert_to_numpy(d[key])
+            mask = mask[0] if mask.ndim == 3 else mask
+            d[key] = np.ascontiguousarray(mask.T).astype(np.uint8)
+        return d
+
+
+class TppInferTask(BundleInferTask):
+    """``BundleInferTask`` on ``configs/inference.json`` (+ overlays) with the model at ``spec.model_path``.
+
+    Differences from the stock task, each for a reason: the task type comes from ``metadata.json`` (MONAI Label
+    guesses it from the folder name); classification skips ``Restored`` (it fails on a ``(C,)`` score vector); 2D
+    segmentation replaces it with :class:`ToWriterLayout2Dd`; a single sigmoid channel is reported as label value 1
+    (the value it has in the returned mask; the metadata's channel index is 0); loading is strict, so a model that
+    does not match the served config (e.g. missing ``--conf overlays demo``) fails loudly.
+    """
+
+    def __init__(self, spec: BundleSpec, conf: Mapping[str, str]) -> None:
+        self.spec = spec
+        metadata = spec.metadata()
+        self.kind, self.dims = output_kind(metadata), spatial_dims(metadata)
+        super().__init__(
+            spec.path,
+            dict(conf),
+            const=ModelPathConstants(spec.model_path),
+            type=self.kind,
+            add_post_restore=self.kind == "segmentation" and self.dims == 3,
+            load_strict=True,
+        )
+        if not self.is_valid():
+            return
+        names = class_names(metadata)
+        if self.kind == "segmentation" and len(names) == 1:
+            self.labels = {names[0].lower(): 1}
+        models = sorted(p.name for p in Path(spec.ckpt_dir).glob("*.pt"))
+        self._config["model_filename"] = sorted(models, key=lambda n: (n != MODEL_FILE, n))
+
+    def _load_bundle_config(self, path: str, config: str) -> ConfigParser:
+        return _load_config(self.spec, config)
+
+    def run_pre_transforms(self, data: dict[str, Any], transforms: Sequence[Any]) -> dict[str, Any]:
+        # MONAI 1.6's Spacingd copies a NIfTI image's meta into every ``image_*`` entry of the data, which breaks on
+        # MONAI Label's ``image_path`` string; set it aside while the bundle's preprocessing runs.
+        path = data.pop("image_path", None)
+        data = super().run_pre_transforms(data, transforms)
+        if path is not None:
+            data["image_path"] = path
+        return data
+
+    def post_transforms(self, data: Any = None) -> Sequence[Any]:
+        post = list(super().post_transforms(data))
+        if self.kind == "segmentation" and self.dims == 2:
+            post.append(ToWriterLayout2Dd(keys=self.key_pred))
+        return post
+
+
+class FinetuneConstants(TrainConstants):
+    """Our training workflow: ``configs/finetune.json``; MONAI Label's ``max_epochs`` sets ``epochs``, from which
+    the config derives both ``train#trainer#max_epochs`` and the length of the learning-rate schedule."""
+
+    def configs(self) -> Sequence[str]:
+        return ["finetune.json"]
+
+    def multi_gpu_configs(self) -> Sequence[str]:
+        return ["multi_gpu.json"]  # the bundles' torchrun overlay; MONAI Label uses it only with several GPUs
+
+    def key_train_trainer_max_epochs(self) -> str:
+        return "epochs"
+
+
+class TppTrainTask(BundleTrainTask):
+    """``BundleTrainTask`` running ``finetune`` on the datastore's labelled images.
+
+    Every request is a new run in its own folder, ``<runs>/monailabel/<time>/`` (the workflow's ``output_dir`` and
+    ``ckpt_dir``), so the workflow's refusal to overwrite an earlier run holds. The datastore records go into its
+    ``datalist.json``, read through the workflow's own ``datalist``/``dataset_dir`` settings, so the ``initialize``
+    checks run as on the command line. Segmentation takes the final labels of MONAI Label's label store (2D
+    bundles the 2D images, 3D bundles the volumes); classification takes the class in each image's info
+    (``PUT /datastore/image/info`` with ``{"class": "<name or index>"}``). The run continues from the served model
+    when ``pretrained`` (the default) and it exists; when it ends, its best model replaces the served one
+    (atomically), and inference reloads it on its next request.
+    """
+
+    def __init__(self, spec: BundleSpec, conf: Mapping[str, str]) -> None:
+        self.spec = spec
+        metadata = spec.metadata()
+        self.kind, self.dims, self.classes = output_kind(metadata), spatial_dims(metadata), class_names(metadata)
+        self.runs_root = os.path.join(spec.runs_root(), "monailabel")
+        self.run_dir = ""
+        self._request: dict[str, Any] = {}
+        super().__init__(spec.path, dict(conf), const=FinetuneConstants(), load_strict=True)
+
+    def _load_bundle_config(self, path: str, config: str) -> ConfigParser:
+        return _load_config(self.spec, config)
+
+    def config(self) -> dict[str, Any]:
+        options = super().config()
+        options["run_id"] = RUN_ID
+        options["model_filename"] = [MODEL_FILE]
+        return options
+
+    def stats(self) -> dict[str, Any]:
+        """The last epoch of the latest ``/train`` run (``history.csv``) and the served model's time stamp."""
+        out: dict[str, Any] = {}
+        runs = sorted(Path(self.runs_root).glob("*/history.csv")) if os.path.isdir(self.runs_root) else []
+        if runs:
+            history = runs[-1]
+            out["run"] = history.parent.name
+            with history.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+            if rows:
+                out["last_epoch"] = rows[-1]
+        if os.path.isfile(self.spec.model_path):
+            out["model_mtime"] = os.path.getmtime(self.spec.model_path)
+        return out
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        request = dict(request)
+        request["run_id"] = request.get("run_id") or RUN_ID
+        name = request.get("model_filename") or MODEL_FILE
+        name = name if isinstance(name, str) else name[0]
+        # BundleTrainTask looks for the model to continue from at <bundle>/models/<name>; absolute -> ours.
+        request["model_filename"] = os.path.join(self.spec.ckpt_dir, os.path.basename(name))
+        self._request = request
+        self.run_dir = self._new_run_dir()
+        result = super().__call__(request, datastore)
+        self._publish(os.path.join(self.run_dir, "models", MODEL_FILE))
+        return result
+
+    def _new_run_dir(self) -> str:
+        stamp, n = time.strftime("%Y%m%d_%H%M%S"), 0
+        while os.path.exists(path := os.path.join(self.runs_root, stamp + (f"_{n}" if n else ""))):
+            n += 1
+        os.makedirs(path)
+        return path
+
+    def _publish(self, model: str) -> None:
+        """Replace the served model by the run's best one (copy + rename: inference never reads a partial file)."""
+        if not os.path.isfile(model):
+            raise RuntimeError(f"{self.spec.name}: the run in {self.run_dir} finished without a best model ({model})")
+        os.makedirs(self.spec.ckpt_dir, exist_ok=True)
+        partial = self.spec.model_path + ".partial"
+        shutil.copyfile(model, partial)
+        os.replace(partial, self.spec.model_path)
+        logger.info("%s: served model updated from %s", self.spec.name, model)
+
+    def _fetch_datalist(self, request: Mapping[str, Any], datastore: Datastore) -> list[dict[str, Any]]:
+        if self.kind == "classification":
+            return self._class_records(datastore)
+        suffixes = IMAGE_2D if self.dims == 2 else IMAGE_3D
+        records = [
+            {"image": d["image"], "label": d["label"]}
+            for d in datastore.datalist()
+            if d and d.get("label") and str(d["image"]).lower().endswith(suffixes)
+        ]
+        if not records:
+            raise ValueError(f"{self.spec.name}: no {self.dims}D image in the datastore has a final label to train on")
+        return records
+
+    def _class_records(self, datastore: Datastore) -> list[dict[str, Any]]:
+        lookup = {c.lower(): i for i, c in enumerate(self.classes)} | {str(i): i for i in range(len(self.classes))}
+        records = []
+        for image_id in datastore.list_images():
+            value = datastore.get_image_info(image_id).get(CLASS_INFO_KEY)
+            if value is None:
+                continue
+            index = lookup.get(str(value).strip().lower())
+            if index is None:
+                raise ValueError(f"image {image_id}: class {value!r} is not one of {self.classes} ({self.spec.name})")
+            records.append({"image": datastore.get_image_uri(image_id), "label": index})
+        if not records:
+            raise ValueError(
+                f"{self.spec.name}: no image has a class; set one with PUT /datastore/image/info?image=<id> and "
+                f'info {{"{CLASS_INFO_KEY}": "<one of {self.classes}>"}}'
+            )
+        return records
+
+    def _update_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        train = overrides.pop(self.const.key_train_dataset_data())
+        val = overrides.pop(self.const.key_validate_dataset_data(), None)
+        if not val:  # no held-out split (val_split <= 0 or too few images): validate on the training images
+            logger.warning("%s: no validation images; selecting the best model on the training images", self.spec.name)
+            val = train
+        datalist = os.path.join(self.run_dir, "datalist.json")
+        with open(datalist, "w", encoding="utf-8") as f:
+            json.dump({"training": train, "validation": val}, f, indent=1)
+        overrides.update(self.spec.path_overrides())
+        overrides.update(
+            datalist=datalist,
+            dataset_dir=self.run_dir,
+            output_dir=self.run_dir,
+            ckpt_dir=os.path.join(self.run_dir, "models"),
+        )
+        continues = bool(self._request.get("pretrained", True)) and os.path.isfile(self._request["model_filename"])
+        if continues:  # the served model holds every weight: no backbone or TPP file is needed to build it
+            overrides.update(backbone_ckpt="none", tpp_ckpt="none")
+        for key in ("backbone_ckpt", "tpp_ckpt"):  # or as the request says
+            if self._request.get(key):
+                overrides[key] = self._request[key]
+        return overrides
+
+    def run_single_gpu(self, request: Mapping[str, Any], overrides: dict[str, Any]) -> None:
+        monai.bundle.run(
+            run_id=request.get("run_id") or RUN_ID,
+            init_id=None,
+            final_id=None,
+            meta_file=self.bundle_metadata_path,
+            config_file=[self.bundle_config_path, *self.spec.overlays],
+            **overrides,
+        )
