@@ -1,0 +1,382 @@
+"""MONAI Label serving and fine-tuning the bundles: a real server on 127.0.0.1, run from the MONAI Label environment.
+
+The environment (``.venv-monailabel``, or ``$TPP_MONAILABEL_ENV``) is created on first use with
+``tpp_monai.label.environment`` (several minutes); the tests skip only when it cannot be created because PyPI is
+unreachable, and never under CI. Three demo-sized bundles (2D segmentation, classification, 3D segmentation) are
+fine-tuned briefly in this environment first, so each has a ``model.pt`` for the server to serve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import BUNDLES, REPO, run_workflow
+
+from tpp_monai.label import app_conf, environment
+
+pytestmark = pytest.mark.slow
+
+SEG2D, CLS, SEG3D = "glas_adapter", "mhist_adapter", "lits_conv_adapter"
+MODELS = (SEG2D, CLS, SEG3D)
+STARTUP_S, TRAIN_S, REQUEST_S = 240, 420, 300
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy: loopback traffic only
+
+
+def _dataset(bundle: str) -> str:
+    return json.loads((BUNDLES / bundle / "configs" / "finetune.json").read_text())["dataset_name"]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The app's --conf keys (main environment: no MONAI Label needed)
+
+
+def test_conf_resolves_bundles_models_and_overlays(tmp_path) -> None:
+    specs = app_conf.bundle_specs({"models": f"{SEG2D}, {CLS},{SEG3D}", "ckpt_dir": str(tmp_path / "ck"),
+                                   "runs_dir": str(tmp_path / "runs"), "overlays": "demo"})  # fmt: skip
+    assert list(specs) == list(MODELS)
+    spec = specs[SEG2D]
+    assert spec.path == str(BUNDLES / SEG2D) and spec.model_path == str(tmp_path / "ck" / SEG2D / "model.pt")
+    assert spec.overlays == (str(BUNDLES / SEG2D / "configs" / "demo.json"),)
+    assert spec.path_overrides() == {
+        "ckpt_dir": str(tmp_path / "ck" / SEG2D),
+        "runs_dir": str(tmp_path / "runs" / SEG2D),
+    }
+    kinds = {n: (app_conf.output_kind(s.metadata()), app_conf.spatial_dims(s.metadata())) for n, s in specs.items()}
+    assert kinds == {SEG2D: ("segmentation", 2), CLS: ("classification", 2), SEG3D: ("segmentation", 3)}
+    assert app_conf.class_names(specs[CLS].metadata()) == ["HP", "SSA"]
+
+    default = app_conf.bundle_specs({"models": str(BUNDLES / CLS)})[CLS]  # a path works as well as a name
+    assert default.model_path == str(BUNDLES / CLS / "models" / "model.pt") and default.runs_dir is None
+    finetune = json.loads((BUNDLES / CLS / "configs" / "finetune.json").read_text())
+    assert finetune["ckpt_dir"] == "$@bundle_root + '/models'"  # where `finetune` saves model.pt by default
+    with pytest.raises(ValueError, match="no bundles"):
+        app_conf.bundle_specs({})
+    with pytest.raises(ValueError, match="not a bundle folder"):
+        app_conf.bundle_specs({"models": "no_such_bundle"})
+    with pytest.raises(ValueError, match="overlay"):
+        app_conf.bundle_specs({"models": SEG2D, "overlays": "no_such_overlay"})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The MONAI Label environment
+
+
+def _pypi_reachable() -> bool:
+    with contextlib.suppress(Exception):
+        probe = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+             "-d", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"tpp-probe-{uuid.uuid4().hex}"), "monailabel==0.8.5"],
+            capture_output=True, timeout=300, check=False,
+        )  # fmt: skip
+        return probe.returncode == 0
+    return False
+
+
+@pytest.fixture(scope="session")
+def monailabel_env() -> Path:
+    env = Path(os.environ.get("TPP_MONAILABEL_ENV") or environment.DEFAULT_PATH)
+    if environment.is_current(env):
+        return env
+    if not os.environ.get("CI") and not _pypi_reachable():
+        pytest.skip(f"the MONAI Label environment {env} is missing and PyPI is unreachable, so it cannot be created "
+                    "(python -m tpp_monai.label.environment creates it)")  # fmt: skip
+    try:
+        return environment.create(env)
+    except subprocess.CalledProcessError as err:
+        pytest.fail(f"creating the MONAI Label environment failed: {' '.join(err.cmd)} exited {err.returncode}")
+
+
+def test_environment_pins_hold(monailabel_env) -> None:
+    """MONAI Label 0.8.5 next to the project's own requirements: pydicom<3, torchvision for torch 2.13, and
+    ``pip check`` finds only the requirements left out on purpose (requirements-monailabel*.txt say why)."""
+    py = str(environment.python_of(monailabel_env))
+    code = ("import importlib.metadata as m, torch, monai, monailabel, pydicom; "
+            "print(m.version('torch'), m.version('torchvision'), monai.__version__, monailabel.__version__, "
+            "pydicom.__version__)")  # fmt: skip
+    versions = subprocess.run([py, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    torch_v, tv_v, monai_v, ml_v, dicom_v = versions
+    assert torch_v.startswith("2.13.0") and tv_v.startswith("0.28.0"), versions
+    assert monai_v == "1.6.1" and ml_v == "0.8.5" and dicom_v.startswith("2."), versions
+    check = subprocess.run([py, "-m", "pip", "check"], capture_output=True, text=True, check=False).stdout
+    problems = [line for line in check.splitlines() if line.strip() and not line.startswith("No broken")]
+    expected = ("monailabel 0.8.5 requires sam2", "monailabel 0.8.5 requires numpymaxflow",
+                "pydicom-seg 0.4.1 has requirement")  # fmt: skip
+    assert all(line.startswith(expected) for line in problems), check
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The server
+
+
+class Client:
+    """A few MONAI Label REST calls (stdlib only) against one server."""
+
+    def __init__(self, base: str, log: Path) -> None:
+        self.base, self.log = base, log
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+                timeout: float = REQUEST_S) -> tuple[bytes, str]:  # fmt: skip
+        req = urllib.request.Request(self.base + path, data=body, method=method, headers=headers or {})
+        try:
+            with _LOOPBACK.open(req, timeout=timeout) as resp:
+                return resp.read(), resp.headers.get("content-type", "")
+        except urllib.error.HTTPError as err:  # MONAI Label's answer and the server's last lines say what failed
+            detail = err.read().decode(errors="replace")[-2000:]
+            raise AssertionError(f"{method} {path}: HTTP {err.code} {detail}\n{_log_tail(self.log)}") from None
+
+    def json(self, method: str, path: str, payload: Any = None) -> Any:
+        body = None if payload is None else json.dumps(payload).encode()
+        data, _ = self.request(method, path, body, {"Content-Type": "application/json"} if body else None)
+        return json.loads(data)
+
+    def form(self, method: str, path: str, fields: dict[str, str], files: dict[str, Path] | None = None):
+        """A ``multipart/form-data`` request (how MONAI Label takes params, labels and image info)."""
+        boundary = uuid.uuid4().hex
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                 for k, v in fields.items()]  # fmt: skip
+        for key, file in (files or {}).items():
+            head = f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"; filename="{file.name}"\r\n\r\n'
+            parts.append(head.encode() + file.read_bytes() + b"\r\n")
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        return self.request(method, path, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+    def infer(self, model: str, image: str, output: str, **params: Any) -> tuple[bytes, str]:
+        params = {"device": "cpu", **params}
+        return self.form("POST", f"/infer/{model}?image={image}&output={output}", {"params": json.dumps(params)})
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log_tail(log: Path, n: int = 60) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-n:]) if log.is_file() else "(no log)"
+
+
+@contextlib.contextmanager
+def _server(env: Path, studies: Path, conf: dict[str, str], log: Path) -> Iterator[Client]:
+    """``monailabel start_server --app tpp_monai/label`` on a free loopback port; stopped (its whole process group,
+    training subprocesses included) on exit."""
+    port = _free_port()
+    cmd = [str(env / "bin" / "monailabel"), "start_server", "--app", str(REPO / "tpp_monai" / "label"),
+           "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    for key, value in conf.items():
+        cmd += ["--conf", key, value]
+    run_env = {**os.environ, "PATH": f"{env / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+               "MONAI_LABEL_SESSION_PATH": str(log.parent / "sessions"), "NO_PROXY": "127.0.0.1,localhost"}  # fmt: skip
+    run_env.pop("VIRTUAL_ENV", None)
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=run_env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    client = Client(f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"MONAI Label server exited with {proc.returncode}:\n{_log_tail(log)}")
+            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
+                client.request("GET", "/info/", timeout=10)
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"MONAI Label server did not answer within {STARTUP_S} s:\n{_log_tail(log)}")
+            time.sleep(1)
+        yield client
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(monailabel_env, demo_roots, tmp_path_factory) -> Iterator[dict[str, Any]]:
+    """The three bundles fine-tuned for one epoch on demo data, and a server for them over a studies folder with two
+    images of each dataset (labels are added by the training tests)."""
+    work = tmp_path_factory.mktemp("monailabel")
+    ckpt, runs, studies = work / "ckpt", work / "runs", work / "studies"
+    studies.mkdir()
+    cases: dict[str, list[dict[str, Any]]] = {}
+    for bundle in MODELS:
+        root = demo_roots(_dataset(bundle))
+        run_workflow(bundle, "finetune", tpp_ckpt="none", epochs=1, val_interval=1, dataset_dir=str(root),
+                     runs_dir=str(work / "first" / bundle), ckpt_dir=str(ckpt / bundle))  # fmt: skip
+        records = json.loads((root / "datalist.json").read_text())["training"][:2]
+        cases[bundle] = []
+        for rec in records:
+            image = root / rec["image"]
+            shutil.copy(image, studies / image.name)
+            label = rec.get("label")
+            cases[bundle].append({
+                "id": image.name.split(".")[0],
+                "image": studies / image.name,
+                "label": root / label if isinstance(label, str) else label,
+                "class_name": rec.get("class_name"),
+            })  # fmt: skip
+    conf = {"models": ",".join(MODELS), "ckpt_dir": str(ckpt), "runs_dir": str(runs), "overlays": "demo"}
+    log = work / "server.log"
+    with _server(monailabel_env, studies, conf, log) as client:
+        yield {"client": client, "cases": cases, "ckpt": ckpt, "runs": runs, "work": work, "log": log}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tests against the server
+
+
+def test_info_lists_models_with_labels(served) -> None:
+    info = served["client"].json("GET", "/info/")
+    models = info["models"]
+    assert set(models) == set(MODELS) and set(info["trainers"]) == set(MODELS)
+    assert models[SEG2D]["type"] == "segmentation" and models[SEG2D]["dimension"] == 2
+    assert models[SEG2D]["labels"] == {"gland": 1}  # the value of a gland pixel in the returned mask
+    assert models[CLS]["type"] == "classification" and models[CLS]["labels"] == {"hp": 0, "ssa": 1}
+    assert models[SEG3D]["type"] == "segmentation" and models[SEG3D]["dimension"] == 3
+    assert models[SEG3D]["labels"] == {"liver": 1, "tumour": 2}
+    assert info["trainers"][SEG2D]["config"]["run_id"] == "finetune"
+    assert info["datastore"]["total"] == 6
+
+
+def test_infer_2d_segmentation_matches_bundle_inference(served, tmp_path) -> None:
+    """The served mask is the bundle's own ``inference.json`` prediction, at the input's size and orientation."""
+    from PIL import Image
+
+    case = served["cases"][SEG2D][0]
+    data, ctype = served["client"].infer(SEG2D, case["id"], "image", result_extension=".png")
+    assert ctype.startswith("image/png")
+    (tmp_path / "served.png").write_bytes(data)
+    served_mask = np.asarray(Image.open(tmp_path / "served.png"))
+    width, height = Image.open(case["image"]).size
+    assert width != height and served_mask.shape == (height, width)
+    assert set(np.unique(served_mask)) <= {0, 1}
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(case["image"], inputs)
+    run_workflow(SEG2D, "run", ("inference", "demo"), input_dir=str(inputs), output_dir=str(tmp_path / "out"),
+                 runs_dir=str(tmp_path), ckpt_dir=str(served["ckpt"] / SEG2D))  # fmt: skip
+    own = np.asarray(Image.open(tmp_path / "out" / f"{case['image'].stem}_mask.png")) > 0
+    np.testing.assert_array_equal(served_mask.astype(bool), own)
+
+
+def test_infer_classification_returns_bundle_scores(served, tmp_path) -> None:
+    case = served["cases"][CLS][0]
+    result = json.loads(served["client"].infer(CLS, case["id"], "json")[0])
+    pred = result["prediction"]
+    assert [(p["idx"], p["label"]) for p in pred] == [(0, "hp"), (1, "ssa")]
+    scores = np.array([p["score"] for p in pred])
+    assert np.all((scores >= 0) & (scores <= 1)) and abs(scores.sum() - 1) < 1e-5
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(case["image"], inputs)
+    run_workflow(CLS, "run", ("inference", "demo"), input_dir=str(inputs), output_dir=str(tmp_path / "out"),
+                 runs_dir=str(tmp_path), ckpt_dir=str(served["ckpt"] / CLS))  # fmt: skip
+    with open(tmp_path / "out" / "predictions.csv", newline="") as f:
+        row = next(csv.reader(f))
+    np.testing.assert_allclose(scores, [float(v) for v in row[-2:]], atol=1e-4)
+
+
+def test_infer_3d_segmentation(served, tmp_path) -> None:
+    import nibabel as nib
+
+    case = served["cases"][SEG3D][0]
+    data, _ = served["client"].infer(SEG3D, case["id"], "image", result_extension=".nii.gz", result_dtype="uint8")
+    (tmp_path / "served.nii.gz").write_bytes(data)
+    mask, image = nib.load(tmp_path / "served.nii.gz"), nib.load(case["image"])
+    assert mask.shape == image.shape
+    np.testing.assert_allclose(mask.affine, image.affine, atol=1e-3)
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
+
+
+def _train(served: dict[str, Any], model: str, params: dict[str, Any]) -> dict[str, Any]:
+    client = served["client"]
+    client.json("POST", f"/train/{model}", {"device": "cpu", **params})
+    deadline = time.monotonic() + TRAIN_S
+    while True:
+        task = client.json("GET", "/train/")
+        if task["status"] not in ("SUBMITTED", "RUNNING"):
+            break
+        assert time.monotonic() < deadline, f"/train/{model} still {task['status']} after {TRAIN_S} s"
+        time.sleep(2)
+    details = "\n".join(task.get("details", []))
+    assert task["status"] == "DONE", f"/train/{model} ended {task['status']}:\n{details}\n{_log_tail(served['log'])}"
+    return task
+
+
+def _one_run(served: dict[str, Any], model: str) -> Path:
+    runs = sorted((served["runs"] / model / "monailabel").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_train_2d_segmentation_on_studies_labels(served) -> None:
+    """Labels saved through MONAI Label's label store -> ``finetune`` on them -> a new served model."""
+    client, cases = served["client"], served["cases"][SEG2D]
+    for case in cases:
+        client.form("PUT", f"/datastore/label?image={case['id']}&tag=final", {"params": "{}"}, {"label": case["label"]})
+    client.infer(SEG2D, cases[0]["id"], "image", result_extension=".png")  # the server now holds the model
+    model = served["ckpt"] / SEG2D / app_conf.MODEL_FILE
+    before = _sha(model)
+    _train(served, SEG2D, {"max_epochs": 1, "val_split": 0.5})
+
+    run = _one_run(served, SEG2D)
+    datalist = json.loads((run / "datalist.json").read_text())
+    used = {Path(r["image"]).name for r in datalist["training"] + datalist["validation"]}
+    assert used == {c["image"].name for c in cases}
+    assert all(Path(r["label"]).parent.name == "final" for r in datalist["training"])
+    with open(run / "history.csv", newline="") as f:
+        history = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in history] == [1] and float(history[0]["train_loss"]) > 0
+    assert _sha(model) != before and _sha(model) == _sha(run / "models" / app_conf.MODEL_FILE)
+    log = served["log"].read_text(errors="replace")
+    assert f"Restored all variables from {model}" in log  # the run continued from the served model
+
+    stats = client.json("GET", "/info/")["train_stats"][SEG2D]
+    assert stats["run"] == run.name and stats["last_epoch"]["epoch"] == "1"
+    client.infer(SEG2D, cases[0]["id"], "image", result_extension=".png")
+    assert "Reload model from cache" in served["log"].read_text(errors="replace")[len(log) :]  # the new model
+
+
+def test_train_classification_on_image_info_classes(served) -> None:
+    client, cases = served["client"], served["cases"][CLS]
+    for case in cases:  # the class by name, as a user would set it
+        info = json.dumps({"class": case["class_name"]})
+        client.form("PUT", f"/datastore/image/info?image={case['id']}", {"info": info})
+    model = served["ckpt"] / CLS / app_conf.MODEL_FILE
+    before = _sha(model)
+    _train(served, CLS, {"max_epochs": 1, "val_split": 0.0})
+
+    run = _one_run(served, CLS)
+    datalist = json.loads((run / "datalist.json").read_text())
+    assert sorted((Path(r["image"]).name, r["label"]) for r in datalist["training"]) == sorted(
+        (c["image"].name, c["label"]) for c in cases
+    )
+    assert datalist["validation"] == datalist["training"]  # no held-out split asked for: validated on training
+    assert _sha(model) != before
