@@ -257,30 +257,100 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+QUIET_STALL = 0.10  # a step is "quiet" when other processes kept runnable tasks waiting < 10 % of its wall time
+
+
+class CpuPressure:
+    """Linux pressure-stall information (``/proc/pressure/cpu``, machine-wide): cumulative time during which some
+    runnable task waited for a CPU. Other processes on a shared machine make the bench's threads wait, and with
+    OpenMP every parallel region then waits for its slowest thread, so a contended step can take several times
+    longer; the stall time during a step says whether it ran undisturbed."""
+
+    def __init__(self, path: str = "/proc/pressure/cpu") -> None:
+        self.path = Path(path)
+        self.available = self.total() is not None
+
+    def total(self) -> float | None:
+        """Seconds of "some" CPU stall since boot, or ``None`` where PSI is not available."""
+        try:
+            first = self.path.read_text().split("\n", 1)[0].split()
+            return int(first[4].split("=")[1]) / 1e6
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def wait_quiet(self, timeout: float, probe: float = 0.25) -> float:
+        """Sleep until a ``probe``-long window shows (almost) no stall, at most ``timeout`` seconds; returns the
+        seconds waited. Cheap insurance: a step started into a burst of other work is a wasted sample."""
+        if not self.available or timeout <= 0:
+            return 0.0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < timeout:
+            before = self.total() or 0.0
+            time.sleep(probe)
+            if (self.total() or 0.0) - before <= 0.02 * probe:
+                break
+        return time.perf_counter() - t0
+
+
+PRESSURE = CpuPressure()
+
+
+@dataclass
+class Sample:
+    """One timed call: wall seconds, process CPU seconds, and machine-wide CPU stall seconds during it."""
+
+    wall: float
+    cpu: float
+    stall: float | None = None
+
+    @property
+    def quiet(self) -> bool:
+        return self.stall is None or self.stall <= QUIET_STALL * self.wall
+
+
+def quiet_median(samples: Sequence[Sample], minimum: int = 1) -> tuple[float | None, bool]:
+    """Median wall time over the quiet samples when at least ``minimum`` are quiet, else over all samples;
+    and whether the quiet ones were used."""
+    quiet = [s.wall for s in samples if s.quiet]
+    if len(quiet) >= max(1, minimum):
+        return median(quiet), True
+    return median(s.wall for s in samples), False
+
+
 class RoundTimer:
-    """Times callables; on GPU with CUDA events resolved after the round, so no step waits for the device."""
+    """Times callables into :class:`Sample` lists; on GPU the wall time comes from CUDA events resolved after the
+    round, so no step waits for the device."""
 
     def __init__(self, device: Device) -> None:
         self.device = device
-        self.pending: list[tuple[list[float], Any, Any]] = []
+        self.pending: list[tuple[list[Sample], Any, Any, Sample]] = []
 
-    def time(self, fn: Callable[[], Any], into: list[float]) -> None:
+    def time(self, fn: Callable[[], Any], into: list[Sample]) -> None:
+        p0, c0 = PRESSURE.total(), time.process_time()
         if self.device.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
-            self.pending.append((into, start, end))
+            end.synchronize()  # after the step, so the host-side CPU and stall readings cover it
+            sample = Sample(0.0, time.process_time() - c0, _delta(p0, PRESSURE.total()))
+            self.pending.append((into, start, end, sample))
         else:
             t0 = time.perf_counter()
             fn()
-            into.append(time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
+            into.append(Sample(wall, time.process_time() - c0, _delta(p0, PRESSURE.total())))
 
     def flush(self) -> None:
         self.device.sync()
-        for into, start, end in self.pending:
-            into.append(start.elapsed_time(end) / 1000.0)
+        for into, start, end, sample in self.pending:
+            sample.wall = start.elapsed_time(end) / 1000.0
+            into.append(sample)
         self.pending.clear()
+
+
+def _delta(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else after - before
 
 
 def measure_peak_memory(
@@ -365,7 +435,8 @@ class Workload:
     prepare: Callable[[], Any] = lambda: None
     persistent: Callable[[], list[Tensor | None]] = list
     weights: Callable[[], list[Tensor]] = list
-    times: list[float] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    min_quiet: int = 1
     flops: int | None = None
     peak_bytes: int | None = None
     persistent_bytes: int | None = None
@@ -377,7 +448,11 @@ class Workload:
 
     @property
     def seconds(self) -> float | None:
-        return median(self.times)
+        return quiet_median(self.samples, self.min_quiet)[0]
+
+    @property
+    def quiet_count(self) -> int:
+        return sum(x.quiet for x in self.samples)
 
     def summary(self, matmul_rate: float | None) -> dict:
         s = self.seconds
@@ -385,7 +460,11 @@ class Workload:
         return {
             "label": self.label,
             "step_s": s,
-            "step_s_all": [round(t, 4) for t in self.times],
+            "quiet_steps": self.quiet_count,
+            "steps": len(self.samples),
+            "step_s_all": [round(x.wall, 4) for x in self.samples],
+            "stall_s_all": [None if x.stall is None else round(x.stall, 4) for x in self.samples],
+            "cpu_s_median": median(x.cpu for x in self.samples),
             "images_per_s": self.images / s if s else None,
             "peak_mib": self.peak_bytes / MIB if self.peak_bytes is not None else None,
             # persistent = weights + gradients kept + optimizer state + inputs; peak - persistent = the step's own
@@ -667,19 +746,38 @@ def stunet_dino_workload(
 # ================================================================================================================
 # Sections
 # ================================================================================================================
-def run_rounds(workloads: Sequence[Workload], device: Device, warmup: int, steps: int, log: Callable) -> None:
-    """Warm-up, then ``steps`` rounds; each round times one step of every workload in turn."""
+def run_rounds(
+    workloads: Sequence[Workload], device: Device, warmup: int, steps: int, log: Callable,
+    max_rounds: int | None = None, budget_s: float | None = None, wait_s: float = 0.0,
+) -> None:  # fmt: skip
+    """Warm-up rounds, then timed rounds (one step of every workload still short of samples, in turn) until each
+    workload has ``steps`` quiet samples, ``max_rounds`` rounds ran or ``budget_s`` seconds passed.
+
+    On a dedicated machine (or without PSI) every sample is quiet and this is exactly ``steps`` rounds.
+    """
     timer = RoundTimer(device)
-    for r in range(warmup + steps):
+    for w in workloads:
+        w.min_quiet = min(steps, 3)
+    for r in range(warmup):
         t0 = time.perf_counter()
         for w in workloads:
-            if r < warmup:
-                w.run()
-            else:
-                timer.time(w.run, w.times)
+            w.run()
         timer.flush()
-        kind = "warm-up" if r < warmup else "timed"
-        log(f"round {r + 1}/{warmup + steps} ({kind}) {time.perf_counter() - t0:.1f} s")
+        log(f"warm-up round {r + 1}/{warmup}: {time.perf_counter() - t0:.1f} s")
+    max_rounds = max(steps, max_rounds or steps)
+    start = time.perf_counter()
+    for r in range(max_rounds):
+        need = [w for w in workloads if w.quiet_count < steps] if r >= steps else list(workloads)
+        if not need or (r >= steps and budget_s is not None and time.perf_counter() - start > budget_s):
+            break
+        t0, waited = time.perf_counter(), 0.0
+        for w in need:
+            waited += PRESSURE.wait_quiet(wait_s)
+            timer.time(w.run, w.samples)
+        timer.flush()
+        quiet = min(w.quiet_count for w in workloads)
+        log(f"round {r + 1}: {len(need)} steps, {time.perf_counter() - t0:.1f} s (waited {waited:.1f} s for a "
+            f"quiet machine); fewest quiet samples {quiet}/{steps}")  # fmt: skip
 
 
 def account(workloads: Sequence[Workload], device: Device, log: Callable) -> None:
@@ -711,7 +809,7 @@ def section_steps(args: argparse.Namespace, device: Device, log: Callable) -> di
     gemm = gemm_workload(device)
     workloads = [gemm, *workloads]
     log(f"steps: {', '.join(w.key for w in workloads)}")
-    run_rounds(workloads, device, args.warmup, args.steps, log)
+    run_rounds(workloads, device, args.warmup, args.steps, log, args.max_rounds, args.budget, args.wait_quiet)
     account(workloads, device, log)
     rate = gemm.flops / gemm.seconds
     by_key = {w.key: w for w in workloads}
@@ -725,7 +823,7 @@ def section_steps(args: argparse.Namespace, device: Device, log: Callable) -> di
         return ratio(by_key[key].peak_bytes, full.peak_bytes) if key in by_key else None
 
     result = {
-        "matmul": {"label": gemm.label, "gflop_per_s": rate / 1e9, "times_s": [round(t, 4) for t in gemm.times]},
+        "matmul": {"label": gemm.label, "gflop_per_s": rate / 1e9, **gemm.summary(None)},
         "configs": configs,
         "ratios": {
             "peft_step_ratio": step_ratio("peft_ft"),
@@ -803,27 +901,35 @@ def section_engine(args: argparse.Namespace, device: Device, log: Callable) -> d
         optimizer = parser.get_parsed_content("optimizer")
         prepare = PretextBatch("mae")
 
-        marks: list[float] = []
-        trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: marks.append(time.perf_counter()))
-        trainer.add_event_handler(
-            Events.ITERATION_COMPLETED, lambda e: (device.sync(), marks.append(time.perf_counter()))
-        )
+        marks: list[tuple[float, float, float | None]] = []
 
-        def engine_epoch() -> tuple[list[float], float]:
+        def mark(_: object = None) -> None:
+            device.sync()
+            marks.append((time.perf_counter(), time.process_time(), PRESSURE.total()))
+
+        trainer.add_event_handler(Events.EPOCH_STARTED, mark)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, mark)
+
+        def samples() -> list[Sample]:
+            return [Sample(b2[0] - a[0], b2[1] - a[1], _delta(a[2], b2[2])) for a, b2 in itertools.pairwise(marks)]
+
+        def engine_epoch() -> tuple[list[Sample], float]:
             marks.clear()
+            PRESSURE.wait_quiet(args.wait_quiet)
             t0 = time.perf_counter()
             with contextlib.redirect_stderr(io.StringIO()):  # the progress bar still renders, out of sight
                 trainer.run()
             device.sync()
             total = time.perf_counter() - t0
-            iters = [b2 - a for a, b2 in itertools.pairwise(marks)]
-            return iters, total - sum(iters)
+            iters = samples()
+            return iters, total - sum(x.wall for x in iters)
 
-        def bare_epoch() -> tuple[list[float], float]:
+        def bare_epoch() -> tuple[list[Sample], float]:
             network.train()
-            iters = []
+            marks.clear()
+            PRESSURE.wait_quiet(args.wait_quiet)
             t0 = time.perf_counter()
-            last = t0
+            mark()
             for batch in loader:
                 images, target = prepare(batch, device.torch)
                 optimizer.zero_grad(set_to_none=True)
@@ -831,15 +937,16 @@ def section_engine(args: argparse.Namespace, device: Device, log: Callable) -> d
                     loss = loss_fn(network(images), target)
                 loss.backward()
                 optimizer.step()
-                device.sync()
-                now = time.perf_counter()
-                iters.append(now - last)
-                last = now
-            return iters, (time.perf_counter() - t0) - sum(iters)
+                mark()
+            total = time.perf_counter() - t0
+            iters = samples()
+            return iters, total - sum(x.wall for x in iters)
 
         engine_epoch()  # warm-up (first-iteration allocations, optimizer state, first checkpoint files)
         bare_epoch()
-        e_iters, b_iters, e_extra, b_extra = [], [], [], []
+        e_iters: list[Sample] = []
+        b_iters: list[Sample] = []
+        e_extra, b_extra = [], []
         for r in range(args.engine_reps):
             it, extra = bare_epoch()
             b_iters += it
@@ -848,7 +955,10 @@ def section_engine(args: argparse.Namespace, device: Device, log: Callable) -> d
             e_iters += it
             e_extra.append(extra)
             log(f"engine rep {r + 1}/{args.engine_reps}")
-    t_e, t_b = median(e_iters), median(b_iters)
+    # Both sides by the same rule: quiet iterations when each side has at least 3, otherwise all of them.
+    use_quiet = min(sum(x.quiet for x in e_iters), sum(x.quiet for x in b_iters)) >= 3
+    t_e, _ = quiet_median(e_iters, 3 if use_quiet else len(e_iters) + 1)
+    t_b, _ = quiet_median(b_iters, 3 if use_quiet else len(b_iters) + 1)
     extra = median(e_extra) - median(b_extra)
     return {
         "bundle": str(path.relative_to(path.parents[2])),
@@ -857,11 +967,13 @@ def section_engine(args: argparse.Namespace, device: Device, log: Callable) -> d
         "iterations_per_epoch": n,
         "engine_iteration_s": t_e,
         "bare_iteration_s": t_b,
+        "quiet_iterations": {"engine": sum(x.quiet for x in e_iters), "bare": sum(x.quiet for x in b_iters),
+                             "of": len(e_iters)},
         "engine_epoch_extra_s": extra,
         "engine_overhead": overhead(t_e, max(0.0, extra), n, t_b),
-        "engine_iterations_s": [round(t, 4) for t in e_iters],
-        "bare_iterations_s": [round(t, 4) for t in b_iters],
-    }
+        "engine_iterations_s": [round(x.wall, 4) for x in e_iters],
+        "bare_iterations_s": [round(x.wall, 4) for x in b_iters],
+    }  # fmt: skip
 
 
 # ----- data -----------------------------------------------------------------------------------------------------
@@ -932,8 +1044,11 @@ def section_scaling(args: argparse.Namespace, device: Device, log: Callable, ste
                 f"mae_{size}", f"TPP-MAE {size}", device, net, lambda net=net, loss=loss, x=x: loss(net(x), x), opt,
                 args.batch_size, [x],
             )  # fmt: skip
-            run_rounds([w], device, 1, args.scaling_steps, lambda m: None)
-            out["tpp_mae"][str(size)] = {"step_s": w.seconds, "images_per_s": args.batch_size / w.seconds}
+            run_rounds([w], device, 1, args.scaling_steps, log, 2 * args.scaling_steps, None, args.wait_quiet)
+            out["tpp_mae"][str(size)] = {
+                "step_s": w.seconds, "images_per_s": args.batch_size / w.seconds, "quiet_steps": w.quiet_count,
+                "step_s_all": [round(x.wall, 4) for x in w.samples],
+            }  # fmt: skip
             log(f"scaling: TPP-MAE {size}: {w.seconds:.2f} s")
             del w, net, enc, opt
     backbone = args.backbone if _family(args.backbone) == "stunet" else args.stunet_backbone
@@ -943,8 +1058,11 @@ def section_scaling(args: argparse.Namespace, device: Device, log: Callable, ste
         if not ws:  # no 3D DINO in this build: the Conv-Adapter fine-tuning step stands in
             ws = stunet_step_workloads(backbone, method, device, 1, patch, ["peft_ft"], suffix=f"_{patch}")
         w = ws[0]
-        run_rounds([w], device, 1, args.scaling_steps, lambda m: None)
-        out["stunet"][str(patch)] = {"backbone": backbone, "label": w.label, "step_s": w.seconds}
+        run_rounds([w], device, 1, args.scaling_steps, log, 2 * args.scaling_steps, None, args.wait_quiet)
+        out["stunet"][str(patch)] = {
+            "backbone": backbone, "label": w.label, "step_s": w.seconds, "quiet_steps": w.quiet_count,
+            "step_s_all": [round(x.wall, 4) for x in w.samples],
+        }  # fmt: skip
         log(f"scaling: {backbone} {w.label}: {w.seconds:.2f} s")
         del ws, w
     return out
@@ -1070,15 +1188,24 @@ def format_report(result: dict) -> str:
         )
     steps = result.get("steps")
     if steps:
-        lines.append(f"matmul rate: {steps['matmul']['gflop_per_s']:.1f} GFLOP/s ({steps['matmul']['label']}, median)")
+        mm = steps["matmul"]
+        lines.append(
+            f"matmul rate: {mm['gflop_per_s']:.1f} GFLOP/s ({mm['label']}, median of {mm.get('quiet_steps', '-')} "
+            f"quiet of {mm.get('steps', '-')} rounds)"
+        )
+        lines.append(
+            f"step times: medians over quiet steps (machine-wide CPU stall < {QUIET_STALL:.0%} of the step, Linux "
+            "PSI; 'quiet' column), over all steps where fewer than 3 were quiet"
+        )
         lines.append("")
-        head = f"{'configuration':<40} {'step ms':>9} {'img/s':>7} {'peak MiB':>9} {'GFLOP':>7} {'GFLOP/s':>8} "
-        head += f"{'of GEMM':>7} {'trainable':>11}"
+        head = f"{'configuration':<40} {'step ms':>9} {'quiet':>5} {'img/s':>7} {'peak MiB':>9} {'GFLOP':>7} "
+        head += f"{'GFLOP/s':>8} {'of GEMM':>7} {'trainable':>11}"
         lines.append(head)
         lines.append("-" * len(head))
         for c in steps["configs"].values():
             lines.append(
                 f"{c['label']:<40} {_fmt(c['step_s'] and c['step_s'] * 1e3, '.0f'):>9} "
+                f"{c.get('quiet_steps', '-')}/{c.get('steps', '-'):<3} "
                 f"{_fmt(c['images_per_s'], '.2f'):>7} {_fmt(c['peak_mib'], '.0f'):>9} "
                 f"{_fmt(c['gflop_per_step'], '.1f'):>7} {_fmt(c['gflop_per_s'], '.1f'):>8} "
                 f"{_fmt(c['matmul_fraction'] and 100 * c['matmul_fraction'], '.0f', ' %'):>7} {c['trainable']:>11,}"
@@ -1164,6 +1291,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (default 2; 1 for 3D)")
     parser.add_argument("--steps", type=int, default=5, help="timed rounds (one step of every config each)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds (default 1)")
+    parser.add_argument(
+        "--max-rounds", type=int, default=None, help="rounds at most while steps lack quiet samples (3 x --steps)"
+    )
+    parser.add_argument("--budget", type=float, default=240.0, help="seconds of extra rounds at most (240)")
+    parser.add_argument(
+        "--wait-quiet", type=float, default=10.0, help="seconds to wait for an idle machine before a step (10)"
+    )
     parser.add_argument("--scaling-steps", type=int, default=2, help="timed steps per scaling point (default 2)")
     parser.add_argument("--engine-iters", type=int, default=6, help="iterations per engine epoch (default 6)")
     parser.add_argument("--engine-reps", type=int, default=2, help="engine/bare epoch pairs (default 2)")
@@ -1192,6 +1326,7 @@ def run(args: argparse.Namespace) -> int:
     # TPP needs target parameters: the baselines pre-train nothing, so the TPP rows use the adapter instead.
     args.tpp_method = args.method if spec.pretrainable else ("conv_adapter" if family == "stunet" else "adapter")
     args.batch_size = args.batch_size or (1 if family == "stunet" else 2)
+    args.max_rounds = args.max_rounds or 3 * args.steps
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         raise ConfigError("--batch-size and --steps must be >= 1, --warmup >= 0")
     device = Device(args.device)
