@@ -77,7 +77,7 @@ def test_targets_change_and_checkpoint_resumes(tmp_path, demo_roots, tiny_backbo
     for name in target_parameter_names(encoder):
         assert not torch.equal(before[name], dict(encoder.named_parameters())[name]), f"target {name} did not move"
     ckpt = load_verified(next((tmp_path / "pretrain_tpp" / "checkpoints").glob("*.pt")))
-    assert set(ckpt) == {"target_state", "pretext", "optimizer", "loss", "trainer"}
+    assert set(ckpt) == {"target_state", "pretext", "optimizer", "loss", "trainer", "rng"}
     assert ckpt["trainer"]["epoch_length"] >= 1 and ckpt["trainer"]["max_epochs"] == 2
     assert all(k.startswith("decoder.") for k in ckpt["pretext"])  # demo overlay trains a random decoder
 
