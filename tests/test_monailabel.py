@@ -186,8 +186,12 @@ def _server(env: Path, studies: Path, conf: dict[str, str], log: Path) -> Iterat
            "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     for key, value in conf.items():
         cmd += ["--conf", key, value]
-    run_env = {**os.environ, "PATH": f"{env / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
-               "MONAI_LABEL_SESSION_PATH": str(log.parent / "sessions"), "NO_PROXY": "127.0.0.1,localhost"}  # fmt: skip
+    # Outbound HTTP(S) goes to a closed loopback port, so a network call (such as MONAI Label's model-zoo listing,
+    # the offline-start pitfall) fails the test instead of leaving the machine; the server's calls to itself stay.
+    offline = {k: "http://127.0.0.1:9" for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
+    run_env = {**os.environ, **offline, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+               "PATH": f"{env / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+               "MONAI_LABEL_SESSION_PATH": str(log.parent / "sessions")}  # fmt: skip
     run_env.pop("VIRTUAL_ENV", None)
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=run_env, stdout=out, stderr=subprocess.STDOUT,
@@ -315,18 +319,16 @@ def test_infer_3d_segmentation(served, tmp_path) -> None:
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
 
 
-def _train(served: dict[str, Any], model: str, params: dict[str, Any]) -> dict[str, Any]:
+def _train(served: dict[str, Any], model: str, params: dict[str, Any], status: str = "DONE") -> dict[str, Any]:
+    """``POST /train/<model>``, then poll ``GET /train/`` until the task ends (bounded); check how it ended."""
     client = served["client"]
     client.json("POST", f"/train/{model}", {"device": "cpu", **params})
     deadline = time.monotonic() + TRAIN_S
-    while True:
-        task = client.json("GET", "/train/")
-        if task["status"] not in ("SUBMITTED", "RUNNING"):
-            break
+    while (task := client.json("GET", "/train/"))["status"] in ("SUBMITTED", "RUNNING"):
         assert time.monotonic() < deadline, f"/train/{model} still {task['status']} after {TRAIN_S} s"
         time.sleep(2)
     details = "\n".join(task.get("details", []))
-    assert task["status"] == "DONE", f"/train/{model} ended {task['status']}:\n{details}\n{_log_tail(served['log'])}"
+    assert task["status"] == status, f"/train/{model} ended {task['status']}:\n{details}\n{_log_tail(served['log'])}"
     return task
 
 
@@ -362,6 +364,13 @@ def test_train_2d_segmentation_on_studies_labels(served) -> None:
     assert stats["run"] == run.name and stats["last_epoch"]["epoch"] == "1"
     client.infer(SEG2D, cases[0]["id"], "image", result_extension=".png")
     assert "Reload model from cache" in served["log"].read_text(errors="replace")[len(log) :]  # the new model
+
+
+def test_train_classification_without_classes_says_how_to_set_them(served) -> None:
+    task = _train(served, CLS, {"max_epochs": 1}, status="ERROR")
+    assert any("no image has a class" in line and "/datastore/image/info" in line for line in task["details"])
+    runs = served["runs"] / CLS / "monailabel"
+    assert not runs.exists() or not any(runs.iterdir())  # no empty run folder left behind
 
 
 def test_train_classification_on_image_info_classes(served) -> None:

@@ -8,6 +8,7 @@ model can live outside ``<bundle>/models``, overlays (``demo.json``) merge into 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -198,7 +199,12 @@ class TppTrainTask(BundleTrainTask):
         request["model_filename"] = os.path.join(self.spec.ckpt_dir, os.path.basename(name))
         self._request = request
         self.run_dir = self._new_run_dir()
-        result = super().__call__(request, datastore)
+        try:
+            result = super().__call__(request, datastore)
+        except Exception:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.run_dir)  # only when nothing was written (e.g. no labelled images)
+            raise
         self._publish(os.path.join(self.run_dir, "models", MODEL_FILE))
         return result
 
