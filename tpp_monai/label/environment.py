@@ -28,9 +28,11 @@ STAMP = "tpp_monai_requirements.sha256"  # in the environment folder: the hash i
 
 
 def requirements_hash(repo: Path = REPO) -> str:
+    """Hash of the requirement lines (comments and blank lines left out: editing a comment needs no rebuild)."""
     digest = hashlib.sha256()
     for name in REQUIREMENTS:
-        digest.update(name.encode() + b"\0" + (repo / name).read_bytes())
+        lines = (line.split(" #")[0].strip() for line in (repo / name).read_text().splitlines())
+        digest.update(name.encode() + b"\0" + "\n".join(x for x in lines if x and not x.startswith("#")).encode())
     return digest.hexdigest()
 
 
