@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     except subprocess.CalledProcessError as err:
         print(f"error: {' '.join(err.cmd)} failed with exit code {err.returncode}", file=sys.stderr)
         return 1
-    print(f"start a server with: {python_of(env).parent / 'monailabel'} start_server --app tpp_monai/label ...")
+    print(f"start a server with: source {python_of(env).parent / 'activate'} && monailabel start_server "
+          "--app tpp_monai/label --studies <images folder> --conf models <bundle>[,<bundle>...]")  # fmt: skip
     return 0
 
 

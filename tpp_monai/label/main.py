@@ -1,10 +1,14 @@
 """MONAI Label app serving this project's bundles: inference through ``configs/inference.json``, training through
 ``configs/finetune.json`` (run id ``finetune``).
 
-Start it from the MONAI Label environment (``python -m tpp_monai.label.environment`` creates ``.venv-monailabel``)::
+Start it from the MONAI Label environment (``python -m tpp_monai.label.environment`` creates ``.venv-monailabel``;
+the ``monailabel`` launcher runs the ``python`` found on ``PATH``, hence the activation)::
 
-    .venv-monailabel/bin/monailabel start_server --app tpp_monai/label --studies <images folder> \\
+    source .venv-monailabel/bin/activate
+    monailabel start_server --app tpp_monai/label --studies <images folder> \\
         --conf models glas_adapter,mhist_adapter,lits_conv_adapter [--conf ckpt_dir DIR] [--conf overlays demo]
+
+(or, without activating: ``.venv-monailabel/bin/python -m monailabel.main start_server ...``).
 
 The ``--conf`` keys are described in :mod:`tpp_monai.label.app_conf`. Each bundle serves ``<ckpt_dir>/<bundle>/
 model.pt`` (default: the bundle's ``models/model.pt``, where ``finetune`` saves by default): a bundle without one
