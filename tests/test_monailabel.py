@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -84,12 +85,9 @@ def test_conf_resolves_bundles_models_and_overlays(tmp_path) -> None:
 
 
 def _pypi_reachable() -> bool:
-    with contextlib.suppress(Exception):
-        probe = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-             "-d", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"tpp-probe-{uuid.uuid4().hex}"), "monailabel==0.8.5"],
-            capture_output=True, timeout=300, check=False,
-        )  # fmt: skip
+    with contextlib.suppress(Exception), tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, "monailabel==0.8.5"]
+        probe = subprocess.run(cmd, capture_output=True, timeout=300, check=False)
         return probe.returncode == 0
     return False
 
@@ -106,6 +104,8 @@ def monailabel_env() -> Path:
         return environment.create(env)
     except subprocess.CalledProcessError as err:
         pytest.fail(f"creating the MONAI Label environment failed: {' '.join(err.cmd)} exited {err.returncode}")
+    except FileExistsError as err:
+        pytest.fail(str(err))
 
 
 def test_environment_pins_hold(monailabel_env) -> None:

@@ -60,11 +60,14 @@ def commands(env: Path) -> list[list[str]]:
 
 
 def create(env: Path = DEFAULT_PATH, force: bool = False, quiet: bool = False) -> Path:
-    """Build (or rebuild when stale or ``force``) the environment at ``env``; raises ``CalledProcessError``."""
+    """Build (or rebuild when stale or ``force``) the environment at ``env``; raises ``CalledProcessError`` when a
+    step fails, ``FileExistsError`` rather than delete a folder this command did not make (unless ``force``)."""
     env = env.resolve()
     if is_current(env) and not force:
         return env
     if env.exists():
+        if not (force or (env / STAMP).is_file() or env == DEFAULT_PATH.resolve()):
+            raise FileExistsError(f"{env} exists and was not made by this command; pass --force to replace it")
         shutil.rmtree(env)
     start = time.monotonic()
     for cmd in commands(env):
@@ -84,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         env = create(args.path, force=args.force)
     except subprocess.CalledProcessError as err:
         print(f"error: {' '.join(err.cmd)} failed with exit code {err.returncode}", file=sys.stderr)
+        return 1
+    except FileExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"start a server with: source {python_of(env).parent / 'activate'} && monailabel start_server "
           "--app tpp_monai/label --studies <images folder> --conf models <bundle>[,<bundle>...]")  # fmt: skip
