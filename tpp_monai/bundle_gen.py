@@ -403,6 +403,94 @@ def _with_settings_record(cfg: dict) -> dict:
     return cfg
 
 
+TRAINABLE_PARAMS = "$[p for p in @network_def.parameters() if p.requires_grad]"
+CHECKPOINT_LOADER = {
+    "_target_": "tpp_monai.handlers.VerifiedCheckpointLoader",
+    "load_path": "$@ckpt_dir + '/model.pt'",
+    "load_dict": {"model": "@network_def"},
+}
+EVALUATION_WRITER = {
+    "_target_": "tpp_monai.handlers.EvaluationWriter",
+    "output_dir": "@output_dir",
+    "loader": "@checkpoint_loader",
+    "info": {"evaluated_split": "test", "ckpt": "$@ckpt_dir + '/model.pt'", "datalist": "@datalist",
+             "dataset_dir": "@dataset_dir"},
+}  # fmt: skip
+
+
+def _evaluator(loader: str, inferer: str, post: str, handlers: str, metrics: tuple[str, str] | None) -> dict:
+    """A ``SupervisedEvaluator`` (bf16 autocast when ``amp``), with key and additional metrics when given."""
+    evaluator = {
+        "_target_": "SupervisedEvaluator",
+        "device": "@device",
+        "val_data_loader": loader,
+        "network": "@network",
+        "inferer": inferer,
+        "postprocessing": post,
+        "val_handlers": handlers,
+        "amp": "@amp",
+        "amp_kwargs": {"dtype": "$torch.bfloat16"},
+    }
+    if metrics:
+        evaluator.update({"key_val_metric": metrics[0], "additional_metrics": metrics[1]})
+    return evaluator
+
+
+def _validator() -> dict:
+    """``validate#evaluator``: the ``validate`` section's loader, inferer, postprocessing, metrics and handlers."""
+    return _evaluator("@validate#dataloader", "@validate#inferer", "@validate#postprocessing", "@validate#handlers",
+                      ("@validate#key_metric", "@validate#additional_metrics"))  # fmt: skip
+
+
+def _finetune_handlers() -> list[dict]:
+    """``train#handlers`` of every ``finetune``: poly schedule, gradient clipping, validation, the history CSV and
+    the training tail (the resume state names the best-model saver of ``validate#handlers``)."""
+    return [
+        {
+            "_target_": "tpp_monai.handlers.OptimizerScheduleHandler",
+            "optimizer": "@optimizer",
+            "lr": "$tpp.poly_schedule(@lr, @epochs, @train#iters_per_epoch)",
+        },
+        {"_target_": "tpp_monai.handlers.GradientClipHandler", "params": TRAINABLE_PARAMS, "max_norm": "@grad_clip"},
+        {
+            "_target_": "tpp_monai.handlers.ValidationHandler",
+            "validator": "@validate#evaluator",
+            "interval": "@val_interval",
+            "epoch_level": True,
+        },
+        {
+            "_target_": "tpp_monai.handlers.HistoryWriter",
+            "path": "$@output_dir + '/history.csv'",
+            "optimizer": "@optimizer",
+            "validator": "@validate#evaluator",
+        },
+        *_training_tail(
+            {
+                "trainable": "$tpp.trainable_state(@network_def)",
+                "optimizer": "@optimizer",
+                "best_model": "@validate#handlers#1",
+            }
+        ),
+    ]
+
+
+def _best_model_handlers(extra_info: str = "") -> list[dict]:
+    """``validate#handlers``: the epoch log and the best model as ``<ckpt_dir>/model.pt`` with how it was made."""
+    return [
+        {"_target_": "StatsHandler", "iteration_log": False},
+        {
+            "_target_": "tpp_monai.handlers.SafeCheckpointSaver",
+            "save_dir": "@ckpt_dir",
+            "save_dict": {"model": "@network_def"},
+            "save_key_metric": True,
+            "key_metric_filename": "model.pt",
+            "run_info": "$tpp.run_info(dataset=@dataset_name, method=@method, method_options=@method_options, "
+            "backbone=@backbone, backbone_ckpt=@backbone_ckpt, tpp_ckpt=@tpp_ckpt, seed=@seed, lr=@lr, "
+            f"label_fraction=@label_fraction, finetune_dir=@output_dir{extra_info})",
+        },
+    ]
+
+
 def finetune_config(info: DatasetInfo, method: str) -> dict:
     """``configs/finetune.json``: target parameters (from ``pretrain_tpp``, or random with ``--tpp_ckpt none``) and a
     fresh head trained with the backbone frozen; the best validation checkpoint is ``models/model.pt``."""
@@ -438,7 +526,7 @@ def finetune_config(info: DatasetInfo, method: str) -> dict:
             "loss": loss,
             "optimizer": {
                 "_target_": "torch.optim.AdamW",
-                "params": "$[p for p in @network_def.parameters() if p.requires_grad]",
+                "params": TRAINABLE_PARAMS,
                 "lr": "@lr",
                 "weight_decay": "@weight_decay",
             },
@@ -448,37 +536,7 @@ def finetune_config(info: DatasetInfo, method: str) -> dict:
                 ),
                 "iters_per_epoch": "$len(@train#dataloader)",
                 "inferer": {"_target_": "SimpleInferer"},
-                "handlers": [
-                    {
-                        "_target_": "tpp_monai.handlers.OptimizerScheduleHandler",
-                        "optimizer": "@optimizer",
-                        "lr": "$tpp.poly_schedule(@lr, @epochs, @train#iters_per_epoch)",
-                    },
-                    {
-                        "_target_": "tpp_monai.handlers.GradientClipHandler",
-                        "params": "$[p for p in @network_def.parameters() if p.requires_grad]",
-                        "max_norm": "@grad_clip",
-                    },
-                    {
-                        "_target_": "tpp_monai.handlers.ValidationHandler",
-                        "validator": "@validate#evaluator",
-                        "interval": "@val_interval",
-                        "epoch_level": True,
-                    },
-                    {
-                        "_target_": "tpp_monai.handlers.HistoryWriter",
-                        "path": "$@output_dir + '/history.csv'",
-                        "optimizer": "@optimizer",
-                        "validator": "@validate#evaluator",
-                    },
-                    *_training_tail(
-                        {
-                            "trainable": "$tpp.trainable_state(@network_def)",
-                            "optimizer": "@optimizer",
-                            "best_model": "@validate#handlers#1",
-                        }
-                    ),
-                ],
+                "handlers": _finetune_handlers(),
                 "trainer": _trainer({"_target_": "tpp_monai.engines.PlainBatch"}),
             },
             "validate": {
@@ -489,33 +547,8 @@ def finetune_config(info: DatasetInfo, method: str) -> dict:
                 "postprocessing": _postprocessing(info),
                 "key_metric": key_metric,
                 "additional_metrics": extra_metrics,
-                "handlers": [
-                    {"_target_": "StatsHandler", "iteration_log": False},
-                    {
-                        "_target_": "tpp_monai.handlers.SafeCheckpointSaver",
-                        "save_dir": "@ckpt_dir",
-                        "save_dict": {"model": "@network_def"},
-                        "save_key_metric": True,
-                        "key_metric_filename": "model.pt",
-                        "run_info": "$tpp.run_info(dataset=@dataset_name, method=@method, "
-                        "method_options=@method_options, backbone=@backbone, backbone_ckpt=@backbone_ckpt, "
-                        "tpp_ckpt=@tpp_ckpt, seed=@seed, lr=@lr, label_fraction=@label_fraction, "
-                        "finetune_dir=@output_dir)",
-                    },
-                ],
-                "evaluator": {
-                    "_target_": "SupervisedEvaluator",
-                    "device": "@device",
-                    "val_data_loader": "@validate#dataloader",
-                    "network": "@network",
-                    "inferer": "@validate#inferer",
-                    "postprocessing": "@validate#postprocessing",
-                    "key_val_metric": "@validate#key_metric",
-                    "additional_metrics": "@validate#additional_metrics",
-                    "val_handlers": "@validate#handlers",
-                    "amp": "@amp",
-                    "amp_kwargs": {"dtype": "$torch.bfloat16"},
-                },
+                "handlers": _best_model_handlers(),
+                "evaluator": _validator(),
             },
             "initialize": _training_initialize(
                 "$tpp.check_settings(@dataset_name, @method, @backbone, datalist=@datalist, dataset_dir=@dataset_dir, "
@@ -561,11 +594,7 @@ def evaluate_config(info: DatasetInfo, method: str) -> dict:
             "postprocessing": _postprocessing(info, save_masks="$@output_dir + '/predictions'"),
             "key_metric": key_metric,
             "additional_metrics": extra_metrics,
-            "checkpoint_loader": {
-                "_target_": "tpp_monai.handlers.VerifiedCheckpointLoader",
-                "load_path": "$@ckpt_dir + '/model.pt'",
-                "load_dict": {"model": "@network_def"},
-            },
+            "checkpoint_loader": CHECKPOINT_LOADER,
             "handlers": [
                 "@checkpoint_loader",
                 {"_target_": "StatsHandler", "iteration_log": False},
@@ -578,31 +607,11 @@ def evaluate_config(info: DatasetInfo, method: str) -> dict:
                     "summary_ops": "*",
                 },
                 *savers,
-                {
-                    "_target_": "tpp_monai.handlers.EvaluationWriter",
-                    "output_dir": "@output_dir",
-                    "loader": "@checkpoint_loader",
-                    "info": {
-                        "evaluated_split": "test",
-                        "ckpt": "$@ckpt_dir + '/model.pt'",
-                        "datalist": "@datalist",
-                        "dataset_dir": "@dataset_dir",
-                    },
-                },
+                EVALUATION_WRITER,
             ],
-            "evaluator": {
-                "_target_": "SupervisedEvaluator",
-                "device": "@device",
-                "val_data_loader": "@test#dataloader",
-                "network": "@network",
-                "inferer": "@inferer",
-                "postprocessing": "@postprocessing",
-                "key_val_metric": "@key_metric",
-                "additional_metrics": "@additional_metrics",
-                "val_handlers": "@handlers",
-                "amp": "@amp",
-                "amp_kwargs": {"dtype": "$torch.bfloat16"},
-            },
+            "evaluator": _evaluator(
+                "@test#dataloader", "@inferer", "@postprocessing", "@handlers", ("@key_metric", "@additional_metrics")
+            ),
             "initialize": [
                 "$tpp.install_excepthook()",
                 "$tpp.check_settings(@dataset_name, @method, @backbone, datalist=@datalist, dataset_dir=@dataset_dir, "
@@ -665,17 +674,7 @@ def inference_config(info: DatasetInfo, method: str) -> dict:
                 {"_target_": "StatsHandler", "iteration_log": False},
                 *writers,
             ],
-            "evaluator": {
-                "_target_": "SupervisedEvaluator",
-                "device": "@device",
-                "val_data_loader": "@dataloader",
-                "network": "@network",
-                "inferer": "@inferer",
-                "postprocessing": "@postprocessing",
-                "val_handlers": "@handlers",
-                "amp": "@amp",
-                "amp_kwargs": {"dtype": "$torch.bfloat16"},
-            },
+            "evaluator": _evaluator("@dataloader", "@inferer", "@postprocessing", "@handlers", None),
             "initialize": ["$tpp.install_excepthook()", "$monai.utils.set_determinism(seed=@seed)"],
             "run": ["$@evaluator.run()"],
         }

@@ -24,14 +24,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tpp_monai.bundle_gen import (
+    CHECKPOINT_LOADER,
+    EVALUATION_WRITER,
     LOGGING_CONF,
+    TRAINABLE_PARAMS,
+    _best_model_handlers,
     _common,
     _data_section,
+    _evaluator,
+    _finetune_handlers,
     _trainer,
     _training_initialize,
-    _training_tail,
+    _validator,
     _with_settings_record,
     metadata,
+    multi_gpu_config,
     pretrain_tpp_config,
 )
 from tpp_monai.data.info import DATASETS, DatasetInfo
@@ -178,23 +185,6 @@ def _dice_metrics(prefix: str) -> tuple[dict, dict]:
     return key, extra
 
 
-def _evaluator(loader: str, inferer: str, post: str, handlers: str, metrics: tuple[str, str] | None) -> dict:
-    evaluator = {
-        "_target_": "SupervisedEvaluator",
-        "device": "@device",
-        "val_data_loader": loader,
-        "network": "@network",
-        "inferer": inferer,
-        "postprocessing": post,
-        "val_handlers": handlers,
-        "amp": "@amp",
-        "amp_kwargs": {"dtype": "$torch.bfloat16"},
-    }
-    if metrics:
-        evaluator.update({"key_val_metric": metrics[0], "additional_metrics": metrics[1]})
-    return evaluator
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Configs
 
@@ -244,7 +234,6 @@ def finetune_config_3d(info: DatasetInfo, method: str) -> dict:
     cfg = _common_3d(info, method, "finetune")
     cfg["imports"].append("$import tpp_monai.data as tpp_data")
     key_metric, extra_metrics = _dice_metrics("val_")
-    trainable = "$[p for p in @network_def.parameters() if p.requires_grad]"
     train = _data_section("training", "$tpp_data.train_transforms(@dataset_name, @image_size)", "@batch_size", True)
     validate = _data_section(
         "validation", "$tpp_data.eval_transforms(@dataset_name, @image_size)", "@val_batch_size", False
@@ -277,7 +266,7 @@ def finetune_config_3d(info: DatasetInfo, method: str) -> dict:
             },
             "optimizer": {
                 "_target_": "torch.optim.SGD",
-                "params": trainable,
+                "params": TRAINABLE_PARAMS,
                 "lr": "@lr",
                 "momentum": "@momentum",
                 "nesterov": True,
@@ -287,37 +276,7 @@ def finetune_config_3d(info: DatasetInfo, method: str) -> dict:
                 **train,
                 "iters_per_epoch": "$len(@train#dataloader)",
                 "inferer": {"_target_": "SimpleInferer"},
-                "handlers": [
-                    {
-                        "_target_": "tpp_monai.handlers.OptimizerScheduleHandler",
-                        "optimizer": "@optimizer",
-                        "lr": "$tpp.poly_schedule(@lr, @epochs, @train#iters_per_epoch)",
-                    },
-                    {
-                        "_target_": "tpp_monai.handlers.GradientClipHandler",
-                        "params": trainable,
-                        "max_norm": "@grad_clip",
-                    },
-                    {
-                        "_target_": "tpp_monai.handlers.ValidationHandler",
-                        "validator": "@validate#evaluator",
-                        "interval": "@val_interval",
-                        "epoch_level": True,
-                    },
-                    {
-                        "_target_": "tpp_monai.handlers.HistoryWriter",
-                        "path": "$@output_dir + '/history.csv'",
-                        "optimizer": "@optimizer",
-                        "validator": "@validate#evaluator",
-                    },
-                    *_training_tail(
-                        {
-                            "trainable": "$tpp.trainable_state(@network_def)",
-                            "optimizer": "@optimizer",
-                            "best_model": "@validate#handlers#1",
-                        }
-                    ),
-                ],
+                "handlers": _finetune_handlers(),
                 "trainer": _trainer({"_target_": "tpp_monai.engines.PlainBatch"}),
             },
             "validate": {
@@ -326,27 +285,8 @@ def finetune_config_3d(info: DatasetInfo, method: str) -> dict:
                 "postprocessing": {"_target_": "Compose", "transforms": [_softmax(), _argmax()]},
                 "key_metric": key_metric,
                 "additional_metrics": extra_metrics,
-                "handlers": [
-                    {"_target_": "StatsHandler", "iteration_log": False},
-                    {
-                        "_target_": "tpp_monai.handlers.SafeCheckpointSaver",
-                        "save_dir": "@ckpt_dir",
-                        "save_dict": {"model": "@network_def"},
-                        "save_key_metric": True,
-                        "key_metric_filename": "model.pt",
-                        "run_info": "$tpp.run_info(dataset=@dataset_name, method=@method, "
-                        "method_options=@method_options, backbone=@backbone, backbone_ckpt=@backbone_ckpt, "
-                        "backbone_options=@backbone_options, tpp_ckpt=@tpp_ckpt, seed=@seed, lr=@lr, "
-                        "label_fraction=@label_fraction, finetune_dir=@output_dir)",
-                    },
-                ],
-                "evaluator": _evaluator(
-                    "@validate#dataloader",
-                    "@validate#inferer",
-                    "@validate#postprocessing",
-                    "@validate#handlers",
-                    ("@validate#key_metric", "@validate#additional_metrics"),
-                ),
+                "handlers": _best_model_handlers(", backbone_options=@backbone_options"),
+                "evaluator": _validator(),
             },
             "initialize": _with_3d_checks(
                 _training_initialize(
@@ -383,11 +323,7 @@ def evaluate_config_3d(info: DatasetInfo, method: str) -> dict:
             "postprocessing": {"_target_": "Compose", "transforms": [_softmax(), _argmax()]},
             "key_metric": key_metric,
             "additional_metrics": extra_metrics,
-            "checkpoint_loader": {
-                "_target_": "tpp_monai.handlers.VerifiedCheckpointLoader",
-                "load_path": "$@ckpt_dir + '/model.pt'",
-                "load_dict": {"model": "@network_def"},
-            },
+            "checkpoint_loader": CHECKPOINT_LOADER,
             "handlers": [
                 "@checkpoint_loader",
                 {"_target_": "StatsHandler", "iteration_log": False},
@@ -397,17 +333,7 @@ def evaluate_config_3d(info: DatasetInfo, method: str) -> dict:
                     "handler": "@key_metric#mean_dice",
                     "output_dir": "@output_dir",
                 },
-                {
-                    "_target_": "tpp_monai.handlers.EvaluationWriter",
-                    "output_dir": "@output_dir",
-                    "loader": "@checkpoint_loader",
-                    "info": {
-                        "evaluated_split": "test",
-                        "ckpt": "$@ckpt_dir + '/model.pt'",
-                        "datalist": "@datalist",
-                        "dataset_dir": "@dataset_dir",
-                    },
-                },
+                EVALUATION_WRITER,
             ],
             "evaluator": _evaluator(
                 "@test#dataloader", "@inferer", "@postprocessing", "@handlers", ("@key_metric", "@additional_metrics")
@@ -458,11 +384,7 @@ def inference_config_3d(info: DatasetInfo, method: str) -> dict:
                 "transforms": [_softmax(), invert, _argmax(), "$tpp3d.nifti_saver(@output_dir)"],
             },
             "handlers": [
-                {
-                    "_target_": "tpp_monai.handlers.VerifiedCheckpointLoader",
-                    "load_path": "$@ckpt_dir + '/model.pt'",
-                    "load_dict": {"model": "@network_def"},
-                },
+                CHECKPOINT_LOADER,
                 {"_target_": "StatsHandler", "iteration_log": False},
             ],
             "evaluator": _evaluator("@dataloader", "@inferer", "@postprocessing", "@handlers", None),
@@ -667,6 +589,7 @@ def bundle_files_3d(info: DatasetInfo, method: str) -> dict[str, object]:
             "configs/evaluate.json": evaluate_config_3d(info, method),
             "configs/inference.json": inference_config_3d(info, method),
             "configs/demo.json": demo_config_3d(info),
+            "configs/multi_gpu.json": multi_gpu_config(),
             "configs/logging.conf": LOGGING_CONF,
             "docs/README.md": readme_3d(info, method),
         }
