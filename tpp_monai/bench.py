@@ -7,7 +7,8 @@ One process measures, on the same machine state:
   every configuration per round, so background load hits all of them alike) after warm-up; medians are reported.
   A dense fp32 GEMM (bf16 on GPU) runs in every round too: the machine's matmul rate.
 * **engine**: the TPP stage through the bundle's own trainer and handlers (``pretrain_tpp.json`` instantiated with
-  MONAI's ``ConfigParser``) against a bare PyTorch loop on the same network, optimizer and batches.
+  MONAI's ``ConfigParser``) against a bare PyTorch step on the same network, optimizer and batches, run right
+  after every engine iteration so that each pair sees the same machine state; the median of the pairs' ratios.
 * **data**: images/s delivered by the bundle's cached, augmented loader on demo data against the TPP step's
   consumption.
 * **scaling**: TPP-MAE step time at 224 and 512 (GlaS), and STU-Net's TPP step at two 3D patch sizes.
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import itertools
 import json
 import logging
 import math
@@ -901,79 +901,72 @@ def section_engine(args: argparse.Namespace, device: Device, log: Callable) -> d
         optimizer = parser.get_parsed_content("optimizer")
         prepare = PretextBatch("mae")
 
-        marks: list[tuple[float, float, float | None]] = []
+        def bare_batches() -> Iterable:
+            while True:
+                yield from loader
 
-        def mark(_: object = None) -> None:
+        bare_feed = bare_batches()
+
+        def bare_step() -> None:
+            images, target = prepare(next(bare_feed), device.torch)
+            optimizer.zero_grad(set_to_none=True)
+            with device.autocast():
+                loss = loss_fn(network(images), target)
+            loss.backward()
+            optimizer.step()
+
+        # One bare step right after every engine iteration (on the loader's next batch): the two alternate within
+        # a second, so other load on the machine hits both sides of each pair alike, and the median over the pairs'
+        # ratios is robust where medians over separate epochs are not (a burst lasts several seconds).
+        pairs: list[tuple[float, float]] = []  # (engine iteration, bare step) seconds
+        clock = [0.0]
+
+        def start(_: object = None) -> None:
             device.sync()
-            marks.append((time.perf_counter(), time.process_time(), PRESSURE.total()))
+            clock[0] = time.perf_counter()
 
-        trainer.add_event_handler(Events.EPOCH_STARTED, mark)
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, mark)
+        def interleave(_: object = None) -> None:
+            device.sync()
+            t_engine = time.perf_counter() - clock[0]
+            t0 = time.perf_counter()
+            bare_step()
+            device.sync()
+            clock[0] = time.perf_counter()
+            pairs.append((t_engine, clock[0] - t0))
 
-        def samples() -> list[Sample]:
-            return [Sample(b2[0] - a[0], b2[1] - a[1], _delta(a[2], b2[2])) for a, b2 in itertools.pairwise(marks)]
+        trainer.add_event_handler(Events.EPOCH_STARTED, start)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, interleave)  # after the bundle's own handlers
 
-        def engine_epoch() -> tuple[list[Sample], float]:
-            marks.clear()
+        def epoch() -> float:
+            """Seconds of the epoch outside its iterations and bare steps (epoch-end handlers: checkpoint writes)."""
+            done = len(pairs)
             PRESSURE.wait_quiet(args.wait_quiet)
             t0 = time.perf_counter()
             with contextlib.redirect_stderr(io.StringIO()):  # the progress bar still renders, out of sight
                 trainer.run()
             device.sync()
-            total = time.perf_counter() - t0
-            iters = samples()
-            return iters, total - sum(x.wall for x in iters)
+            return time.perf_counter() - t0 - sum(e + b2 for e, b2 in pairs[done:])
 
-        def bare_epoch() -> tuple[list[Sample], float]:
-            network.train()
-            marks.clear()
-            PRESSURE.wait_quiet(args.wait_quiet)
-            t0 = time.perf_counter()
-            mark()
-            for batch in loader:
-                images, target = prepare(batch, device.torch)
-                optimizer.zero_grad(set_to_none=True)
-                with device.autocast():
-                    loss = loss_fn(network(images), target)
-                loss.backward()
-                optimizer.step()
-                mark()
-            total = time.perf_counter() - t0
-            iters = samples()
-            return iters, total - sum(x.wall for x in iters)
-
-        engine_epoch()  # warm-up (first-iteration allocations, optimizer state, first checkpoint files)
-        bare_epoch()
-        e_iters: list[Sample] = []
-        b_iters: list[Sample] = []
-        e_extra, b_extra = [], []
+        epoch()  # warm-up (first-iteration allocations, optimizer state, first checkpoint files)
+        pairs.clear()
+        extras = []
         for r in range(args.engine_reps):
-            it, extra = bare_epoch()
-            b_iters += it
-            b_extra.append(extra)
-            it, extra = engine_epoch()
-            e_iters += it
-            e_extra.append(extra)
-            log(f"engine rep {r + 1}/{args.engine_reps}")
-    # Both sides by the same rule: quiet iterations when each side has at least 3, otherwise all of them.
-    use_quiet = min(sum(x.quiet for x in e_iters), sum(x.quiet for x in b_iters)) >= 3
-    t_e, _ = quiet_median(e_iters, 3 if use_quiet else len(e_iters) + 1)
-    t_b, _ = quiet_median(b_iters, 3 if use_quiet else len(b_iters) + 1)
-    extra = median(e_extra) - median(b_extra)
+            extras.append(epoch())
+            log(f"engine epoch {r + 1}/{args.engine_reps}: {len(pairs)} engine/bare pairs")
+    t_bare = median(b2 for _, b2 in pairs)
+    per_pair = [e / b2 for e, b2 in pairs]
     return {
         "bundle": str(path.relative_to(path.parents[2])),
         "trainer": type(trainer).__name__,
         "handlers": [type(h).__name__ for h in parser.get_parsed_content("train#handlers")],
         "iterations_per_epoch": n,
-        "engine_iteration_s": t_e,
-        "bare_iteration_s": t_b,
-        "quiet_iterations": {"engine": sum(x.quiet for x in e_iters), "bare": sum(x.quiet for x in b_iters),
-                             "of": len(e_iters)},
-        "engine_epoch_extra_s": extra,
-        "engine_overhead": overhead(t_e, max(0.0, extra), n, t_b),
-        "engine_iterations_s": [round(x.wall, 4) for x in e_iters],
-        "bare_iterations_s": [round(x.wall, 4) for x in b_iters],
-    }  # fmt: skip
+        "pairs": len(pairs),
+        "engine_iteration_s": median(e for e, _ in pairs),
+        "bare_iteration_s": t_bare,
+        "pair_ratio_quartiles": [round(x, 4) for x in statistics.quantiles(per_pair, n=4)],
+        "engine_epoch_extra_s": median(extras),
+        "engine_overhead": overhead(median(per_pair), median(extras) / t_bare, n, 1.0),
+    }
 
 
 # ----- data -----------------------------------------------------------------------------------------------------
@@ -1137,7 +1130,8 @@ def explain(result: dict) -> dict[str, str]:
         why["engine_overhead"] = (
             f"per iteration {eng['engine_iteration_s'] * 1e3:.0f} ms (engine) vs {eng['bare_iteration_s'] * 1e3:.0f}"
             f" ms (bare); epoch-end handlers (target-state and checkpoint writes) {eng['engine_epoch_extra_s']:.2f} s"
-            f" spread over {eng['iterations_per_epoch']} iterations"
+            f" spread over {eng['iterations_per_epoch']} iterations; engine/bare ratio quartiles over "
+            f"{eng['pairs']} interleaved pairs: " + " / ".join(f"{x:.3f}" for x in eng["pair_ratio_quartiles"])
         )
     data = result.get("data") or {}
     if data.get("images_per_s"):
@@ -1300,7 +1294,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--scaling-steps", type=int, default=2, help="timed steps per scaling point (default 2)")
     parser.add_argument("--engine-iters", type=int, default=6, help="iterations per engine epoch (default 6)")
-    parser.add_argument("--engine-reps", type=int, default=2, help="engine/bare epoch pairs (default 2)")
+    parser.add_argument(
+        "--engine-reps", type=int, default=4, help="engine epochs, each step paired with a bare one (default 4)"
+    )
     parser.add_argument("--data-images", type=int, default=200, help="images the data pipeline must deliver")
     parser.add_argument("--data-seconds", type=float, default=5.0, help="and at least this long (seconds)")
     parser.add_argument("--dataset", default="mhist", help="demo dataset of the data pipeline (default mhist)")
