@@ -120,6 +120,24 @@ def test_activation_checkpointing_keeps_gradients() -> None:
         torch.testing.assert_close(a, b)
 
 
+def test_bundle_option_switches_checkpointing_on_encoder_and_decoder(tmp_path, demo_roots) -> None:
+    from conftest import make_workflow
+
+    from tpp_monai.workflows import activation_checkpointing
+
+    wf = make_workflow(
+        "mhist_adapter", "pretrain_tpp", ("pretrain_tpp", "demo"), runs_dir=str(tmp_path),
+        dataset_dir=str(demo_roots("mhist")), activation_checkpointing=True, tpp_epochs=1,
+    )  # fmt: skip
+    net = wf.parser.get_parsed_content("pretext_net")
+    flags = [m.activation_checkpointing for m in net.modules() if hasattr(type(m), "activation_checkpointing")]
+    assert flags == [True, True]  # the encoder and the MAE decoder
+    wf.run()
+    assert (tmp_path / "pretrain_tpp" / "tpp_target.pt").is_file()
+    with pytest.raises(ConfigError, match="ViT backbones"):
+        activation_checkpointing(build_backbone("stunet_tiny", task="seg", num_classes=2), True)
+
+
 def test_report_and_cli_validation() -> None:
     configs = {
         key: {

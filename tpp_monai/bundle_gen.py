@@ -200,6 +200,7 @@ def pretrain_tpp_config(info: DatasetInfo, method: str) -> dict:
             "mae_decoder": recipe.mae_decoder,
             "mask_ratio": 0.75,
             "dino": {},
+            "activation_checkpointing": False,
             "network_def": {
                 "_target_": "tpp_monai.network.build_network",
                 "backbone": "@backbone",
@@ -381,6 +382,9 @@ SETTINGS_EXCLUDED = {"imports", "initialize", "finalize", "network_def", "networ
                      "additional_metrics", "datalist_records"}  # fmt: skip
 
 
+GPU_SETTINGS = "$tpp.gpu_settings()"
+
+
 def _training_initialize(check_settings: str, check_output: str) -> list[str]:
     """``initialize`` of the training workflows: clear errors first, then the process group (``multi_gpu.json``
     sets ``distributed``), fail-fast checks, seeding, the network (so option and checkpoint errors surface before
@@ -388,10 +392,12 @@ def _training_initialize(check_settings: str, check_output: str) -> list[str]:
     return [
         "$tpp.install_excepthook()",
         "$tpp.init_distributed() if @distributed else None",
+        GPU_SETTINGS,
         check_settings,
         check_output,
         "$monai.utils.set_determinism(seed=@seed)",
         "$@network_def",
+        "$tpp.activation_checkpointing(@network_module, @activation_checkpointing)",
     ]
 
 
@@ -519,6 +525,7 @@ def finetune_config(info: DatasetInfo, method: str) -> dict:
             "epochs": "$tpp.epochs_for(@iterations, @train#iters_per_epoch)",
             "weight_decay": 1e-4,
             "grad_clip": 12.0,
+            "activation_checkpointing": False,
             "label_fraction": None,
             "val_interval": 1,
             "val_batch_size": 1,
@@ -618,6 +625,7 @@ def evaluate_config(info: DatasetInfo, method: str) -> dict:
             ),
             "initialize": [
                 "$tpp.install_excepthook()",
+                GPU_SETTINGS,
                 "$tpp.check_settings(@dataset_name, @method, @backbone, datalist=@datalist, dataset_dir=@dataset_dir, "
                 "keys=('test',))",
                 "$monai.utils.set_determinism(seed=@seed)",
@@ -679,7 +687,7 @@ def inference_config(info: DatasetInfo, method: str) -> dict:
                 *writers,
             ],
             "evaluator": _evaluator("@dataloader", "@inferer", "@postprocessing", "@handlers", None),
-            "initialize": ["$tpp.install_excepthook()", "$monai.utils.set_determinism(seed=@seed)"],
+            "initialize": ["$tpp.install_excepthook()", GPU_SETTINGS, "$monai.utils.set_determinism(seed=@seed)"],
             "run": ["$@evaluator.run()"],
         }
     )

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from tpp_monai.bundle_gen import (
     CHECKPOINT_LOADER,
     EVALUATION_WRITER,
+    GPU_SETTINGS,
     LOGGING_CONF,
     TRAINABLE_PARAMS,
     _best_model_handlers,
@@ -128,16 +129,13 @@ def _common_3d(info: DatasetInfo, method: str, workflow: str) -> dict:
 
 
 def _with_3d_checks(initialize: list[str], extra: str = "") -> list[str]:
-    """``initialize`` with the 3D checks and GPU settings right after the error hook (and the process group): they
+    """``initialize`` with the 3D checks right after the error hook, the process group and the GPU settings: they
     need no data, so a wrong patch size fails before the datalist is even read."""
     out = list(initialize)
     start = 0
-    while start < len(out) and ("install_excepthook" in out[start] or "init_distributed" in out[start]):
+    while start < len(out) and any(k in out[start] for k in ("install_excepthook", "init_distributed", GPU_SETTINGS)):
         start += 1
-    out[start:start] = [
-        "$tpp3d.check_3d(@dataset_name, @backbone, @image_size, @backbone_options" + extra + ")",
-        "$tpp3d.gpu_speedups()",
-    ]
+    out[start:start] = ["$tpp3d.check_3d(@dataset_name, @backbone, @image_size, @backbone_options" + extra + ")"]
     return out
 
 
@@ -253,6 +251,7 @@ def finetune_config_3d(info: DatasetInfo, method: str) -> dict:
             "momentum": recipe.momentum,
             "weight_decay": recipe.weight_decay,
             "grad_clip": recipe.grad_clip,
+            "activation_checkpointing": False,
             "label_fraction": None,
             "val_interval": 50,
             "val_batch_size": 1,
@@ -388,7 +387,9 @@ def inference_config_3d(info: DatasetInfo, method: str) -> dict:
                 {"_target_": "StatsHandler", "iteration_log": False},
             ],
             "evaluator": _evaluator("@dataloader", "@inferer", "@postprocessing", "@handlers", None),
-            "initialize": _with_3d_checks(["$tpp.install_excepthook()", "$monai.utils.set_determinism(seed=@seed)"]),
+            "initialize": _with_3d_checks(
+                ["$tpp.install_excepthook()", GPU_SETTINGS, "$monai.utils.set_determinism(seed=@seed)"]
+            ),
             "run": ["$@evaluator.run()"],
         }
     )

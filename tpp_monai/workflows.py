@@ -190,6 +190,34 @@ def mae_decoder_geometry(backbone: str) -> dict:
     return dict(get_backbone_spec(backbone, "backbone").mae_decoder)
 
 
+def gpu_settings() -> bool:
+    """On a GPU: TF32 for the fp32 matmuls and convolutions that bf16 autocast leaves in fp32 (fp32 accumulation,
+    safe for training) and ``cudnn.benchmark`` (images, patches and ROIs have fixed sizes, so autotuned kernels are
+    reused every step). Nothing on the CPU. Returns whether a GPU is used."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return cuda
+
+
+def activation_checkpointing(model: object, enabled: bool) -> int:
+    """``--activation_checkpointing true``: recompute each transformer block (encoder, MAE decoder) in the backward
+    pass instead of keeping its activations; ``python -m tpp_monai bench`` prints what it saves and costs."""
+    from tpp_monai.backbones.vit import set_activation_checkpointing
+
+    count = set_activation_checkpointing(model, enabled)
+    if enabled and not count:
+        raise ConfigError(
+            f"activation checkpointing is available for the ViT backbones, not {type(model).__name__}; "
+            "leave --activation_checkpointing false"
+        )
+    return count
+
+
 def cpu_workers(cap: int = 8) -> int:
     """Data-loading workers from the CPU count (leaving one core for the training loop)."""
     return max(0, min(cap, (os.cpu_count() or 1) - 1))

@@ -3,8 +3,6 @@ STU-Net (paper §5.4, Table 10; ``shared/reference/stunet.md``).
 
 * :func:`check_3d`: fail fast, before any volume is cached, on a 2D dataset, a non-STU-Net backbone, a pretext
   STU-Net does not support, or a patch / ROI / DINO crop that breaks STU-Net's divisibility and bottleneck rules.
-* :func:`gpu_speedups`: ``torch.backends.cudnn.benchmark`` on a GPU (fixed patch sizes, so the autotuned kernels are
-  reused every step); nothing on the CPU.
 * :func:`nifti_saver`: the label-map writer of ``inference.json`` (NIfTI, the input's affine and shape).
 * :class:`PerCaseWriter`: the per-case organ / tumour / mean / organ-label-1 Dice table of ``evaluate.json``.
 """
@@ -60,12 +58,6 @@ def check_3d(
             model.check_input_size(cube, training=True)
         except ConfigError as err:
             raise ConfigError(f"{what} {list(cube)}: {err}") from None
-
-
-def gpu_speedups() -> bool:
-    """Turn on ``cudnn.benchmark`` when a GPU is used (the 3D patches and ROIs have fixed sizes); returns it."""
-    torch.backends.cudnn.benchmark = torch.cuda.is_available()
-    return torch.backends.cudnn.benchmark
 
 
 def nifti_saver(output_dir: str) -> object:
