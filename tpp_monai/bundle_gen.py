@@ -896,23 +896,37 @@ weights), `pretext`, `epochs`, `batch_size`, `num_workers`, `device`, `seed`, `m
 """
 
 
-def bundle_files(info: DatasetInfo, method: str) -> dict[str, object]:
-    """Relative path -> content (dict for JSON, str for text) of one bundle."""
-    files: dict[str, object] = {"configs/metadata.json": metadata(info, method)}
-    if method not in BASELINES:
-        files["configs/pretrain_tpp.json"] = pretrain_tpp_config(info, method)
+def assemble_bundle(metadata: dict, pretrain: dict | None, workflows: dict[str, dict], demo: dict, readme: str):
+    """Relative path -> content (dict for JSON, str for text) of one bundle, from its parts; ``pretrain`` is
+    ``None`` for the baselines (no target parameters, no TPP stage)."""
+    files: dict[str, object] = {"configs/metadata.json": metadata}
+    if pretrain is not None:
+        files["configs/pretrain_tpp.json"] = pretrain
+    files.update({f"configs/{name}.json": cfg for name, cfg in workflows.items()})
     files.update(
         {
-            "configs/finetune.json": finetune_config(info, method),
-            "configs/evaluate.json": evaluate_config(info, method),
-            "configs/inference.json": inference_config(info, method),
-            "configs/demo.json": demo_config(info),
+            "configs/demo.json": demo,
             "configs/multi_gpu.json": multi_gpu_config(),
             "configs/logging.conf": LOGGING_CONF,
-            "docs/README.md": readme(info, method),
+            "docs/README.md": readme,
         }
     )
     return files
+
+
+def bundle_files(info: DatasetInfo, method: str) -> dict[str, object]:
+    """Relative path -> content of one 2D bundle."""
+    return assemble_bundle(
+        metadata(info, method),
+        None if method in BASELINES else pretrain_tpp_config(info, method),
+        {
+            "finetune": finetune_config(info, method),
+            "evaluate": evaluate_config(info, method),
+            "inference": inference_config(info, method),
+        },
+        demo_config(info),
+        readme(info, method),
+    )
 
 
 def render(content: object) -> str:

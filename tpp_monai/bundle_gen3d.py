@@ -27,7 +27,6 @@ from tpp_monai.bundle_gen import (
     CHECKPOINT_LOADER,
     EVALUATION_WRITER,
     GPU_SETTINGS,
-    LOGGING_CONF,
     TRAINABLE_PARAMS,
     _best_model_handlers,
     _common,
@@ -38,8 +37,8 @@ from tpp_monai.bundle_gen import (
     _training_initialize,
     _validator,
     _with_settings_record,
+    assemble_bundle,
     metadata,
-    multi_gpu_config,
     pretrain_tpp_config,
 )
 from tpp_monai.data.info import DATASETS, DatasetInfo
@@ -580,19 +579,15 @@ record a run (SQLite store `runs/mlruns.db`).
 
 
 def bundle_files_3d(info: DatasetInfo, method: str) -> dict[str, object]:
-    """Relative path -> content (dict for JSON, str for text) of one 3D bundle."""
-    files: dict[str, object] = {"configs/metadata.json": metadata_3d(info, method)}
-    if method not in BASELINES_3D:
-        files["configs/pretrain_tpp.json"] = pretrain_tpp_config_3d(info, method)
-    files.update(
+    """Relative path -> content of one 3D bundle."""
+    return assemble_bundle(
+        metadata_3d(info, method),
+        None if method in BASELINES_3D else pretrain_tpp_config_3d(info, method),
         {
-            "configs/finetune.json": finetune_config_3d(info, method),
-            "configs/evaluate.json": evaluate_config_3d(info, method),
-            "configs/inference.json": inference_config_3d(info, method),
-            "configs/demo.json": demo_config_3d(info),
-            "configs/multi_gpu.json": multi_gpu_config(),
-            "configs/logging.conf": LOGGING_CONF,
-            "docs/README.md": readme_3d(info, method),
-        }
+            "finetune": finetune_config_3d(info, method),
+            "evaluate": evaluate_config_3d(info, method),
+            "inference": inference_config_3d(info, method),
+        },
+        demo_config_3d(info),
+        readme_3d(info, method),
     )
-    return files

@@ -5,15 +5,7 @@ Neither has new parameters to pre-train, so TPP does not apply to them (their bu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from tpp_monai.peft.registry import MethodSpec, is_peft_parameter, register
-
-
-@dataclass(frozen=True)
-class NoOptions:
-    """This baseline has no options."""
-
+from tpp_monai.peft.registry import MethodSpec, NoOptions, is_peft_parameter, register
 
 FULL = register(
     MethodSpec(

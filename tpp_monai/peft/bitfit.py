@@ -7,20 +7,12 @@ stage trains.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from tpp_monai.peft.registry import MethodSpec, register
-
-
-@dataclass(frozen=True)
-class BitFitConfig:
-    """BitFit has no options."""
-
+from tpp_monai.peft.registry import MethodSpec, NoOptions, register
 
 SPEC = register(
     MethodSpec(
         name="bitfit",
-        config=BitFitConfig,
+        config=NoOptions,
         inject=lambda m, cfg: cfg,
         target=lambda m, n: n.endswith("bias"),
         families=("medcoss", "timm_vit", "stunet"),

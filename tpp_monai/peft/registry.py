@@ -23,6 +23,11 @@ def is_peft_parameter(name: str) -> bool:
 
 
 @dataclass(frozen=True)
+class NoOptions:
+    """The options of a method that has none (the baselines, BitFit)."""
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """A registered PEFT method.
 
