@@ -383,6 +383,13 @@ SETTINGS_EXCLUDED = {"imports", "initialize", "finalize", "network_def", "networ
 
 
 GPU_SETTINGS = "$tpp.gpu_settings()"
+EVALUATE_INITIALIZE = [
+    "$tpp.install_excepthook()",
+    GPU_SETTINGS,
+    "$tpp.check_settings(@dataset_name, @method, @backbone, datalist=@datalist, dataset_dir=@dataset_dir, "
+    "keys=('test',))",
+    "$monai.utils.set_determinism(seed=@seed)",
+]
 
 
 def _training_initialize(check_settings: str, check_output: str) -> list[str]:
@@ -623,13 +630,7 @@ def evaluate_config(info: DatasetInfo, method: str) -> dict:
             "evaluator": _evaluator(
                 "@test#dataloader", "@inferer", "@postprocessing", "@handlers", ("@key_metric", "@additional_metrics")
             ),
-            "initialize": [
-                "$tpp.install_excepthook()",
-                GPU_SETTINGS,
-                "$tpp.check_settings(@dataset_name, @method, @backbone, datalist=@datalist, dataset_dir=@dataset_dir, "
-                "keys=('test',))",
-                "$monai.utils.set_determinism(seed=@seed)",
-            ],
+            "initialize": EVALUATE_INITIALIZE,
             "evaluate": ["$@evaluator.run()"],
         }
     )

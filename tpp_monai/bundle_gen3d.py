@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from tpp_monai.bundle_gen import (
     CHECKPOINT_LOADER,
+    EVALUATE_INITIALIZE,
     EVALUATION_WRITER,
     GPU_SETTINGS,
     TRAINABLE_PARAMS,
@@ -336,14 +337,7 @@ def evaluate_config_3d(info: DatasetInfo, method: str) -> dict:
             "evaluator": _evaluator(
                 "@test#dataloader", "@inferer", "@postprocessing", "@handlers", ("@key_metric", "@additional_metrics")
             ),
-            "initialize": _with_3d_checks(
-                [
-                    "$tpp.install_excepthook()",
-                    "$tpp.check_settings(@dataset_name, @method, @backbone, datalist=@datalist, "
-                    "dataset_dir=@dataset_dir, keys=('test',))",
-                    "$monai.utils.set_determinism(seed=@seed)",
-                ]
-            ),
+            "initialize": _with_3d_checks(EVALUATE_INITIALIZE),
             "evaluate": ["$@evaluator.run()"],
         }
     )
