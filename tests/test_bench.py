@@ -163,6 +163,10 @@ def test_report_and_cli_validation() -> None:
     result["targets"] = bench.evaluate_targets(ratios, bench.explain(result))
     assert result["targets"]["tpp_mae_memory_ratio"]["met"] is False
     assert "400 MiB fp32 weights, 0.40 x" in result["targets"]["tpp_mae_memory_ratio"]["why"]
+    why = bench.explain(result)
+    configs["peft_ft"]["gflop_per_step"] = 6.0  # 0.6 x full fine-tuning's FLOPs: under the 0.65 step target
+    assert "above the 0.65 target" in why["peft_step_ratio"]
+    assert "the ratio would be 0.60" in bench.explain(result)["peft_step_ratio"]
     text = bench.format_report(result)
     assert "MISSED by 0.050" in text and "tpp_mae_step_ratio" in text
 
