@@ -507,6 +507,25 @@ def _best_model_handlers(extra_info: str = "") -> list[dict]:
     ]
 
 
+def finetune_settings(baseline: bool, lr: float, batch_size: int, iterations: int) -> dict:
+    """The plain settings every fine-tuning workflow (2D and 3D) starts with: the TPP file (``none`` for a
+    baseline), the best-model folder, resume, the recipe's lr / batch / iterations (epochs follow from the loader),
+    label subsampling and activation checkpointing."""
+    return {
+        "tpp_ckpt": "none" if baseline else "$@runs_dir + '/pretrain_tpp/tpp_target.pt'",
+        "ckpt_dir": "$@bundle_root + '/models'",
+        "resume": False,
+        "distributed": False,
+        "lr": lr,
+        "batch_size": batch_size,
+        "iterations": iterations,
+        "epochs": "$tpp.epochs_for(@iterations, @train#iters_per_epoch)",
+        "activation_checkpointing": False,
+        "label_fraction": None,
+        "val_batch_size": 1,
+    }
+
+
 def finetune_config(info: DatasetInfo, method: str) -> dict:
     """``configs/finetune.json``: target parameters (from ``pretrain_tpp``, or random with ``--tpp_ckpt none``) and a
     fresh head trained with the backbone frozen; the best validation checkpoint is ``models/model.pt``."""
@@ -522,20 +541,10 @@ def finetune_config(info: DatasetInfo, method: str) -> dict:
     )
     cfg.update(
         {
-            "tpp_ckpt": "none" if baseline else "$@runs_dir + '/pretrain_tpp/tpp_target.pt'",
-            "ckpt_dir": "$@bundle_root + '/models'",
-            "resume": False,
-            "distributed": False,
-            "lr": recipe.lr,
-            "batch_size": recipe.batch_size,
-            "iterations": recipe.iterations,
-            "epochs": "$tpp.epochs_for(@iterations, @train#iters_per_epoch)",
+            **finetune_settings(baseline, recipe.lr, recipe.batch_size, recipe.iterations),
             "weight_decay": 1e-4,
             "grad_clip": 12.0,
-            "activation_checkpointing": False,
-            "label_fraction": None,
             "val_interval": 1,
-            "val_batch_size": 1,
             **({"num_classes": len(info.classes)} if info.task == "cls" else {}),
             "network_def": _network_def(info, "@backbone_ckpt", "@tpp_ckpt", classes="@num_classes"),
             "network_module": "@network_def",

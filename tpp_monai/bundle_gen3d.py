@@ -39,6 +39,7 @@ from tpp_monai.bundle_gen import (
     _validator,
     _with_settings_record,
     assemble_bundle,
+    finetune_settings,
     metadata,
     pretrain_tpp_config,
 )
@@ -240,21 +241,11 @@ def finetune_config_3d(info: DatasetInfo, method: str) -> dict:
         section["dataset"]["cache_rate"] = "@cache_rate"
     cfg.update(
         {
-            "tpp_ckpt": "none" if method in BASELINES_3D else "$@runs_dir + '/pretrain_tpp/tpp_target.pt'",
-            "ckpt_dir": "$@bundle_root + '/models'",
-            "resume": False,
-            "distributed": False,
-            "lr": recipe.lr,
-            "batch_size": recipe.batch_size,
-            "iterations": recipe.iterations,
-            "epochs": "$tpp.epochs_for(@iterations, @train#iters_per_epoch)",
+            **finetune_settings(method in BASELINES_3D, recipe.lr, recipe.batch_size, recipe.iterations),
             "momentum": recipe.momentum,
             "weight_decay": recipe.weight_decay,
             "grad_clip": recipe.grad_clip,
-            "activation_checkpointing": False,
-            "label_fraction": None,
             "val_interval": 50,
-            "val_batch_size": 1,
             "network_def": _network_def_3d(info, "@backbone_ckpt", "@tpp_ckpt"),
             "network_module": "@network_def",
             "network": "$@network_module.to(@device)",
