@@ -646,61 +646,60 @@ def evaluate_config(info: DatasetInfo, method: str) -> dict:
     return cfg
 
 
+INVERT_PRED = {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+               "nearest_interp": False, "to_tensor": True}  # fmt: skip
+
+
+def inference_settings(network_def: dict, transforms: str, inferer: dict, postprocessing: dict, writers: list):
+    """What every ``inference.json`` (2D and 3D) holds: a folder of images in, one per batch, through
+    ``transforms``, the fine-tuned ``models/model.pt`` (digest checked), ``inferer`` and ``postprocessing``, then
+    ``writers``."""
+    return {
+        "backbone_ckpt": "none",
+        "ckpt_dir": "$@bundle_root + '/models'",
+        "input_dir": "$@bundle_root + '/data/images'",
+        "network_def": network_def,
+        "network": "$@network_def.to(@device)",
+        "datalist": "$tpp.image_files(@input_dir)",
+        "preprocessing": {"_target_": "Compose", "transforms": transforms},
+        "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
+        "dataloader": {
+            "_target_": "DataLoader",
+            "dataset": "@dataset",
+            "batch_size": 1,
+            "shuffle": False,
+            "num_workers": "@num_workers",
+        },
+        "inferer": inferer,
+        "postprocessing": postprocessing,
+        "handlers": [CHECKPOINT_LOADER, {"_target_": "StatsHandler", "iteration_log": False}, *writers],
+        "evaluator": _evaluator("@dataloader", "@inferer", "@postprocessing", "@handlers", None),
+        "run": ["$@evaluator.run()"],
+    }
+
+
 def inference_config(info: DatasetInfo, method: str) -> dict:
     """``configs/inference.json`` (model-zoo layout): a folder of images in, masks (PNG) or class probabilities
     (CSV) out, with the fine-tuned ``models/model.pt``."""
     cfg = _common(info, method, "inference")
     cfg["imports"].append("$import tpp_monai.data as tpp_data")
+    post = _postprocessing(info)
     if info.task == "cls":
-        post = _postprocessing(info)
         writers = [{"_target_": "ClassificationSaver", "output_dir": "@output_dir", "filename": "predictions.csv",
                     "batch_transform": "$lambda batch: [b['image'].meta for b in batch]",
                     "output_transform": "$monai.handlers.from_engine(['pred'])"}]  # fmt: skip
     else:
-        post = _postprocessing(info)
         # back to each input's own size (the resize of the preprocessing undone) before thresholding and saving
-        post["transforms"].insert(0, {
-            "_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
-            "nearest_interp": False, "to_tensor": True,
-        })  # fmt: skip
+        post["transforms"].insert(0, dict(INVERT_PRED))
         post["transforms"].append("$tpp.mask_saver(@output_dir)")  # fmt: skip
         writers = []
     cfg.update(
-        {
-            "backbone_ckpt": "none",
-            "ckpt_dir": "$@bundle_root + '/models'",
-            "input_dir": "$@bundle_root + '/data/images'",
-            "network_def": _network_def(info, "none", "none"),
-            "network": "$@network_def.to(@device)",
-            "datalist": "$tpp.image_files(@input_dir)",
-            "preprocessing": {
-                "_target_": "Compose",
-                "transforms": "$tpp_data.image_transforms(@dataset_name, @image_size)",
-            },
-            "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
-            "dataloader": {
-                "_target_": "DataLoader",
-                "dataset": "@dataset",
-                "batch_size": 1,
-                "shuffle": False,
-                "num_workers": "@num_workers",
-            },
-            "inferer": _inferer(info, flips=info.name == "glas"),
-            "postprocessing": post,
-            "handlers": [
-                {
-                    "_target_": "tpp_monai.handlers.VerifiedCheckpointLoader",
-                    "load_path": "$@ckpt_dir + '/model.pt'",
-                    "load_dict": {"model": "@network_def"},
-                },
-                {"_target_": "StatsHandler", "iteration_log": False},
-                *writers,
-            ],
-            "evaluator": _evaluator("@dataloader", "@inferer", "@postprocessing", "@handlers", None),
-            "initialize": ["$tpp.install_excepthook()", GPU_SETTINGS, "$monai.utils.set_determinism(seed=@seed)"],
-            "run": ["$@evaluator.run()"],
-        }
-    )
+        inference_settings(
+            _network_def(info, "none", "none"), "$tpp_data.image_transforms(@dataset_name, @image_size)",
+            _inferer(info, flips=info.name == "glas"), post, writers,
+        )
+    )  # fmt: skip
+    cfg["initialize"] = ["$tpp.install_excepthook()", GPU_SETTINGS, "$monai.utils.set_determinism(seed=@seed)"]
     return cfg
 
 

@@ -28,6 +28,7 @@ from tpp_monai.bundle_gen import (
     EVALUATE_INITIALIZE,
     EVALUATION_WRITER,
     GPU_SETTINGS,
+    INVERT_PRED,
     TRAINABLE_PARAMS,
     _best_model_handlers,
     _common,
@@ -40,6 +41,7 @@ from tpp_monai.bundle_gen import (
     _with_settings_record,
     assemble_bundle,
     finetune_settings,
+    inference_settings,
     metadata,
     pretrain_tpp_config,
 )
@@ -342,40 +344,18 @@ def inference_config_3d(info: DatasetInfo, method: str) -> dict:
     before the argmax."""
     cfg = _common_3d(info, method, "inference")
     cfg["imports"].append("$import tpp_monai.data as tpp_data")
-    invert = {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
-              "nearest_interp": False, "to_tensor": True}  # fmt: skip
+    post = {
+        "_target_": "Compose",
+        "transforms": [_softmax(), dict(INVERT_PRED), _argmax(), "$tpp3d.nifti_saver(@output_dir)"],
+    }
     cfg.update(
-        {
-            "backbone_ckpt": "none",
-            "ckpt_dir": "$@bundle_root + '/models'",
-            "input_dir": "$@bundle_root + '/data/images'",
-            "network_def": _network_def_3d(info, "none", "none"),
-            "network": "$@network_def.to(@device)",
-            "datalist": "$tpp.image_files(@input_dir)",
-            "preprocessing": {"_target_": "Compose", "transforms": "$tpp_data.image_transforms(@dataset_name)"},
-            "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
-            "dataloader": {
-                "_target_": "DataLoader",
-                "dataset": "@dataset",
-                "batch_size": 1,
-                "shuffle": False,
-                "num_workers": "@num_workers",
-            },
-            "inferer": _sliding_window(),
-            "postprocessing": {
-                "_target_": "Compose",
-                "transforms": [_softmax(), invert, _argmax(), "$tpp3d.nifti_saver(@output_dir)"],
-            },
-            "handlers": [
-                CHECKPOINT_LOADER,
-                {"_target_": "StatsHandler", "iteration_log": False},
-            ],
-            "evaluator": _evaluator("@dataloader", "@inferer", "@postprocessing", "@handlers", None),
-            "initialize": _with_3d_checks(
-                ["$tpp.install_excepthook()", GPU_SETTINGS, "$monai.utils.set_determinism(seed=@seed)"]
-            ),
-            "run": ["$@evaluator.run()"],
-        }
+        inference_settings(
+            _network_def_3d(info, "none", "none"), "$tpp_data.image_transforms(@dataset_name)", _sliding_window(),
+            post, [],
+        )
+    )  # fmt: skip
+    cfg["initialize"] = _with_3d_checks(
+        ["$tpp.install_excepthook()", GPU_SETTINGS, "$monai.utils.set_determinism(seed=@seed)"]
     )
     return cfg
 
