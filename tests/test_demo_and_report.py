@@ -41,6 +41,23 @@ def test_report_groups_seeds_into_mean_and_std(tmp_path) -> None:
 def test_report_names_a_folder_without_metrics(tmp_path) -> None:
     proc = run_cli("tpp_monai", "report", str(tmp_path), "--out", str(tmp_path / "r"))
     assert proc.returncode == 2 and "no metrics.json" in proc.stderr and str(tmp_path) in proc.stderr
+    (tmp_path / "metrics.json").write_text('{"metrics": {}')  # cut short
+    proc = run_cli("tpp_monai", "report", str(tmp_path), "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "not a metrics.json written by `evaluate`" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_report_tabulates_3d_organ_and_tumour_dice(tmp_path) -> None:
+    folder = tmp_path / "lits"
+    folder.mkdir()
+    percent = {"mean_dice": 70.0, "organ_dice": 90.0, "tumour_dice": 50.0, "organ_label1_dice": 91.0}
+    info = {"dataset": "lits", "method": "conv_adapter", "tpp": True, "tpp_pretext": "dino"}
+    (folder / "metrics.json").write_text(json.dumps({"metrics": {}, "percent": percent, "run_info": info}))
+    header, rows, _ = summarise(load_runs([folder]))
+    assert header == ["method", "lits ORGAN_DICE", "lits TUMOUR_DICE", "lits MEAN_DICE"]
+    assert rows == [["conv_adapter w/ TPP (DINO)", "90.00", "50.00", "70.00"]]
+    make_report([folder], tmp_path / "report")
+    assert (tmp_path / "report" / "results.csv").is_file()
 
 
 def test_demo_runs_end_to_end_and_prints_its_table(tmp_path) -> None:

@@ -252,3 +252,29 @@ def test_same_seed_gives_bit_identical_runs_and_records_settings(tmp_path, demo_
     assert all(torch.equal(tpp_a[k], tpp_b[k]) for k in tpp_a)
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
     assert hist_a == hist_b, "loss and validation metrics differ between two runs with the same seed"
+
+
+def test_model_of_another_method_is_refused_on_the_command_line_without_a_traceback(tmp_path, demo_roots) -> None:
+    """evaluate.json with a model.pt written for another method: one message naming the file and what wrote it
+    (MONAI's StatsHandler logs engine exceptions with their traceback; user errors are logged without it)."""
+    from conftest import bundle_configs, run_cli
+
+    from tpp_monai.network import build_network
+
+    net = build_network("medcoss_vit_tiny", "cls", "adapter", num_classes=2, backbone_ckpt="none")
+    models = tmp_path / "models"
+    atomic_save({"model": net.state_dict(), "run_info": {"method": "adapter", "backbone": "medcoss_vit_tiny"}},
+                models / "model.pt")  # fmt: skip
+    configs = str(bundle_configs("mhist_vpt", "evaluate", "demo"))
+    proc = run_cli("monai.bundle", "run", "evaluate", "--config_file", configs, "--runs_dir", str(tmp_path),
+                   "--dataset_dir", str(demo_roots("mhist")), "--ckpt_dir", str(models))  # fmt: skip
+    assert proc.returncode != 0
+    assert f"error: {models / 'model.pt'} does not fit this run (it was written with method adapter" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout, (proc.stdout + proc.stderr)[-3000:]  # the log is on stdout
+
+
+def test_resume_past_the_epoch_count_says_to_raise_it(tmp_path, demo_roots) -> None:
+    common = {"runs_dir": str(tmp_path), "dataset_dir": str(demo_roots("mhist"))}
+    run_workflow("mhist_bitfit", "pretrain_tpp", tpp_epochs=2, **common)
+    message = _error("mhist_bitfit", "pretrain_tpp", tpp_epochs=1, resume=True, **common)
+    assert "is at epoch 2, past this run's 1 epochs; raise --epochs" in message

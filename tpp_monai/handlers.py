@@ -219,9 +219,7 @@ class SafeCheckpointSaver(CheckpointSaver):
         super().attach(engine)
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint in ``save_dir`` (temporary files of an interrupted write are ignored)."""
-        files = [p for p in Path(self.save_dir).glob("*.pt") if not p.name.startswith(".")]
-        return max(files, key=lambda p: p.stat().st_mtime) if files else None
+        return latest_checkpoint(self.save_dir)
 
     def _resume(self, engine: Engine) -> None:
         """Continue from :meth:`latest`: target parameters, optimizer, pretext state, epoch/iteration and RNG."""
@@ -230,14 +228,17 @@ class SafeCheckpointSaver(CheckpointSaver):
             logger.warning("resume requested but %s holds no checkpoint; starting from the beginning", self.save_dir)
             return
         checkpoint = load_verified(path)
-        checkpoint.pop("run_info", None)
+        run_info = checkpoint.pop("run_info", None)
         missing = [k for k in self.save_dict if k not in checkpoint]
         if missing:
             raise CheckpointError(f"{path} cannot resume this run: it lacks {missing}; it was written by another "
                                   "workflow or version")  # fmt: skip
         max_epochs = engine.state.max_epochs
-        Checkpoint.load_objects(to_load=self.save_dict, checkpoint=checkpoint)
+        restore_objects(path, self.save_dict, checkpoint, run_info=run_info)
         engine.state.max_epochs = max_epochs
+        if engine.state.epoch > max_epochs:
+            raise CheckpointError(f"{path} is at epoch {engine.state.epoch}, past this run's {max_epochs} epochs; "
+                                  "raise --epochs (--tpp_epochs for pretrain_tpp) to continue it")  # fmt: skip
         if self._interval_checkpoint is not None:  # rotate the resumed file out like any other (n_saved)
             self._interval_checkpoint.load_state_dict({"_saved": [(engine.state.epoch, path.name)]})
         logger.info("resumed from %s at epoch %d, iteration %d", path, engine.state.epoch, engine.state.iteration)
@@ -325,6 +326,28 @@ def _walk_transforms(obj: object, seen: set | None = None) -> list:
     return found
 
 
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete checkpoint in ``folder`` (temporary files of an interrupted write are ignored)."""
+    files = [p for p in Path(folder).glob("*.pt") if not p.name.startswith(".")]
+    return max(files, key=lambda p: p.stat().st_mtime) if files else None
+
+
+def restore_objects(path: str | Path, to_load: Mapping, checkpoint: Mapping, strict: bool = True,
+                    run_info: Mapping | None = None) -> None:  # fmt: skip
+    """``Checkpoint.load_objects`` with an error naming the file (and the settings that wrote it, from its
+    ``run_info``) when its tensors do not fit this run's objects."""
+    try:
+        Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint, strict=strict)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        info = run_info or {}
+        written = ", ".join(f"{k} {info[k]}" for k in ("method", "method_options", "backbone") if k in info)
+        raise CheckpointError(
+            f"{path} does not fit this run{f' (it was written with {written})' if written else ''}: "
+            f"{str(exc).splitlines()[0][:300]}; use the same --method, --method_options and --backbone as the run "
+            "that wrote it, or point to that run's folder"
+        ) from exc
+
+
 class NonFiniteLossGuard:
     """Stop the run when the loss becomes NaN or infinite, naming the iteration, where the last good checkpoint is
     and what usually causes it. Checked after the step, so the step itself never waits for the GPU."""
@@ -341,8 +364,8 @@ class NonFiniteLossGuard:
         loss = float(torch.as_tensor(out["loss"]).detach())
         if math.isfinite(loss):
             return
-        saved = sorted(Path(self.checkpoint_dir).glob("*.pt")) if self.checkpoint_dir else []
-        keep = f"the last good checkpoint is {saved[-1]} (resume with --resume true)" if saved else "no checkpoint yet"
+        saved = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
+        keep = f"the last good checkpoint is {saved} (resume with --resume true)" if saved else "no checkpoint yet"
         hint = f"lower the learning rate (now {self.lr:g})" if self.lr else "lower the learning rate"
         if self.amp:
             hint += " or turn mixed precision off (--amp false)"
@@ -371,7 +394,7 @@ class VerifiedCheckpointLoader(CheckpointLoader):
         key = next(iter(self.load_dict))
         if len(self.load_dict) == 1 and key not in checkpoint:
             checkpoint = {key: checkpoint}
-        Checkpoint.load_objects(to_load=self.load_dict, checkpoint=checkpoint, strict=self.strict)
+        restore_objects(self.load_path, self.load_dict, checkpoint, strict=self.strict, run_info=self.run_info)
         self.logger.info(f"restored {', '.join(self.load_dict)} from {self.load_path}")
 
 

@@ -24,8 +24,9 @@ import numpy as np
 from tpp_monai.errors import UserError
 
 # Metric columns per task in the paper's order, and whether higher is better (HD95 is a distance).
-METRICS = {"cls": ("acc", "auc", "f1"), "seg": ("dice", "hd95")}
-HIGHER_IS_BETTER = {"acc": True, "auc": True, "f1": True, "dice": True, "hd95": False}
+METRICS = {"cls": ("acc", "auc", "f1"), "seg": ("dice", "hd95"), "seg3d": ("organ_dice", "tumour_dice", "mean_dice")}
+HIGHER_IS_BETTER = {"acc": True, "auc": True, "f1": True, "dice": True, "hd95": False, "organ_dice": True,
+                    "tumour_dice": True, "mean_dice": True}  # fmt: skip
 
 
 def load_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
@@ -35,9 +36,15 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
         path = Path(folder) / "metrics.json"
         if not path.is_file():
             raise UserError(f"{folder}: no metrics.json; pass the output folders of `evaluate` runs")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+            percent = data["percent"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise UserError(
+                f"{path}: not a metrics.json written by `evaluate` ({exc}); rerun evaluate into {folder}"
+            ) from exc
         info = data.get("run_info", {})
-        runs.append({"dir": Path(folder), "metrics": data["percent"], "info": info,
+        runs.append({"dir": Path(folder), "metrics": percent, "info": info,
                      "dataset": info.get("dataset", "?"), "method": info.get("method", "?"),
                      "tpp": bool(info.get("tpp")), "pretext": info.get("tpp_pretext")})  # fmt: skip
     return runs
@@ -149,8 +156,11 @@ def _plot_overlays(runs: list[dict], out: Path, count: int = 4) -> list[Path]:
 
     written = []
     by_dataset: dict[str, list[dict]] = defaultdict(list)
-    for r in runs:
-        if (r["dir"] / "predictions").is_dir():
+    from tpp_monai.data.info import DATASETS
+
+    for r in runs:  # 2D masks (PNG) only; a datalist the run recorded but that has moved since is left out
+        is_2d_seg = r["dataset"] in DATASETS and DATASETS[r["dataset"]].task == "seg"
+        if is_2d_seg and (r["dir"] / "predictions").is_dir() and Path(r["info"].get("datalist", "")).is_file():
             by_dataset[r["dataset"]].append(r)
     for dataset, group in by_dataset.items():
         info = group[0]["info"]
