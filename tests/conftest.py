@@ -6,7 +6,9 @@ only argument parsing); tests that must exercise the CLI itself run it in a subp
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +35,18 @@ def demo_roots(tmp_path_factory: pytest.TempPathFactory):
         return cache[dataset]
 
     return get
+
+
+def bundle_dataset(bundle: str) -> str:
+    """The dataset a bundle is for (its ``dataset_name``)."""
+    return json.loads((BUNDLES / bundle / "configs" / "finetune.json").read_text())["dataset_name"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def bundle_configs(bundle: str, *names: str) -> list[str]:

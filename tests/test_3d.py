@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES, make_workflow, run_cli, run_workflow
+from conftest import BUNDLES, bundle_dataset, make_workflow, run_cli, run_workflow
 from ignite.engine import Events
 from monai.engines.utils import IterationEvents
 
@@ -32,10 +32,6 @@ from tpp_monai.pretext.dino import DINOLoss
 
 BUNDLES_3D = ["kits_conv_adapter", "kits_full_finetune", "lits_conv_adapter", "lits_full_finetune"]
 TRAIN_WORKFLOWS = [(b, "finetune") for b in BUNDLES_3D] + [(b, "pretrain_tpp") for b in BUNDLES_3D if "adapter" in b]
-
-
-def _dataset(bundle: str) -> str:
-    return bundle.split("_")[0]
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +214,7 @@ def test_finetune_without_tpp_starts_from_random_adapters(tmp_path, demo_roots, 
 @pytest.mark.parametrize(("bundle", "workflow"), TRAIN_WORKFLOWS)
 def test_train_workflows_pass_check_properties(tmp_path, demo_roots, bundle, workflow) -> None:
     wf = make_workflow(bundle, workflow, (workflow, "demo"), runs_dir=str(tmp_path), tpp_ckpt="none",
-                       dataset_dir=str(demo_roots(_dataset(bundle))))  # fmt: skip
+                       dataset_dir=str(demo_roots(bundle_dataset(bundle))))  # fmt: skip
     assert wf.check_properties() == []
 
 

@@ -163,9 +163,8 @@ def test_report_and_cli_validation() -> None:
     result["targets"] = bench.evaluate_targets(ratios, bench.explain(result))
     assert result["targets"]["tpp_mae_memory_ratio"]["met"] is False
     assert "400 MiB fp32 weights, 0.40 x" in result["targets"]["tpp_mae_memory_ratio"]["why"]
-    why = bench.explain(result)
+    assert "above the 0.65 target" in bench.explain(result)["peft_step_ratio"]  # equal FLOPs: x1.00
     configs["peft_ft"]["gflop_per_step"] = 6.0  # 0.6 x full fine-tuning's FLOPs: under the 0.65 step target
-    assert "above the 0.65 target" in why["peft_step_ratio"]
     assert "the ratio would be 0.60" in bench.explain(result)["peft_step_ratio"]
     text = bench.format_report(result)
     assert "MISSED by 0.050" in text and "tpp_mae_step_ratio" in text
@@ -174,5 +173,9 @@ def test_report_and_cli_validation() -> None:
     bench.configure(parser)
     with pytest.raises(ConfigError, match="unknown bench section"):
         bench.run(parser.parse_args(["--sections", "steps,nope"]))
+    with pytest.raises(ConfigError, match="--engine-reps 0: counts must be >= 1"):
+        bench.run(parser.parse_args(["--engine-reps", "0"]))
+    with pytest.raises(ConfigError, match="unknown dataset 'foo'"):
+        bench.run(parser.parse_args(["--sections", "data", "--dataset", "foo"]))
     with pytest.raises(ConfigError, match="does not support"):
         bench.run(parser.parse_args(["--method", "conv_adapter"]))

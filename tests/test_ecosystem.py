@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUNDLES, REPO, run_cli, run_workflow
+from conftest import BUNDLES, REPO, free_port, run_cli, run_workflow
 
 from tpp_monai.io import load_verified
 
@@ -96,15 +95,9 @@ def test_mlflow_chain_leaves_three_finished_runs(tmp_path, demo_roots) -> None:
         assert any(a.path.startswith("config_") for a in client.list_artifacts(r.info.run_id)), r.info.run_name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_tracking_server(tmp_path, demo_roots) -> None:
     """`tracking_uri` may name a tracking server: a real `mlflow server` on loopback receives the run."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",

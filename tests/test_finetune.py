@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUNDLES, make_workflow, run_cli, run_workflow
+from conftest import BUNDLES, bundle_dataset, make_workflow, run_cli, run_workflow
 from ignite.engine import Events
 
 from tpp_monai.backbones import build_backbone
@@ -24,13 +24,9 @@ def _csv(path: Path, header: bool = True) -> list:
         return list(csv.DictReader(f) if header else csv.reader(f))
 
 
-def _dataset(bundle: str) -> str:
-    return json.loads((BUNDLES / bundle / "configs" / "finetune.json").read_text())["dataset_name"]
-
-
 @pytest.mark.parametrize("bundle", bundle_names(2))  # the 3D bundles: tests/test_3d.py
 def test_finetune_then_evaluate_write_metrics(tmp_path, demo_roots, bundle) -> None:
-    root = demo_roots(_dataset(bundle))
+    root = demo_roots(bundle_dataset(bundle))
     common = {"runs_dir": str(tmp_path), "dataset_dir": str(root), "ckpt_dir": str(tmp_path / "models")}
     run_workflow(bundle, "finetune", tpp_ckpt="none", **common, **FAST)
     model = load_verified(tmp_path / "models" / "model.pt")
@@ -64,7 +60,7 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("bundle", ["glas_adapter", "mhist_vpt"])
 def test_finetune_starts_from_the_saved_target_parameters(tmp_path, demo_roots, tiny_ckpt, bundle) -> None:
-    root = demo_roots(_dataset(bundle))
+    root = demo_roots(bundle_dataset(bundle))
     common = {"runs_dir": str(tmp_path), "dataset_dir": str(root), "backbone_ckpt": str(tiny_ckpt)}
     run_workflow(bundle, "pretrain_tpp", tpp_epochs=2, **common)
     saved = load_verified(tmp_path / "pretrain_tpp" / "tpp_target.pt")

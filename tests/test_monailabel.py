@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import BUNDLES, REPO, run_workflow
+from conftest import BUNDLES, REPO, bundle_dataset, free_port, run_workflow
 
 from tpp_monai.label import app_conf, environment
 
@@ -39,10 +38,6 @@ SEG2D, CLS, SEG3D = "glas_adapter", "mhist_adapter", "lits_conv_adapter"
 MODELS = (SEG2D, CLS, SEG3D)
 STARTUP_S, TRAIN_S, REQUEST_S = 240, 420, 300
 _LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy: loopback traffic only
-
-
-def _dataset(bundle: str) -> str:
-    return json.loads((BUNDLES / bundle / "configs" / "finetune.json").read_text())["dataset_name"]
 
 
 def _sha(path: Path) -> str:
@@ -167,12 +162,6 @@ class Client:
         return self.form("POST", f"/infer/{model}?image={image}&output={output}", {"params": json.dumps(params)})
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _log_tail(log: Path, n: int = 60) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-n:]) if log.is_file() else "(no log)"
 
@@ -181,7 +170,7 @@ def _log_tail(log: Path, n: int = 60) -> str:
 def _server(env: Path, studies: Path, conf: dict[str, str], log: Path) -> Iterator[Client]:
     """``monailabel start_server --app tpp_monai/label`` on a free loopback port; stopped (its whole process group,
     training subprocesses included) on exit."""
-    port = _free_port()
+    port = free_port()
     cmd = [str(env / "bin" / "monailabel"), "start_server", "--app", str(REPO / "tpp_monai" / "label"),
            "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     for key, value in conf.items():
@@ -229,7 +218,7 @@ def served(monailabel_env, demo_roots, tmp_path_factory) -> Iterator[dict[str, A
     studies.mkdir()
     cases: dict[str, list[dict[str, Any]]] = {}
     for bundle in MODELS:
-        root = demo_roots(_dataset(bundle))
+        root = demo_roots(bundle_dataset(bundle))
         run_workflow(bundle, "finetune", tpp_ckpt="none", epochs=1, val_interval=1, dataset_dir=str(root),
                      runs_dir=str(work / "first" / bundle), ckpt_dir=str(ckpt / bundle))  # fmt: skip
         records = json.loads((root / "datalist.json").read_text())["training"][:2]

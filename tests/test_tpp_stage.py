@@ -134,15 +134,11 @@ def test_dino_teacher_ema_and_centering(tmp_path, demo_roots) -> None:
     assert all(p.grad is None for p in net.teacher.parameters())
     # EMA: teacher_k = m_k * teacher_{k-1} + (1 - m_k) * student_k, checked between two consecutive iterations
     (it0, t0, _), (_, t1, _) = checked[-2], checked[-1]
-    s1 = dict(net.student.named_parameters())[net.ema_names[0]].detach()
     from tpp_monai.handlers import cosine_schedule
 
-    d = wf.parser.get_parsed_content("dino")
     momentum = cosine_schedule(0.996, 1.0, 6, len(wf.parser.get_parsed_content("train#dataloader")))
     m = momentum[it0 - 1]
     assert torch.allclose(t1, m * t0 + (1 - m) * checked[-1][2], atol=1e-6)
-    assert d["out_dim"] == loss.center.shape[1]
-    assert s1.shape == t1.shape
     # centering keeps the teacher's distribution spread over many dimensions
     with torch.no_grad():
         batch = next(iter(wf.parser.get_parsed_content("train#dataloader")))

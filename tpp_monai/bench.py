@@ -212,11 +212,9 @@ class Device:
         if self.cuda and not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for but no CUDA device is available")
         if self.cuda:
-            # TF32 for fp32 matmuls/convs (10-bit mantissa products, fp32 accumulation): safe for training;
-            # the steps themselves run under bf16 autocast.
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
+            from tpp_monai.workflows import gpu_settings
+
+            gpu_settings()  # the bundles' own: TF32 and cudnn.benchmark; the steps run under bf16 autocast
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.cuda:
@@ -670,9 +668,17 @@ def vit_workloads(args: argparse.Namespace, device: Device) -> tuple[list[Worklo
 
 # ----- STU-Net ---------------------------------------------------------------------------------------------------
 def stunet_step_workloads(
-    backbone: str, method: str, device: Device, batch: int, patch: int, which: Sequence[str], suffix: str = ""
+    backbone: str,
+    method: str,
+    device: Device,
+    batch: int,
+    patch: int,
+    which: Sequence[str],
+    suffix: str = "",
+    tpp_method: str | None = None,
 ) -> list[Workload]:
-    """STU-Net: full / Conv-Adapter fine-tuning (deep supervision, Dice+CE), TPP-DINO, inference, at ``patch``^3."""
+    """STU-Net: full / PEFT (``method``) fine-tuning (deep supervision, Dice+CE), TPP-DINO of ``tpp_method``'s
+    target parameters (default ``method``), inference, at ``patch``^3."""
     from monai.losses import DeepSupervisionLoss, DiceCELoss
 
     from tpp_monai.network import build_network
@@ -708,33 +714,25 @@ def stunet_step_workloads(
                     )
                 )  # fmt: skip
             elif kind == "tpp_dino":
-                w = stunet_dino_workload(backbone, method, device, batch, patch, suffix)
-                if w is not None:
-                    out.append(w)
+                out.append(stunet_dino_workload(backbone, tpp_method or method, device, batch, patch, suffix))
     return out
 
 
 def stunet_dino_workload(
     backbone: str, method: str, device: Device, batch: int, patch: int, suffix: str = ""
-) -> Workload | None:
-    """TPP-DINO on STU-Net through the library's DINO pretext, if this build supports a 3D backbone there."""
+) -> Workload:
+    """TPP-DINO on STU-Net through the library's DINO pretext (the 3D bundles' TPP stage)."""
     from tpp_monai.handlers import param_groups
     from tpp_monai.network import build_network
     from tpp_monai.pretext import DINO_DEFAULTS, build_pretext, pretext_loss
 
     local = max(32, patch // 2)
     d = {**DINO_DEFAULTS, "global_size": patch, "local_size": local, "num_local": 2}
-    try:
-        enc = build_network(backbone, "features", method, backbone_ckpt="none", stage="tpp")
-        dino = build_pretext("dino", enc, patch, dino=d).to(device.torch).train()
-        dloss = pretext_loss("dino", dino, d).to(device.torch)
-        crops = [_random_images(device, batch, 1, (patch,) * 3, seed=i) for i in range(2)]
-        crops += [_random_images(device, batch, 1, (local,) * 3, seed=10 + i) for i in range(2)]
-        with torch.no_grad():
-            dino(crops)  # does this build's DINO pretext run on a 3D CNN?
-    except Exception as err:  # reported; the rest of the bench goes on
-        print(f"bench: TPP-DINO on {backbone} not measured: {type(err).__name__}: {err}", file=sys.stderr)
-        return None
+    enc = build_network(backbone, "features", method, backbone_ckpt="none", stage="tpp")
+    dino = build_pretext("dino", enc, patch, dino=d).to(device.torch).train()
+    dloss = pretext_loss("dino", dino, d).to(device.torch)
+    crops = [_random_images(device, batch, 1, (patch,) * 3, seed=i) for i in range(2)]
+    crops += [_random_images(device, batch, 1, (local,) * 3, seed=10 + i) for i in range(2)]
     opt = make_adamw(param_groups(dino, 0.04), device, lr=5e-4 * batch / 256)
     return train_workload(
         f"tpp_dino{suffix}", f"TPP-DINO {patch}^3 (2 global + 2 local {local}^3)", device, dino,
@@ -802,7 +800,9 @@ def section_steps(args: argparse.Namespace, device: Device, log: Callable) -> di
     family = _family(args.backbone)
     if family == "stunet":
         which = ["full_ft", "peft_ft", "tpp_dino", "inference"]
-        workloads = stunet_step_workloads(args.backbone, args.method, device, args.batch_size, args.patch_size, which)
+        workloads = stunet_step_workloads(
+            args.backbone, args.method, device, args.batch_size, args.patch_size, which, tpp_method=args.tpp_method
+        )
         info: dict = {}
     else:
         workloads, info = vit_workloads(args, device)
@@ -1045,19 +1045,16 @@ def section_scaling(args: argparse.Namespace, device: Device, log: Callable, ste
             log(f"scaling: TPP-MAE {size}: {w.seconds:.2f} s")
             del w, net, enc, opt
     backbone = args.backbone if _family(args.backbone) == "stunet" else args.stunet_backbone
-    method = args.method if _family(args.backbone) == "stunet" else "conv_adapter"
+    method = args.tpp_method if _family(args.backbone) == "stunet" else "conv_adapter"
     for patch in args.scaling_patches:
-        ws = stunet_step_workloads(backbone, method, device, 1, patch, ["tpp_dino"], suffix=f"_{patch}")
-        if not ws:  # no 3D DINO in this build: the Conv-Adapter fine-tuning step stands in
-            ws = stunet_step_workloads(backbone, method, device, 1, patch, ["peft_ft"], suffix=f"_{patch}")
-        w = ws[0]
+        w = stunet_dino_workload(backbone, method, device, 1, patch, suffix=f"_{patch}")
         run_rounds([w], device, 1, args.scaling_steps, log, 2 * args.scaling_steps, None, args.wait_quiet)
         out["stunet"][str(patch)] = {
             "backbone": backbone, "label": w.label, "step_s": w.seconds, "quiet_steps": w.quiet_count,
             "step_s_all": [round(x.wall, 4) for x in w.samples],
         }  # fmt: skip
         log(f"scaling: {backbone} {w.label}: {w.seconds:.2f} s")
-        del ws, w
+        del w
     return out
 
 
@@ -1307,7 +1304,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-images", type=int, default=200, help="images the data pipeline must deliver")
     parser.add_argument("--data-seconds", type=float, default=5.0, help="and at least this long (seconds)")
     parser.add_argument("--dataset", default="mhist", help="demo dataset of the data pipeline (default mhist)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto, cpu or cuda")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list from {', '.join(SECTIONS)}")
     parser.add_argument("--no-dino", action="store_true", help="skip the TPP-DINO step")
     parser.add_argument("--no-checkpointing", action="store_true", help="skip the activation-checkpointing rows")
@@ -1330,8 +1327,17 @@ def run(args: argparse.Namespace) -> int:
     args.tpp_method = args.method if spec.pretrainable else ("conv_adapter" if family == "stunet" else "adapter")
     args.batch_size = args.batch_size or (1 if family == "stunet" else 2)
     args.max_rounds = args.max_rounds or 3 * args.steps
-    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
-        raise ConfigError("--batch-size and --steps must be >= 1, --warmup >= 0")
+    counts = {"--batch-size": args.batch_size, "--steps": args.steps, "--scaling-steps": args.scaling_steps,
+              "--engine-iters": args.engine_iters, "--engine-reps": args.engine_reps}  # fmt: skip
+    low = [f"{k} {v}" for k, v in counts.items() if v < 1] + ([f"--warmup {args.warmup}"] if args.warmup < 0 else [])
+    if low:
+        raise ConfigError(f"{', '.join(low)}: counts must be >= 1 (--warmup >= 0)")
+    if args.engine_iters * args.engine_reps < 2:
+        raise ConfigError("--engine-iters x --engine-reps must give at least 2 engine/bare pairs")
+    if "data" in sections:
+        from tpp_monai.data import get_dataset
+
+        get_dataset(args.dataset)  # an unknown --dataset fails now, not after the steps section
     device = Device(args.device)
     t_start = time.perf_counter()
 

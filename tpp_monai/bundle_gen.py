@@ -179,8 +179,9 @@ def _trainer(prepare_batch: str | dict) -> dict:
     }
 
 
-def pretrain_tpp_config(info: DatasetInfo, method: str) -> dict:
-    """``configs/pretrain_tpp.json``: the TPP stage (MAE by default, ``--pretext dino``)."""
+def pretrain_tpp_base(info: DatasetInfo, method: str) -> dict:
+    """The TPP stage's config (MAE by default, ``--pretext dino``) before its settings record, which the 3D stage
+    adds after its own changes."""
     recipe = tpp_recipe(info)
     cfg = _common(info, method, "pretrain_tpp")
     cfg["imports"].append("$import tpp_monai.pretext as pretexts")
@@ -284,7 +285,12 @@ def pretrain_tpp_config(info: DatasetInfo, method: str) -> dict:
             "pretrain_tpp": ["$@train#trainer.run()"],
         }
     )
-    return _with_settings_record(cfg)
+    return cfg
+
+
+def pretrain_tpp_config(info: DatasetInfo, method: str) -> dict:
+    """``configs/pretrain_tpp.json``: the TPP stage (MAE by default, ``--pretext dino``) with its settings record."""
+    return _with_settings_record(pretrain_tpp_base(info, method))
 
 
 SECTIONS = {"training": "train", "validation": "validate", "test": "test"}

@@ -43,7 +43,7 @@ from tpp_monai.bundle_gen import (
     finetune_settings,
     inference_settings,
     metadata,
-    pretrain_tpp_config,
+    pretrain_tpp_base,
 )
 from tpp_monai.data.info import DATASETS, DatasetInfo
 from tpp_monai.peft import get_method
@@ -194,10 +194,9 @@ def pretrain_tpp_config_3d(info: DatasetInfo, method: str) -> dict:
     """``configs/pretrain_tpp.json``: the 2D TPP stage (same trainer, schedules, handlers and outputs) with DINO on
     STU-Net: 3D multi-crop views, the DINO-3D recipe (:class:`TPP3DRecipe`), no MAE settings."""
     recipe = TPP3DRecipe()
-    cfg = pretrain_tpp_config(info, method)
-    for key in ("pretext_size", "mae_decoder", "mask_ratio"):  # MAE-only; kept (None) for what records settings
-        if key in cfg:
-            cfg[key] = None
+    cfg = pretrain_tpp_base(info, method)
+    for key in ("pretext_size", "mae_decoder", "mask_ratio"):  # MAE-only
+        cfg.pop(key, None)
     cfg["network_def"].pop("keep_mae_decoder", None)
     cfg["network_def"]["backbone_options"] = "@backbone_options"  # e.g. strides: as in fine-tuning
     base = _common_3d(info, method, "pretrain_tpp")
@@ -225,7 +224,7 @@ def pretrain_tpp_config_3d(info: DatasetInfo, method: str) -> dict:
     train["preprocessing"] = "$pretexts.pretext_transforms(@pretext, @dataset_name, dino=@dino)"
     train["dataset"]["cache_rate"] = "@cache_rate"
     cfg["initialize"] = _with_3d_checks(cfg["initialize"], ", pretext=@pretext, dino=@dino")
-    return cfg
+    return _with_settings_record(cfg)
 
 
 def finetune_config_3d(info: DatasetInfo, method: str) -> dict:

@@ -50,7 +50,7 @@ def pretrain_upstream(target: str, folder: Path, epochs: int = 30, seed: int = 0
     from tpp_monai.pretext.transforms import mae_transforms
     from tpp_monai.workflows import demo_dataset, images_of
 
-    path = folder / "tiny_medcoss_checkpoint.pth"
+    path = folder / f"tiny_medcoss_without_{target}_seed{seed}.pth"  # never reused for another target or seed
     if path.is_file():
         return path
     torch.manual_seed(seed)

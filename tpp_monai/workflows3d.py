@@ -55,7 +55,7 @@ def check_3d(
     for what, size in sizes.items():
         cube = [int(size)] * 3 if isinstance(size, (int, float)) else [int(s) for s in size]
         try:
-            model.check_input_size(cube, training=True)
+            model.check_input_size(cube)
         except ConfigError as err:
             raise ConfigError(f"{what} {list(cube)}: {err}") from None
 

@@ -233,16 +233,15 @@ class STUNet(nn.Module):
             prefixes = ()
         return {n for n, _ in self.named_parameters() if prefixes and n.startswith(prefixes)}
 
-    def check_input_size(self, spatial: Sequence[int], training: bool | None = None) -> None:
+    def check_input_size(self, spatial: Sequence[int]) -> None:
         """Raise a :class:`ConfigError` unless a patch of this spatial size runs through the network.
 
         Every axis must be a multiple of the product of the strides along it (otherwise the nearest up-sampling
         cannot meet the skip connection), and the bottleneck needs more than one voxel: InstanceNorm without running
         statistics normalises with the instance's own statistics in eval mode too, so this holds for sliding-window
-        ROIs as well (``training`` is accepted for compatibility and changes nothing).
+        ROIs as well.
         """
         spatial = tuple(int(s) for s in spatial)
-        training = self.training if training is None else training
         if len(spatial) != 3:
             raise ConfigError(f"STU-Net takes 3D inputs [B, C, D, H, W]; got spatial size {spatial}")
         for axis, (size, mult) in enumerate(zip(spatial, self.stride_product)):

@@ -74,7 +74,8 @@ def create(env: Path = DEFAULT_PATH, force: bool = False, quiet: bool = False) -
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL if quiet else None)
     (env / STAMP).write_text(requirements_hash() + "\n")
-    print(f"MONAI Label environment ready at {env} ({time.monotonic() - start:.0f} s)", flush=True)
+    size = sum(f.stat().st_size for f in Path(env).rglob("*") if f.is_file() and not f.is_symlink())
+    print(f"MONAI Label environment ready at {env} ({time.monotonic() - start:.0f} s, {size / 1e9:.1f} GB)", flush=True)
     return env
 
 

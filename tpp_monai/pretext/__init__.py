@@ -73,7 +73,7 @@ def build_pretext(
     if hasattr(encoder, "check_input_size"):  # 3D CNN: every crop must pass the network's size rules
         for key in ("global_size", "local_size") if d["num_local"] else ("global_size",):
             try:
-                encoder.check_input_size(_size3(d[key], key), training=True)
+                encoder.check_input_size(_size3(d[key], key))
             except ConfigError as err:
                 raise ConfigError(f"DINO {key} {d[key]!r}: {err}") from None
     return DINOPretext(encoder, d["out_dim"], d["hidden_dim"], d["bottleneck_dim"], level_heads=d["level_heads"])
