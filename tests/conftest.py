@@ -50,7 +50,11 @@ def free_port() -> int:
 
 
 def bundle_configs(bundle: str, *names: str) -> list[str]:
-    return [str(BUNDLES / bundle / "configs" / f"{n}.json") for n in names]
+    """The config files of workflows and overlays ``names`` (``evaluate``: ``finetune.json`` + ``evaluate.json``)."""
+    from tpp_monai.bundlegen import workflow_config_files
+
+    files = [f for name in names for f in workflow_config_files(BUNDLES / bundle, name)]
+    return list(dict.fromkeys(files))
 
 
 def make_workflow(bundle: str, run_id: str, configs: tuple[str, ...], **overrides: object):

@@ -23,7 +23,8 @@ from ignite.engine import Events
 from monai.engines.utils import IterationEvents
 
 from tpp_monai.backbones import build_backbone
-from tpp_monai.bundle_gen import bundle_names, check_bundles
+from tpp_monai.bundlegen import bundle_names
+from tpp_monai.bundlegen.cli import check_bundles
 from tpp_monai.errors import ConfigError
 from tpp_monai.io import load_verified
 from tpp_monai.peft import target_parameter_names

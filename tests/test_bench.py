@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tpp_monai import bench
+import tpp_monai_bench as bench
 from tpp_monai.backbones import build_backbone
 from tpp_monai.backbones.vit import set_activation_checkpointing
 from tpp_monai.errors import ConfigError

@@ -12,7 +12,7 @@ from conftest import BUNDLES, bundle_dataset, make_workflow, run_cli, run_workfl
 from ignite.engine import Events
 
 from tpp_monai.backbones import build_backbone
-from tpp_monai.bundle_gen import BASELINES, bundle_names
+from tpp_monai.bundlegen import BASELINES, bundle_names, workflow_config_files
 from tpp_monai.io import load_verified
 from tpp_monai.peft import target_parameter_names
 
@@ -89,7 +89,7 @@ def test_finetune_starts_from_the_saved_target_parameters(tmp_path, demo_roots, 
 def test_cli_finetune_evaluate_inference_for_segmentation(tmp_path, demo_roots) -> None:
     """The three workflows through `python -m monai.bundle run`, and masks at each input's own size."""
     bundle, root = BUNDLES / "qata_dtl", demo_roots("qata")
-    configs = lambda name: str([str(bundle / "configs" / f"{name}.json"), str(bundle / "configs" / "demo.json")])  # noqa: E731
+    configs = lambda name: str(workflow_config_files(bundle, name, "demo"))  # noqa: E731
     common = ["--runs_dir", str(tmp_path), "--dataset_dir", str(root), "--ckpt_dir", str(tmp_path / "models")]
     for run_id in ("finetune", "evaluate"):
         proc = run_cli("monai.bundle", "run", run_id, "--config_file", configs(run_id), *common, "--epochs", "1",

@@ -12,7 +12,8 @@ from conftest import BUNDLES, make_workflow, run_cli, run_workflow
 from ignite.engine import Events
 
 from tpp_monai.backbones import build_backbone
-from tpp_monai.bundle_gen import BASELINES, bundle_names, check_bundles
+from tpp_monai.bundlegen import BASELINES, bundle_names
+from tpp_monai.bundlegen.cli import check_bundles
 from tpp_monai.data.info import DATASETS
 from tpp_monai.io import load_verified
 from tpp_monai.peft import METHODS, get_method, target_parameter_names

@@ -21,15 +21,16 @@ import shutil
 import time
 from pathlib import Path
 
-from tpp_monai.bundle_gen import BUNDLES_DIR, tpp_recipe
+from tpp_monai.bundlegen import BUNDLES_DIR, workflow_config_files
 from tpp_monai.data.info import DATASETS
+from tpp_monai.data.recipes import recipe_for
 from tpp_monai.errors import ConfigError
 
 
 def _run(bundle: Path, run_id: str, config: str, **overrides: object) -> None:
     from monai.bundle import run
 
-    configs = [str(bundle / "configs" / f"{config}.json"), str(bundle / "configs" / "demo.json")]
+    configs = workflow_config_files(bundle, config, "demo")
     print(f"\n=== {run_id}: {', '.join(f'{k}={v}' for k, v in overrides.items() if k.endswith(('ckpt', 'dir')))}")
     run(run_id, config_file=configs, meta_file=str(bundle / "configs" / "metadata.json"),
         logging_file=str(bundle / "configs" / "logging.conf"), tracking="mlflow", **overrides)  # fmt: skip
@@ -103,7 +104,7 @@ def run_demo(dataset: str = "glas", method: str = "adapter", out: str | Path = "
               "backbone_ckpt": str(backbone_ckpt), "tracking_uri": f"sqlite:///{runs / 'mlruns.db'}"}  # fmt: skip
     # the bundle's own decoder choice (frozen for classification, updated for segmentation), inherited from the
     # upstream checkpoint (the overlay's "random" is for runs without one)
-    decoder = tpp_recipe(DATASETS[dataset]).mae_decoder
+    decoder = recipe_for(dataset).tpp.mae_decoder
     _run(bundle, "pretrain_tpp", "pretrain_tpp", pretext=pretext, mae_decoder=decoder,
          run_name=f"pretrain_tpp_{pretext}", **common)  # fmt: skip
     evaluated = []

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from tpp_monai.errors import CheckpointError, ConfigError
+from tpp_monai.peft import methods  # noqa: F401  (the built-in methods register themselves)
 from tpp_monai.peft.registry import METHODS, MethodSpec, config_dict, get_method, is_peft_parameter, make_config
 
 TARGET_FORMAT = "tpp_monai.target_state"

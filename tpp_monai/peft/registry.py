@@ -73,9 +73,8 @@ def register_added(
 
 
 def get_method(name: str, where: str = "") -> MethodSpec:
-    """The registered method ``name``; unknown names raise a :class:`ConfigError` listing the valid ones."""
-    from tpp_monai.peft import methods  # noqa: F401  (registers the built-in methods)
-
+    """The registered method ``name``; unknown names raise a :class:`ConfigError` listing the valid ones (the
+    built-in methods register themselves when :mod:`tpp_monai.peft` is imported, which importing this module does)."""
     try:
         return METHODS[name]
     except KeyError:

@@ -1,0 +1,212 @@
+"""Config pieces every bundle shares: named components (``_target_``) for everything that holds logic, ``$`` only
+for paths joined to a folder and for running an engine."""
+
+from __future__ import annotations
+
+W = "tpp_monai.workflows."  # the components the configs call
+
+
+def comp(target: str, **kwargs: object) -> dict:
+    """A config component: ``target`` (a ``tpp_monai.workflows`` name when it has no dot) called with ``kwargs``."""
+    return {"_target_": target if "." in target else W + target, **kwargs}
+
+
+def common(name: str, dataset: str, method: str, workflow: str, backbone: str, image_size: list) -> dict:
+    """Keys every workflow config starts with (the common override keys)."""
+    return {
+        "bundle_root": comp("bundle_root"),
+        "dataset_name": dataset,
+        "method": method,
+        "method_options": {},
+        "dataset_dir": "$@bundle_root + '/data'",
+        "datalist": "$@dataset_dir + '/datalist.json'",
+        "runs_dir": "$@bundle_root + '/runs'",
+        "output_dir": f"$@runs_dir + '/{workflow}'",
+        "tracking_uri": "$monai.utils.path_to_sqlite_uri(@runs_dir + '/mlruns.db')",
+        "experiment_name": name,
+        "run_name": comp("run_name", workflow=workflow),
+        "backbone": backbone,
+        "backbone_ckpt": None,
+        "device": comp("default_device"),
+        "amp": comp("cuda_available"),
+        "amp_kwargs": comp("autocast_kwargs"),
+        "num_workers": comp("cpu_workers"),
+        "seed": 0,
+        "image_size": list(image_size),
+    }
+
+
+def records(split: str) -> dict:
+    """The records of one datalist split with absolute paths (training: the label fraction applied)."""
+    extra = {"label_fraction": "@label_fraction", "seed": "@seed"} if split == "training" else {}
+    return comp("records_of", datalist="@datalist", dataset_dir="@dataset_dir", key=split, **extra,
+                dataset="@dataset_name")  # fmt: skip
+
+
+def loader(section: str, batch_size: str, shuffle: bool) -> dict:
+    return comp("data_loader", dataset=f"@{section}#dataset", batch_size=batch_size, shuffle=shuffle,
+                num_workers="@num_workers")  # fmt: skip
+
+
+def data_section(section: str, datalist: dict, transforms: dict, batch_size: str, shuffle: bool,
+                 cache: bool = True, cache_rate: object = 1.0) -> dict:  # fmt: skip
+    """datalist -> (cached) dataset -> loader (sharded under torchrun) of one split."""
+    dataset = {"_target_": "CacheDataset" if cache else "Dataset", "data": f"@{section}#datalist",
+               "transform": f"@{section}#preprocessing"}  # fmt: skip
+    if cache:
+        dataset.update({"cache_rate": cache_rate, "num_workers": "@num_workers"})
+    return {"datalist": datalist, "preprocessing": transforms, "dataset": dataset,
+            "dataloader": loader(section, batch_size, shuffle)}  # fmt: skip
+
+
+def network(module: str = "@network_module") -> dict:
+    return comp("to_device", module=module, device="@device")
+
+
+def trainer(prepare_batch: dict) -> dict:
+    """``train#trainer`` of every training workflow (bf16 autocast when ``amp``, gradients set to ``None``)."""
+    return {
+        "_target_": "tpp_monai.engines.LeanTrainer",
+        "max_epochs": "@epochs",
+        "device": "@device",
+        "train_data_loader": "@train#dataloader",
+        "network": "@network",
+        "loss_function": "@loss",
+        "optimizer": "@optimizer",
+        "inferer": "@train#inferer",
+        "prepare_batch": prepare_batch,
+        "train_handlers": "@train#handlers",
+        "amp": "@amp",
+        "amp_kwargs": "@amp_kwargs",
+        "optim_set_to_none": True,
+    }
+
+
+def training_tail(resume_state: dict) -> list[dict]:
+    """The handlers every training workflow ends ``train#handlers`` with: the resumable checkpoint (``resume_state``
+    plus the random state and the engine), the NaN/inf guard, a progress bar and the epoch log."""
+    return [
+        {
+            "_target_": "tpp_monai.handlers.SafeCheckpointSaver",
+            "save_dir": "@checkpoint_dir",
+            "save_dict": {**resume_state, "rng": comp("random_states", preprocessing="@train#preprocessing")},
+            "engine_key": "trainer",
+            "resume": "@resume",
+            "save_interval": 1,
+            "n_saved": 1,
+        },
+        {
+            "_target_": "tpp_monai.handlers.NonFiniteLossGuard",
+            "checkpoint_dir": "@checkpoint_dir",
+            "lr": "@lr",
+            "amp": "@amp",
+        },
+        {"_target_": "tpp_monai.handlers.ProgressBar"},
+        {
+            "_target_": "StatsHandler",
+            "iteration_log": False,
+            "tag_name": "train_loss",
+            "output_transform": comp("monai.handlers.from_engine", keys=["loss"], first=True),
+        },
+    ]
+
+
+def evaluator(loader_ref: str, inferer: str, post: str, handlers: str, metrics: tuple[str, str] | None) -> dict:
+    """A ``SupervisedEvaluator`` (bf16 autocast when ``amp``), with key and additional metrics when given."""
+    out = {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": loader_ref, "network": "@network",
+           "inferer": inferer, "postprocessing": post, "val_handlers": handlers, "amp": "@amp",
+           "amp_kwargs": "@amp_kwargs"}  # fmt: skip
+    if metrics:
+        out.update({"key_val_metric": metrics[0], "additional_metrics": metrics[1]})
+    return out
+
+
+def validator() -> dict:
+    return evaluator("@validate#dataloader", "@validate#inferer", "@validate#postprocessing", "@validate#handlers",
+                     ("@validate#key_metric", "@validate#additional_metrics"))  # fmt: skip
+
+
+EXCEPTHOOK = comp("install_excepthook")
+GPU_SETTINGS = comp("gpu_settings")
+SEEDING = comp("monai.utils.set_determinism", seed="@seed")
+CHECKPOINT_LOADER = {"_target_": "tpp_monai.handlers.VerifiedCheckpointLoader", "load_path": "@model_file",
+                     "load_dict": {"model": "@network_def"}}  # fmt: skip
+EVALUATION_WRITER = {"_target_": "tpp_monai.handlers.EvaluationWriter", "output_dir": "@output_dir",
+                     "loader": "@checkpoint_loader",
+                     "info": {"evaluated_split": "test", "ckpt": "@model_file", "datalist": "@datalist",
+                              "dataset_dir": "@dataset_dir"}}  # fmt: skip
+IMAGE_META = comp("image_meta", _mode_="callable")
+INVERT_PRED = {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+               "nearest_interp": False, "to_tensor": True}  # fmt: skip
+
+
+def training_initialize(checks: list[dict]) -> list:
+    """``initialize`` of the training workflows: clear errors first, then the process group (``multi_gpu.json``
+    sets ``distributed``), GPU settings, the fail-fast ``checks``, seeding, the network (so option and checkpoint
+    errors surface before any data is cached) and activation checkpointing. The settings record is added last."""
+    return [
+        EXCEPTHOOK,
+        comp("init_distributed", enabled="@distributed"),
+        GPU_SETTINGS,
+        *checks,
+        SEEDING,
+        "@network_def",
+        comp("activation_checkpointing", model="@network_module", enabled="@activation_checkpointing"),
+    ]
+
+
+# structural keys: everything else at the top level of a training config is a setting and is recorded
+NOT_SETTINGS = {"imports", "initialize", "finalize", "run", "network_def", "network", "network_module",
+                "pretext_net", "loss", "optimizer", "train", "validate", "test", "evaluator", "handlers", "inferer",
+                "postprocessing", "preprocessing", "dataset", "dataloader", "checkpoint_loader", "key_metric",
+                "additional_metrics", "amp_kwargs", "trainable_params", "pretrain_tpp", "finetune", "evaluate",
+                "inference"}  # fmt: skip
+
+
+def with_settings_record(cfg: dict) -> dict:
+    """Append to ``initialize`` the record of every top-level setting (seed, lr, epochs, paths...) as resolved."""
+    settings = {k: f"@{k}" for k in cfg if k not in NOT_SETTINGS}
+    cfg["initialize"].append(comp("record_settings", output_dir="@output_dir", settings=settings))
+    return cfg
+
+
+def run_keys(workflow: str, engine: str) -> dict:
+    """``run`` (MONAI's default run id, so the config runs without one) and the workflow's own id, a copy of it."""
+    return {"run": [f"$@{engine}.run()"], workflow: "%run"}
+
+
+MULTI_GPU = {
+    "device": comp("local_device"),
+    "network": {
+        "_target_": "torch.nn.parallel.DistributedDataParallel",
+        "module": network(),
+        "device_ids": comp("ddp_device_ids", device="@device"),
+        # frozen tensors and unused ones (MedCoSS's 3D embedding, BitFit's 3D bias) must not block the reduction
+        "find_unused_parameters": True,
+    },
+    "distributed": True,
+    "finalize": [comp("assert_replicas_agree", model="@network_module"), comp("finish_distributed")],
+}
+
+LOGGING_CONF = """[loggers]
+keys=root
+
+[handlers]
+keys=consoleHandler
+
+[formatters]
+keys=fullFormatter
+
+[logger_root]
+level=INFO
+handlers=consoleHandler
+
+[handler_consoleHandler]
+class=StreamHandler
+level=INFO
+formatter=fullFormatter
+args=(sys.stdout,)
+
+[formatter_fullFormatter]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""

@@ -1,0 +1,74 @@
+"""The Python side of the bundle workflows: the named components the configs reference by ``_target_``.
+
+One module per concern: :mod:`~tpp_monai.workflows.runtime` (bundle folder, device, GPU settings),
+:mod:`~tpp_monai.workflows.checks` (preflight checks), :mod:`~tpp_monai.workflows.data` (datalists, input folders,
+loaders), :mod:`~tpp_monai.workflows.schedules`, :mod:`~tpp_monai.workflows.distributed` (torchrun),
+:mod:`~tpp_monai.workflows.savers` (settings record, provenance, masks, per-case tables),
+:mod:`~tpp_monai.workflows.excepthook` (one-line user errors) and :mod:`~tpp_monai.workflows.export` (model-zoo's
+``ckpt_export``). Every name is re-exported here.
+"""
+
+from __future__ import annotations
+
+from tpp_monai.handlers import RandomStates, param_groups
+from tpp_monai.workflows.checks import check_3d, check_output, check_settings
+from tpp_monai.workflows.data import (
+    IMAGE_SUFFIXES,
+    cpu_workers,
+    data_loader,
+    demo_dataset,
+    image_files,
+    image_meta,
+    images_of,
+    records_of,
+)
+from tpp_monai.workflows.distributed import (
+    assert_replicas_agree,
+    ddp_device_ids,
+    distributed_sampler,
+    finish_distributed,
+    init_distributed,
+    local_device,
+)
+from tpp_monai.workflows.excepthook import install_excepthook, user_error_in
+from tpp_monai.workflows.export import ExportableNetwork
+from tpp_monai.workflows.runtime import (
+    activation_checkpointing,
+    autocast_kwargs,
+    bundle_root,
+    cuda_available,
+    default_device,
+    gpu_settings,
+    mae_decoder_geometry,
+    run_name,
+    to_device,
+    trainable_parameters,
+)
+from tpp_monai.workflows.savers import (
+    PerCaseWriter,
+    mask_saver,
+    nifti_saver,
+    random_states,
+    record_settings,
+    run_info,
+    trainable_state,
+)
+from tpp_monai.workflows.schedules import (
+    epochs_for,
+    lr_schedule,
+    poly_schedule,
+    pretext_lr,
+    pretext_setting,
+    wd_schedule,
+)
+
+__all__ = [
+    "IMAGE_SUFFIXES", "ExportableNetwork", "PerCaseWriter", "RandomStates", "activation_checkpointing",
+    "assert_replicas_agree", "autocast_kwargs", "bundle_root", "check_3d", "check_output", "check_settings",
+    "cpu_workers", "cuda_available", "data_loader", "ddp_device_ids", "default_device", "demo_dataset",
+    "distributed_sampler", "epochs_for", "finish_distributed", "gpu_settings", "image_files", "image_meta",
+    "images_of", "init_distributed", "install_excepthook", "local_device", "lr_schedule", "mae_decoder_geometry",
+    "mask_saver", "nifti_saver", "param_groups", "poly_schedule", "pretext_lr", "pretext_setting", "random_states",
+    "record_settings", "records_of", "run_info", "run_name", "to_device", "trainable_parameters", "trainable_state",
+    "user_error_in", "wd_schedule",
+]  # fmt: skip

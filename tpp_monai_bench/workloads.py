@@ -1,0 +1,349 @@
+"""The measured configurations, built from the bundle configs' own recipes (:mod:`tpp_monai_bench.recipes`)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tpp_monai_bench.timing import (
+    MIB,
+    Device,
+    Sample,
+    median,
+    patch_embed_flops,
+    quiet_median,
+    ratio,
+    unique_bytes,
+    vit_encoder_flops,
+)
+
+STUNET_SCALING = "stunet_b"
+
+def make_adamw(params: Any, device: Device, **kwargs: Any) -> torch.optim.Optimizer:
+    """AdamW with the fused kernel where PyTorch has one for the device (CPU and CUDA in PyTorch >= 2.4), else
+    the multi-tensor one: one pass over the trainable tensors instead of a Python loop per tensor."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(params, foreach=device.cuda, **kwargs)
+
+@dataclass
+class Workload:
+    """One measured configuration: ``step`` (timed), ``prepare`` (before each step, e.g. releasing gradients;
+    timed with the step, outside the memory window), ``persistent`` (its own long-lived tensors)."""
+
+    key: str
+    label: str
+    step: Callable[[], Any]
+    images: int
+    trainable: int = 0
+    prepare: Callable[[], Any] = lambda: None
+    persistent: Callable[[], list[Tensor | None]] = list
+    weights: Callable[[], list[Tensor]] = list
+    samples: list[Sample] = field(default_factory=list)
+    min_quiet: int = 1
+    flops: int | None = None
+    peak_bytes: int | None = None
+    persistent_bytes: int | None = None
+    host_syncs: int | None = None
+
+    def run(self) -> None:
+        self.prepare()
+        self.step()
+
+    @property
+    def seconds(self) -> float | None:
+        return quiet_median(self.samples, self.min_quiet)[0]
+
+    @property
+    def quiet_count(self) -> int:
+        return sum(x.quiet for x in self.samples)
+
+    def summary(self, matmul_rate: float | None) -> dict:
+        s = self.seconds
+        rate = self.flops / s if self.flops and s else None
+        return {
+            "label": self.label,
+            "step_s": s,
+            "quiet_steps": self.quiet_count,
+            "steps": len(self.samples),
+            "step_s_all": [round(x.wall, 4) for x in self.samples],
+            "stall_s_all": [None if x.stall is None else round(x.stall, 4) for x in self.samples],
+            "cpu_s_median": median(x.cpu for x in self.samples),
+            "images_per_s": self.images / s if s else None,
+            "peak_mib": self.peak_bytes / MIB if self.peak_bytes is not None else None,
+            # persistent = weights + gradients kept + optimizer state + inputs; peak - persistent = the step's own
+            "weights_mib": unique_bytes(self.weights()) / MIB,
+            "persistent_mib": self.persistent_bytes / MIB if self.persistent_bytes is not None else None,
+            "gflop_per_step": self.flops / 1e9 if self.flops else None,
+            "gflop_per_s": rate / 1e9 if rate else None,
+            "matmul_fraction": ratio(rate, matmul_rate),
+            "trainable": self.trainable,
+            "host_syncs": self.host_syncs,
+        }
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> list[Tensor]:
+    out: list[Tensor] = []
+    for state in opt.state.values():
+        out.extend(v for v in state.values() if isinstance(v, Tensor))
+    return out
+
+def train_workload(
+    key: str, label: str, device: Device, model: nn.Module, forward_loss: Callable[[], Tensor],
+    optimizer: torch.optim.Optimizer, images: int, inputs: Sequence[Tensor], clip: float = 0.0,
+    after_step: Callable[[], Any] | None = None, extra: Sequence[nn.Module] = (),
+) -> Workload:  # fmt: skip
+    """One optimizer step: forward + loss (bf16 autocast on GPU), backward, optional clipping, optimizer step.
+
+    Nothing in it reads a value back to the host, so on GPU the step is queued without synchronising.
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def step() -> None:
+        with device.autocast():
+            loss = forward_loss()
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip, foreach=device.cuda or None)
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+
+    def prepare() -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    def persistent() -> list[Tensor | None]:
+        mods = [model, *extra]
+        tensors: list[Tensor | None] = [t for m in mods for t in (*m.parameters(), *m.buffers())]
+        tensors += [p.grad for m in mods for p in m.parameters()]
+        return [*tensors, *_optimizer_tensors(optimizer), *inputs]
+
+    trainable = sum(p.numel() for p in params)
+    weights = lambda: [p for m in (model, *extra) for p in m.parameters()]  # noqa: E731
+    return Workload(key, label, step, images, trainable, prepare, persistent, weights)
+
+def forward_workload(key: str, label: str, device: Device, model: nn.Module, inputs: Tensor, images: int) -> Workload:
+    """The inference forward (eval mode, ``torch.inference_mode``)."""
+
+    def step() -> None:
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode(), device.autocast():
+            model(inputs)
+        model.train(was_training)
+
+    def persistent() -> list[Tensor | None]:
+        return [*model.parameters(), *model.buffers(), inputs]
+
+    return Workload(key, label, step, images, 0, persistent=persistent, weights=lambda: list(model.parameters()))
+
+def gemm_workload(device: Device, size: int | None = None, reps: int = 3) -> Workload:
+    """The dense matmul rate: ``reps`` products of two ``size x size`` matrices (fp32 on CPU, bf16 on GPU)."""
+    size = size or (8192 if device.cuda else 2048)
+    dtype = torch.bfloat16 if device.cuda else torch.float32
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device.torch, dtype)
+    b = torch.randn(size, size, generator=gen).to(device.torch, dtype)
+    out = torch.empty(size, size, device=device.torch, dtype=dtype)
+
+    def step() -> None:
+        for _ in range(reps):
+            torch.mm(a, b, out=out)
+
+    w = Workload("matmul", f"dense GEMM {size}^3 {str(dtype).replace('torch.', '')} x{reps}", step, 0)
+    w.flops = 2 * size**3 * reps
+    w.persistent = lambda: [a, b, out]
+    return w
+
+def with_checkpointing(base: Workload, modules: Sequence[nn.Module], key: str, label: str) -> Workload:
+    """``base``'s step with activation checkpointing switched on for its duration (same model and optimizer)."""
+    from tpp_monai.backbones.vit import set_activation_checkpointing
+
+    def step() -> None:
+        for m in modules:
+            set_activation_checkpointing(m, True)
+        try:
+            base.step()
+        finally:
+            for m in modules:
+                set_activation_checkpointing(m, False)
+
+    return Workload(key, label, step, base.images, base.trainable, base.prepare, base.persistent, base.weights)
+
+def _random_images(device: Device, batch: int, channels: int, size: Sequence[int], seed: int = 0) -> Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.rand(batch, channels, *size, generator=gen).to(device.torch)
+
+@contextlib.contextmanager
+def _quiet_logs():
+    """Random-weight warnings of ``build_network`` are expected here; keep the bench's output readable."""
+    logger = logging.getLogger("tpp_monai")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+def vit_workloads(args: argparse.Namespace, device: Device) -> tuple[list[Workload], dict]:
+    """Full / PEFT fine-tuning, TPP-MAE (frozen, trainable decoder), TPP-DINO, inference, checkpointing variants."""
+    from tpp_monai.backbones import get_backbone_spec
+    from tpp_monai.handlers import param_groups
+    from tpp_monai.network import build_network
+    from tpp_monai.pretext import DINO_DEFAULTS, build_pretext, pretext_loss
+
+    b, s = args.batch_size, args.image_size
+    dev = device.torch
+    torch.manual_seed(0)
+    x = _random_images(device, b, 3, (s, s))
+    y = torch.randint(0, 2, (b,), generator=torch.Generator().manual_seed(1)).to(dev)
+    ce = nn.CrossEntropyLoss()
+    geometry = dict(get_backbone_spec(args.backbone).mae_decoder)
+    out: list[Workload] = []
+    info: dict = {}
+
+    def finetune(method: str, key: str, label: str) -> tuple[Workload, nn.Module]:
+        net = build_network(args.backbone, "cls", method, num_classes=2, backbone_ckpt="none").to(dev).train()
+        params = [p for p in net.parameters() if p.requires_grad]
+        # The fine-tuning recipe (MedCoSS, the finetune bundles): AdamW, weight decay 1e-4, gradient clipping 12.
+        opt = make_adamw(params, device, lr=1e-4, weight_decay=1e-4)
+        w = train_workload(key, label, device, net, lambda: ce(net(x), y), opt, b, [x, y], clip=12.0)
+        return w, net
+
+    with _quiet_logs():
+        full, full_net = finetune("full_finetune", "full_ft", "full fine-tuning")
+        peft, peft_net = finetune(args.method, "peft_ft", f"PEFT fine-tuning ({args.method})")
+        out += [full, peft]
+
+        def mae(mode: str, key: str, label: str) -> tuple[Workload, nn.Module]:
+            enc = build_network(args.backbone, "features", args.tpp_method, backbone_ckpt="none", stage="tpp")
+            # No checkpoint here: a random decoder of the MedCoSS geometry, frozen to model the inherited frozen
+            # decoder of the classification setting, trainable for the segmentation setting.
+            net = build_pretext("mae", enc, s, mae_decoder="random", decoder=geometry).to(dev).train()
+            net.decoder.requires_grad_(mode == "update")
+            loss = pretext_loss("mae", net).to(dev)
+            # The TPP recipe (pretrain_tpp bundles): AdamW lr 1.5e-3, wd 1.5e-2, betas (0.9, 0.95), no clipping.
+            opt = make_adamw(param_groups(net, 1.5e-2), device, lr=1.5e-3, betas=(0.9, 0.95))
+            return train_workload(key, label, device, net, lambda: loss(net(x), x), opt, b, [x]), net
+
+        mae_f, mae_f_net = mae("freeze", "tpp_mae_frozen", "TPP-MAE, frozen decoder")
+        mae_u, _ = mae("update", "tpp_mae_trainable", "TPP-MAE, trainable decoder")
+        out += [mae_f, mae_u]
+
+        if not args.no_dino:
+            d = dict(DINO_DEFAULTS)
+            enc = build_network(args.backbone, "features", args.tpp_method, backbone_ckpt="none", stage="tpp")
+            dino = build_pretext("dino", enc, s, dino=d).to(dev).train()
+            dloss = pretext_loss("dino", dino, d).to(dev)
+            crops = [_random_images(device, b, 3, (s, s), seed=i) for i in range(2)]
+            crops += [_random_images(device, b, 3, (d["local_size"],) * 2, seed=10 + i) for i in range(d["num_local"])]
+            opt = make_adamw(param_groups(dino, 0.04), device, lr=5e-4 * b / 256)
+            w = train_workload(
+                "tpp_dino", f"TPP-DINO ({2 + d['num_local']} crops)", device, dino, lambda: dloss(dino(crops)),
+                opt, b, crops, clip=d["clip_grad"], after_step=lambda: dino.update_teacher(0.996), extra=[dloss],
+            )  # fmt: skip
+            out.append(w)
+
+    # The forward-rate target is about the encoder: the plain backbone's forward (what full fine-tuning deploys)
+    # carries it; the PEFT model's forward is shown beside it.
+    out.append(forward_workload("inference", "inference forward (backbone)", device, full_net, x, b))
+    if args.method != "full_finetune":
+        out.append(forward_workload("inference_peft", f"inference forward ({args.method})", device, peft_net, x, b))
+    if not args.no_checkpointing:
+        out.append(with_checkpointing(full, [full_net], "full_ft_ckpt", "full fine-tuning + act. checkpointing"))
+        out.append(with_checkpointing(mae_f, [mae_f_net], "tpp_mae_frozen_ckpt", "TPP-MAE frozen + act. checkpointing"))
+    # Analytic cross-check of the counted forward FLOPs: encoder + patch embedding + the classifier's linear.
+    n = (s // full_net.patch_size) ** 2
+    info["analytic_forward_flops"] = (
+        vit_encoder_flops(b, n + 1, full_net.embed_dim, full_net.depth, full_net.encoder_blocks()[0].fc1.out_features)
+        + patch_embed_flops(b, n, full_net.in_chans, full_net.patch_size, full_net.embed_dim)
+        + 2 * b * full_net.embed_dim * full_net.num_classes
+    )
+    return out, info
+
+def stunet_step_workloads(
+    backbone: str,
+    method: str,
+    device: Device,
+    batch: int,
+    patch: int,
+    which: Sequence[str],
+    suffix: str = "",
+    tpp_method: str | None = None,
+) -> list[Workload]:
+    """STU-Net: full / PEFT (``method``) fine-tuning (deep supervision, Dice+CE), TPP-DINO of ``tpp_method``'s
+    target parameters (default ``method``), inference, at ``patch``^3."""
+    from monai.losses import DeepSupervisionLoss, DiceCELoss
+
+    from tpp_monai.network import build_network
+
+    dev = device.torch
+    size = (patch, patch, patch)
+    x = _random_images(device, batch, 1, size)
+    # Float labels: DeepSupervisionLoss resizes them to every head's scale (nearest), which needs floats.
+    label = torch.randint(0, 3, (batch, 1, *size), generator=torch.Generator().manual_seed(1)).float().to(dev)
+    seg_loss = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True))
+    out: list[Workload] = []
+    tag = f"{patch}^3"
+    with _quiet_logs():
+        for kind in which:
+            if kind in ("full_ft", "peft_ft", "inference"):
+                m = "full_finetune" if kind == "full_ft" else method
+                net = build_network(
+                    backbone, "seg", m, num_classes=3, backbone_ckpt="none",
+                    backbone_options={"deep_supervision": True},
+                ).to(dev).train()  # fmt: skip
+                if kind == "inference":
+                    out.append(
+                        forward_workload(f"inference{suffix}", f"inference forward {tag}", device, net, x, batch)
+                    )
+                    continue
+                params = [p for p in net.parameters() if p.requires_grad]
+                opt = make_adamw(params, device, lr=1e-3, weight_decay=3e-5)
+                label_text = "full fine-tuning" if kind == "full_ft" else f"PEFT fine-tuning ({method})"
+                out.append(
+                    train_workload(
+                        f"{kind}{suffix}", f"{label_text} {tag}", device, net,
+                        lambda net=net: seg_loss(list(net(x)), label), opt, batch, [x, label], clip=12.0,
+                    )
+                )  # fmt: skip
+            elif kind == "tpp_dino":
+                out.append(stunet_dino_workload(backbone, tpp_method or method, device, batch, patch, suffix))
+    return out
+
+def stunet_dino_workload(
+    backbone: str, method: str, device: Device, batch: int, patch: int, suffix: str = ""
+) -> Workload:
+    """TPP-DINO on STU-Net through the library's DINO pretext (the 3D bundles' TPP stage)."""
+    from tpp_monai.handlers import param_groups
+    from tpp_monai.network import build_network
+    from tpp_monai.pretext import DINO_DEFAULTS, build_pretext, pretext_loss
+
+    local = max(32, patch // 2)
+    d = {**DINO_DEFAULTS, "global_size": patch, "local_size": local, "num_local": 2}
+    enc = build_network(backbone, "features", method, backbone_ckpt="none", stage="tpp")
+    dino = build_pretext("dino", enc, patch, dino=d).to(device.torch).train()
+    dloss = pretext_loss("dino", dino, d).to(device.torch)
+    crops = [_random_images(device, batch, 1, (patch,) * 3, seed=i) for i in range(2)]
+    crops += [_random_images(device, batch, 1, (local,) * 3, seed=10 + i) for i in range(2)]
+    opt = make_adamw(param_groups(dino, 0.04), device, lr=5e-4 * batch / 256)
+    return train_workload(
+        f"tpp_dino{suffix}", f"TPP-DINO {patch}^3 (2 global + 2 local {local}^3)", device, dino,
+        lambda: dloss(dino(crops)), opt, batch, crops, clip=d["clip_grad"],
+        after_step=lambda: dino.update_teacher(0.996), extra=[dloss],
+    )  # fmt: skip
+
+def _family(backbone: str) -> str:
+    from tpp_monai.backbones import get_backbone_spec
+
+    return get_backbone_spec(backbone, "--backbone").family
