@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tpp_monai_bench.recipes import finetune_recipe, tpp_recipe
 from tpp_monai_bench.timing import (
     MIB,
     Device,
@@ -54,6 +55,7 @@ class Workload:
     peak_bytes: int | None = None
     persistent_bytes: int | None = None
     host_syncs: int | None = None
+    optimizer: torch.optim.Optimizer | None = None  # the recipe being measured (training workloads)
 
     def run(self) -> None:
         self.prepare()
@@ -128,7 +130,7 @@ def train_workload(
 
     trainable = sum(p.numel() for p in params)
     weights = lambda: [p for m in (model, *extra) for p in m.parameters()]  # noqa: E731
-    return Workload(key, label, step, images, trainable, prepare, persistent, weights)
+    return Workload(key, label, step, images, trainable, prepare, persistent, weights, optimizer=optimizer)
 
 def forward_workload(key: str, label: str, device: Device, model: nn.Module, inputs: Tensor, images: int) -> Workload:
     """The inference forward (eval mode, ``torch.inference_mode``)."""
@@ -215,9 +217,9 @@ def vit_workloads(args: argparse.Namespace, device: Device) -> tuple[list[Worklo
     def finetune(method: str, key: str, label: str) -> tuple[Workload, nn.Module]:
         net = build_network(args.backbone, "cls", method, num_classes=2, backbone_ckpt="none").to(dev).train()
         params = [p for p in net.parameters() if p.requires_grad]
-        # The fine-tuning recipe (MedCoSS, the finetune bundles): AdamW, weight decay 1e-4, gradient clipping 12.
-        opt = make_adamw(params, device, lr=1e-4, weight_decay=1e-4)
-        w = train_workload(key, label, device, net, lambda: ce(net(x), y), opt, b, [x, y], clip=12.0)
+        r = finetune_recipe(f"mhist_{method}")  # the finetune bundle's own recipe (MedCoSS: AdamW, clipping 12)
+        opt = make_adamw(params, device, lr=r.lr, weight_decay=r.weight_decay)
+        w = train_workload(key, label, device, net, lambda: ce(net(x), y), opt, b, [x, y], clip=r.grad_clip)
         return w, net
 
     with _quiet_logs():
@@ -232,8 +234,9 @@ def vit_workloads(args: argparse.Namespace, device: Device) -> tuple[list[Worklo
             net = build_pretext("mae", enc, s, mae_decoder="random", decoder=geometry).to(dev).train()
             net.decoder.requires_grad_(mode == "update")
             loss = pretext_loss("mae", net).to(dev)
-            # The TPP recipe (pretrain_tpp bundles): AdamW lr 1.5e-3, wd 1.5e-2, betas (0.9, 0.95), no clipping.
-            opt = make_adamw(param_groups(net, 1.5e-2), device, lr=1.5e-3, betas=(0.9, 0.95))
+            # The pretrain_tpp bundle's own MAE recipe (paper: AdamW lr 1.5e-3, wd 1.5e-2, betas (0.9, 0.95)).
+            r = tpp_recipe(f"mhist_{args.tpp_method}", "mae", b)
+            opt = make_adamw(param_groups(net, r.weight_decay), device, lr=r.lr, betas=r.betas)
             return train_workload(key, label, device, net, lambda: loss(net(x), x), opt, b, [x]), net
 
         mae_f, mae_f_net = mae("freeze", "tpp_mae_frozen", "TPP-MAE, frozen decoder")
@@ -247,10 +250,11 @@ def vit_workloads(args: argparse.Namespace, device: Device) -> tuple[list[Worklo
             dloss = pretext_loss("dino", dino, d).to(dev)
             crops = [_random_images(device, b, 3, (s, s), seed=i) for i in range(2)]
             crops += [_random_images(device, b, 3, (d["local_size"],) * 2, seed=10 + i) for i in range(d["num_local"])]
-            opt = make_adamw(param_groups(dino, 0.04), device, lr=5e-4 * b / 256)
+            r = tpp_recipe(f"mhist_{args.tpp_method}", "dino", b)  # the pretrain_tpp bundle's own DINO recipe
+            opt = make_adamw(param_groups(dino, r.weight_decay), device, lr=r.lr, betas=r.betas)
             w = train_workload(
                 "tpp_dino", f"TPP-DINO ({2 + d['num_local']} crops)", device, dino, lambda: dloss(dino(crops)),
-                opt, b, crops, clip=d["clip_grad"], after_step=lambda: dino.update_teacher(0.996), extra=[dloss],
+                opt, b, crops, clip=r.grad_clip, after_step=lambda: dino.update_teacher(0.996), extra=[dloss],
             )  # fmt: skip
             out.append(w)
 
@@ -336,10 +340,11 @@ def stunet_dino_workload(
     dloss = pretext_loss("dino", dino, d).to(device.torch)
     crops = [_random_images(device, batch, 1, (patch,) * 3, seed=i) for i in range(2)]
     crops += [_random_images(device, batch, 1, (local,) * 3, seed=10 + i) for i in range(2)]
-    opt = make_adamw(param_groups(dino, 0.04), device, lr=5e-4 * batch / 256)
+    r = tpp_recipe(f"lits_{method}", "dino", batch)  # the 3D pretrain_tpp bundle's own DINO recipe
+    opt = make_adamw(param_groups(dino, r.weight_decay), device, lr=r.lr, betas=r.betas)
     return train_workload(
         f"tpp_dino{suffix}", f"TPP-DINO {patch}^3 (2 global + 2 local {local}^3)", device, dino,
-        lambda: dloss(dino(crops)), opt, batch, crops, clip=d["clip_grad"],
+        lambda: dloss(dino(crops)), opt, batch, crops, clip=r.grad_clip,
         after_step=lambda: dino.update_teacher(0.996), extra=[dloss],
     )  # fmt: skip
 
