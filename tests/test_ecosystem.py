@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import BUNDLES, REPO, free_port, run_cli, run_workflow
 
+from tpp_monai.bundlegen import workflow_config_files
 from tpp_monai.io import load_verified
 
 SCHEMA = REPO / "tpp_monai" / "schemas" / "meta_schema.json"
@@ -37,7 +38,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, demo_roots) -> None:
     bundle, root = "mhist_adapter", demo_roots("mhist")
     dump = tmp_path / "dump.json"  # every rank saves its target parameters after training
     # (MONAI scans any expression containing the word "import" as an import statement, hence tpp.trainable_state)
-    dump.write_text(json.dumps({"+finalize": [
+    dump.write_text(json.dumps({"imports": ["$import os", "$import tpp_monai.workflows as tpp"], "+finalize": [
         "$torch.save(tpp.trainable_state(@network_def).state_dict(), @output_dir + '/rank' + os.environ['RANK'] + "
         "'.pt')"]}))  # fmt: skip
     common = ["--runs_dir", str(tmp_path), "--dataset_dir", str(root), "--tracking", "mlflow",
@@ -81,7 +82,7 @@ def test_mlflow_chain_leaves_three_finished_runs(tmp_path, demo_roots) -> None:
         from monai.bundle import run
 
         bundle = BUNDLES / "qata_lora" / "configs"
-        run(run_id, config_file=[str(bundle / f"{run_id}.json"), str(bundle / "demo.json")],
+        run(run_id, config_file=workflow_config_files(BUNDLES / "qata_lora", run_id, "demo"),
             meta_file=str(bundle / "metadata.json"), logging_file=False, tracking="mlflow", run_name=run_id,
             ckpt_dir=str(tmp_path / "models"), **common, **extra)  # fmt: skip
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
