@@ -270,11 +270,12 @@ class TppTrainTask(BundleTrainTask):
         check_params(params, self.accepted_params(), f"/train/{self.spec.name} params")
 
     def check_request(self, request: Mapping[str, Any]) -> None:
-        """The whole request MONAI Label hands the task: the client's parameters plus the model and bundle path
-        its server adds."""
+        """The whole request MONAI Label hands the task: the client's parameters plus what its server adds (the
+        model, its bundle folder, the process's ``local_rank``)."""
         if request.get("model") != self.spec.name or request.get("bundle_path", self.spec.path) != self.spec.path:
             raise RequestRefused(f"/train/{self.spec.name}: the request names another model or bundle folder")
-        self.check_params({k: v for k, v in request.items() if k not in ("model", "bundle_path")})
+        check_params({"local_rank": request.get("local_rank", 0)}, {"local_rank": number(int, 0, 1024)}, "request")
+        self.check_params({k: v for k, v in request.items() if k not in ("model", "bundle_path", "local_rank")})
 
     def stats(self) -> dict[str, Any]:
         """The last epoch of the latest ``/train`` run (``history.csv``) and the served model's time stamp."""

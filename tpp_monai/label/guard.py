@@ -101,12 +101,13 @@ class Param:
 
 
 def choice(values: Collection[Any], describe: str | None = None) -> Param:
-    """A parameter that must be one of ``values`` (a list of them, as MONAI Label's UI sends, takes the first)."""
+    """A parameter that must be one of ``values``; of a list (an option list sent back unchanged) MONAI Label uses
+    the first item, so that one is checked (every item is checked for expressions anyway)."""
     return Param((str, list), describe or f"one of {sorted(map(str, values))}", lambda v: _first(v) in values)
 
 
 def _first(value: Any) -> Any:
-    return value[0] if isinstance(value, list) and len(value) == 1 else value
+    return value[0] if isinstance(value, list) and value else value
 
 
 def number(kind: type, low: float, high: float, *, high_open: bool = False) -> Param:

@@ -39,7 +39,6 @@ from tpp_monai.label.guard import (
     RequestRefused,
     check_name,
     confined,
-    parse_params,
     refuse_expressions,
 )
 from tpp_monai.label.server import ConfinedDatastore, install
@@ -116,10 +115,19 @@ class TppApp(MONAILabelApp):
         if mode:
             from monailabel.app import app as api
 
-            install(api, {("POST", "/infer/{model}"): self._check_infer_endpoint,
-                          ("POST", "/train/{model}"): self._check_train_endpoint,
-                          ("POST", "/train/"): self._check_train_all_endpoint},
-                    max_upload_bytes=int(self.max_upload_mb * 1024 * 1024))  # fmt: skip
+            install(api, self._check_endpoint, int(self.max_upload_mb * 1024 * 1024), settings.MONAI_LABEL_API_STR)
+
+    def _check_endpoint(self, kind: str, model: str, query: dict[str, str], params: dict[str, Any]) -> None:
+        """``POST /infer/<model>``, ``/train/<model>`` or ``/train/`` (all models) as the client sent it."""
+        if kind == "infer":
+            task = self._infer_task(model)
+            task.check_params(params)
+            if query.get("image"):
+                self._image_path(task, query["image"])
+        elif model:
+            self._train_task(model).check_params(params)
+        else:  # MONAI Label merges every model's parameters into each request; deprecated upstream
+            raise RequestRefused("POST /train/ (all models) is not served; train one model: POST /train/<model>")
 
     def _infer_task(self, model: Any) -> TppInferTask:
         task = self._infers.get(model) if isinstance(model, str) else None
@@ -135,25 +143,12 @@ class TppApp(MONAILabelApp):
             raise RequestRefused(f"there is no model {model!r} to train; models: {known}", 404)
         return task  # type: ignore[return-value]
 
-    def _check_infer_endpoint(self, args: dict[str, Any]) -> None:
-        task = self._infer_task(args["model"])
-        task.check_params(parse_params(args.get("params"), f"/infer/{args['model']} params"))
-        if args.get("image"):
-            self._image_path(task, args["image"])
-
-    def _check_train_endpoint(self, args: dict[str, Any]) -> None:
-        self._train_task(args["model"]).check_params(args.get("params") or {})
-
-    def _check_train_all_endpoint(self, args: dict[str, Any]) -> None:
-        for model, params in (args.get("params") or {}).items():
-            self._train_task(model).check_params(params or {})
-
     def _image_path(self, task: TppInferTask, image: str, session: bool = False) -> str:
         """The file of a studies image id (or of this request's upload or session), checked against the model's
         dimension."""
         if os.path.isabs(image) and os.path.dirname(image) == tempfile.gettempdir() and os.path.isfile(image):
             path = image  # MONAI Label's /infer saved the request's uploaded file here
-        elif session and os.path.isabs(image):
+        elif session and os.path.isabs(image) and self.sessions() is not None:
             path = confined("session image", image, [self.sessions().store_path])
         else:
             path = self.datastore().get_image_uri(check_name("image", image))

@@ -2,20 +2,19 @@
 
 MONAI Label's REST endpoints (``monailabel.endpoints``) pass query values and form parameters on unchecked; its
 ``LocalDatastore`` joins ids and tags to the studies folder as given. The app therefore supplies its own datastore
-(:class:`ConfinedDatastore`), adds Starlette's ``RequestBodyLimitMiddleware`` (413 before an upload is stored), and
-wraps each endpoint (:func:`install`) so that id-like query values are plain names, ``/infer`` and ``/train``
-parameters are checked by the app before MONAI Label sees them, and the app's refusals and MONAI Label's
-"not found" errors become 4xx answers with their sentence instead of a bare 500.
+(:class:`ConfinedDatastore`), and :func:`install` puts Starlette's ``RequestBodyLimitMiddleware`` (413 before an
+upload is stored) and :class:`RequestGuard` in front of the endpoints: id-like query values are plain names,
+``/infer`` and ``/train`` parameters are checked by the app before MONAI Label sees them, and the app's refusals and
+MONAI Label's "not found" errors become 4xx answers with their sentence instead of a bare 500.
 """
 
-import functools
+import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qsl, unquote
 
-from fastapi import FastAPI, HTTPException
-from fastapi.routing import APIRoute
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.exception import (
     ImageNotFoundException,
@@ -24,8 +23,9 @@ from monailabel.interfaces.exception import (
     MONAILabelException,
 )
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.requests import Request
 
-from tpp_monai.label.guard import RequestRefused, check_name, confined
+from tpp_monai.label.guard import RequestRefused, check_name, confined, parse_params
 
 logger = logging.getLogger(__name__)
 
@@ -103,12 +103,89 @@ class ConfinedDatastore(LocalDatastore):
 # Endpoints
 
 
-def _as_http(err: Exception) -> HTTPException:
-    if isinstance(err, RequestRefused):
-        return HTTPException(status_code=err.status, detail=str(err))
-    if isinstance(err, (ImageNotFoundException, LabelNotFoundException)):
-        return HTTPException(status_code=404, detail=err.msg)
-    return HTTPException(status_code=400, detail=err.msg)  # type: ignore[attr-defined]
+class RequestGuard:
+    """ASGI middleware in front of MONAI Label's endpoints (plain ASGI: independent of FastAPI's routing internals).
+
+    * id-like query values (``image``, ``label``, ``tag``, ``id``, ``session_id``) must be plain names;
+    * ``POST /infer/<model>`` and ``POST /train[/<model>]``: the body is read (within the upload limit, which the
+      ``RequestBodyLimitMiddleware`` outside this one enforces), its parameters (the ``params`` form field, or the
+      JSON body) are handed to ``check(kind, model, query, params)``, then the body is passed on unchanged;
+    * a :class:`RequestRefused` or MONAI Label's "not found"/"invalid input" error raised by an endpoint (the app's
+      own checks, the datastore's) is answered 4xx with its sentence instead of a bare 500.
+    """
+
+    def __init__(self, app: Any, check: Callable[[str, str, dict[str, str], dict[str, Any]], None],
+                 prefix: str = "") -> None:  # fmt: skip
+        self.app, self.check, self.prefix = app, check, prefix.rstrip("/")
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+            for key in ID_QUERY_PARAMS:
+                if query.get(key):
+                    check_name(key, query[key])
+            receive = await self._checked_body(scope, receive, query)
+            await self.app(scope, receive, tracking_send)
+        except (RequestRefused, MONAILabelException) as err:
+            if started or not _is_client_error(err):
+                raise
+            status, detail = _client_status(err)
+            logger.warning("refused %s %s: %s", scope["method"], scope["path"], detail)
+            await _send_json(send, status, {"detail": detail})
+
+    async def _checked_body(self, scope: dict, receive: Callable, query: dict[str, str]) -> Callable:
+        path = scope["path"][len(self.prefix) :] if scope["path"].startswith(self.prefix) else scope["path"]
+        parts = [p for p in path.split("/") if p]
+        if scope["method"] != "POST" or not parts or parts[0] not in ("infer", "train") or len(parts) > 2:
+            return receive
+        body = await _read_body(receive)
+        replay = _replayer(body, receive)
+        model = unquote(parts[1]) if len(parts) == 2 else ""
+        if parts[0] == "infer":
+            form = await Request(scope, _replayer(body)).form()
+            params = parse_params(form.get("params") if isinstance(form.get("params"), str) else None, "/infer params")
+            await form.close()
+        else:
+            params = parse_params(body, f"/train/{model} params") if body.strip() else {}
+        self.check(parts[0], model, query, params)
+        return replay
+
+
+async def _read_body(receive: Callable) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replayer(body: bytes, receive: Callable | None = None) -> Callable:
+    """A ``receive`` that hands ``body`` over once, then waits on the client's (a response that streams listens
+    for the client's disconnect: an invented one would cut it short)."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if sent:
+            return await receive() if receive is not None else {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
 
 
 def _is_client_error(err: Exception) -> bool:
@@ -117,61 +194,31 @@ def _is_client_error(err: Exception) -> bool:
     )
 
 
-def guarded(endpoint: Callable, check: Callable[[dict[str, Any]], None] | None = None) -> Callable:
-    """``endpoint`` (an async FastAPI endpoint) with its id-like query values checked as plain names, ``check``
-    run on its arguments first, and client errors answered 4xx with their message."""
-
-    @functools.wraps(endpoint)  # FastAPI reads the parameters from the wrapped signature
-    async def wrapper(**kwargs: Any) -> Any:
-        try:
-            for key in ID_QUERY_PARAMS:
-                if isinstance(kwargs.get(key), str) and kwargs[key]:
-                    check_name(key, kwargs[key])
-            if check is not None:
-                check(kwargs)
-            return await endpoint(**kwargs)
-        except (RequestRefused, MONAILabelException) as err:
-            if not _is_client_error(err):
-                raise
-            logger.warning("refused %s: %s", endpoint.__name__, err)
-            raise _as_http(err) from None
-
-    return wrapper
+def _client_status(err: Exception) -> tuple[int, str]:
+    if isinstance(err, RequestRefused):
+        return err.status, str(err)
+    if isinstance(err, (ImageNotFoundException, LabelNotFoundException)):
+        return 404, err.msg
+    return 400, err.msg  # type: ignore[attr-defined]
 
 
-def install(api: FastAPI, checks: dict[tuple[str, str], Callable[[dict[str, Any]], None]],
-            max_upload_bytes: int) -> None:  # fmt: skip
-    """Guard MONAI Label's FastAPI app: an upload limit, and every async endpoint wrapped by :func:`guarded`
-    (``checks[(method, path)]`` added for the ones the app checks itself). Runs once per ``api``."""
+async def _send_json(send: Callable, status: int, payload: Any) -> None:
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def install(api: Any, check: Callable[[str, str, dict[str, str], dict[str, Any]], None], max_upload_bytes: int,
+            prefix: str = "") -> None:  # fmt: skip
+    """Put :class:`RequestGuard` and Starlette's ``RequestBodyLimitMiddleware`` (outside it) in front of MONAI
+    Label's FastAPI app ``api``. Runs once per ``api``."""
     if getattr(api.state, "tpp_guarded", False):
         return
-    # The middleware stack is built on the server's first event (before the app exists); rebuilt on the next one.
+    # The server builds the middleware stack on its first event, before the app exists; reset, it is rebuilt with
+    # these on the next request (add_middleware puts the later one outside).
     api.middleware_stack = None
+    api.add_middleware(RequestGuard, check=check, prefix=prefix)
     api.add_middleware(RequestBodyLimitMiddleware, max_body_size=max_upload_bytes)
-    routes: Sequence[Any] = api.router.routes
-    for i, route in enumerate(routes):
-        if not isinstance(route, APIRoute) or not _is_async(route.endpoint):
-            continue
-        check = next((c for (method, path), c in checks.items() if method in route.methods and path == route.path),
-                     None)  # fmt: skip
-        api.router.routes[i] = APIRoute(
-            route.path,
-            guarded(route.endpoint, check),
-            methods=list(route.methods),
-            name=route.name,
-            summary=route.summary,
-            include_in_schema=route.include_in_schema,
-            response_model=route.response_model,
-            responses=route.responses,
-            tags=route.tags,
-            deprecated=route.deprecated,
-        )
-    api.openapi_schema = None
     api.state.tpp_guarded = True
-    logger.info("request guards installed: upload limit %d bytes, %d checked endpoints", max_upload_bytes, len(checks))
-
-
-def _is_async(func: Callable) -> bool:
-    import inspect
-
-    return inspect.iscoroutinefunction(func)
+    logger.info("request guards installed: upload limit %d bytes", max_upload_bytes)
