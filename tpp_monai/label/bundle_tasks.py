@@ -212,8 +212,10 @@ class TppTrainTask(BundleTrainTask):
     checks run as on the command line. Segmentation takes the final labels of MONAI Label's label store (2D
     bundles the 2D images, 3D bundles the volumes); classification takes the class in each image's info
     (``PUT /datastore/image/info`` with ``{"class": "<name or index>"}``). The run continues from the served model
-    when ``pretrained`` (the default) and it exists; when it ends, its best model replaces the served one
-    (atomically), and inference reloads it on its next request.
+    when ``pretrained`` (the default) and it exists; it validates every epoch, and when it ends its best model
+    replaces the served one (atomically; inference reloads it on its next request) only if every validation score
+    is finite. Its training set must hold every class (classification: split per class; segmentation: some
+    training mask shows each class).
     """
 
     def __init__(self, spec: BundleSpec, conf: Mapping[str, str]) -> None:
@@ -398,6 +400,7 @@ class TppTrainTask(BundleTrainTask):
             dataset_dir=self.run_dir,
             output_dir=self.run_dir,
             ckpt_dir=os.path.join(self.run_dir, "models"),
+            val_interval=1,  # every epoch's score in history.csv: _publish checks them before the model is served
         )
         continues = bool(self._request.get("pretrained", True)) and os.path.isfile(self._request["model_filename"])
         if continues:  # the served model holds every weight: no backbone or TPP file is needed to build it
