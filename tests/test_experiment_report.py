@@ -13,9 +13,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from tpp_monai.errors import UserError
 from tpp_monai.experiments import stats
 from tpp_monai.experiments.paper import load_paper, paper_refs
-from tpp_monai.experiments.report import write_report
+from tpp_monai.experiments.report import summary_text, write_report
 from tpp_monai.handlers import EvaluationWriter
 
 PAPER_TEXT = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "002_83264d4dec266f93.txt"
@@ -277,6 +278,16 @@ def test_label_fraction_curves(tmp_path: Path):
     assert sorted(gains) == fractions
     assert gains[1.0]["gain_mean"] == pytest.approx(100 * 0.001)
     assert report["missing"] == []
+
+
+def test_summary_text_and_bad_folder(grid_report, tmp_path: Path):
+    report, _ = grid_report
+    text = summary_text(report)
+    g = _gain(report, "mhist", "adapter", "acc")
+    assert f"random {g['mean_random']:.2f} ± {g['std_random']:.2f} (n=4)" in text and g["verdict"] in text
+    assert "3 run(s) missing, unfinished or failed" in text
+    with pytest.raises(UserError, match="not found"):
+        write_report(tmp_path / "nowhere")
 
 
 def test_stats_edge_cases():

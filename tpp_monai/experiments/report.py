@@ -147,6 +147,10 @@ def _not_started(plan: dict, exp_dir: Path) -> list[dict]:
     return missing
 
 
+def _fraction_order(fraction: float | None) -> tuple:
+    return (fraction is None, fraction or 0.0)
+
+
 def _fraction(value: object) -> float | None:
     try:
         return float(value)  # type: ignore[arg-type]
@@ -222,7 +226,7 @@ def _group_stats(groups: dict[GroupKey, dict], columns: list[tuple[str, str]], t
     return out
 
 
-def _gains(groups: dict[GroupKey, dict], columns: list[tuple[str, str]]) -> list[dict]:
+def _gains(groups: dict[GroupKey, dict], columns: list[tuple[str, str]], plan: dict) -> list[dict]:
     out = []
     for (dataset, method, init, fraction, variant), tpp_by_seed in groups.items():
         if init == "random" or (dataset, method, "random", fraction, variant) not in groups:
@@ -254,6 +258,20 @@ def _gains(groups: dict[GroupKey, dict], columns: list[tuple[str, str]]) -> list
                     **summary.as_dict(),
                 }
             )
+    column_order = {c: i for i, c in enumerate(columns)}
+    methods = _ordered((g["method"] for g in out), plan.get("methods"))
+    inits = _ordered((g["init"] for g in out), plan.get("init"))
+    datasets = list(dict.fromkeys(d for d, _ in columns))
+    out.sort(
+        key=lambda g: (
+            datasets.index(g["dataset"]),
+            methods.index(g["method"]),
+            inits.index(g["init"]),
+            str(g["variant"]),
+            _fraction_order(g["label_fraction"]),
+            column_order[(g["dataset"], g["metric"])],
+        )
+    )
     return out
 
 
@@ -272,7 +290,7 @@ def _row_label(init: str, variant: dict) -> str:
 def _results_tables(records: list[dict], columns: list[tuple[str, str]], plan: dict) -> list[str]:
     lines = []
     header = ["method", "init", *[f"{d} {stats.metric_name(m)}" for d, m in columns]]
-    fractions = sorted({r["label_fraction"] for r in records}, key=lambda f: (f is None, f))
+    fractions = sorted({r["label_fraction"] for r in records}, key=_fraction_order)
     for fraction in fractions:
         at = [r for r in records if r["label_fraction"] == fraction]
         cells = {(r["method"], r["init"], tuple(r["variant"].items()), r["dataset"], r["metric"]): r for r in at}
@@ -392,9 +410,16 @@ def _markdown(result: dict, columns: list[tuple[str, str]], plan: dict) -> str:
 # Plots
 
 
+def _interval_colour(ci95: list | None) -> str:
+    if not ci95:
+        return "tab:gray"
+    return "tab:green" if ci95[0] > 0 else "tab:red" if ci95[1] < 0 else "tab:gray"
+
+
 def _plot_gains(gains: list[dict], out: Path) -> list[Path]:
     """One figure per method, one axis per metric: mean gain with its 95 % interval, and each seed's gain."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     written = []
     for method in dict.fromkeys(g["method"] for g in gains):
@@ -402,49 +427,19 @@ def _plot_gains(gains: list[dict], out: Path) -> list[Path]:
         metrics = list(dict.fromkeys(g["metric"] for g in mine))
         several_inits = len({(g["init"], tuple(g["variant"].items())) for g in mine}) > 1
         several_fractions = len({g["label_fraction"] for g in mine}) > 1
-        fig, axes = plt.subplots(
-            1,
-            len(metrics),
-            figsize=(
-                max(3.6, 1.3 * max(sum(g["metric"] == m for g in mine) for m in metrics) + 1.6) * len(metrics),
-                4.2,
-            ),
-            squeeze=False,
-        )
-        for ax, metric in zip(axes[0], metrics):
+        widest = max(sum(g["metric"] == m for g in mine) for m in metrics)
+        width = max(3.4, 1.2 * widest + 1.4) * len(metrics)
+        ncol = 4 if width >= 10 else 2  # legend entries per row below the axes
+        fig, axes = plt.subplots(1, len(metrics), figsize=(max(width, 5.5), 4.4 if ncol == 4 else 4.8))
+        for ax, metric in zip(np.atleast_1d(axes), metrics):
             entries = [g for g in mine if g["metric"] == metric]
             for x, g in enumerate(entries):
-                color = (
-                    "tab:green"
-                    if g["ci95"] and g["ci95"][0] > 0
-                    else ("tab:red" if g["ci95"] and g["ci95"][1] < 0 else "tab:gray")
-                )
-                if g["ci95"]:
-                    low, high = g["ci95"]
-                    ax.errorbar(
-                        [x],
-                        [g["gain_mean"]],
-                        yerr=[[g["gain_mean"] - low], [high - g["gain_mean"]]],
-                        fmt="o",
-                        color=color,
-                        capsize=5,
-                        ms=7,
-                        label="mean, 95 % CI" if x == 0 else None,
-                    )
-                else:
-                    ax.plot(
-                        [x], [g["gain_mean"]], "o", color=color, ms=7, label="mean (no interval)" if x == 0 else None
-                    )
-                jitter = np.linspace(-0.12, 0.12, len(g["gains"])) if len(g["gains"]) > 1 else [0.0]
-                ax.plot(
-                    x + np.asarray(jitter),
-                    g["gains"],
-                    "x",
-                    color="black",
-                    alpha=0.6,
-                    ms=5,
-                    label="one seed" if x == 0 else None,
-                )
+                colour = _interval_colour(g["ci95"])
+                low, high = g["ci95"] or (g["gain_mean"], g["gain_mean"])
+                yerr = [[g["gain_mean"] - low], [high - g["gain_mean"]]]
+                ax.errorbar([x], [g["gain_mean"]], yerr=yerr, fmt="o", color=colour, capsize=5, ms=7)
+                offsets = np.linspace(-0.3, -0.14, len(g["gains"]))  # the seeds left of the mean, never under it
+                ax.plot(x + offsets, g["gains"], "x", color="black", alpha=0.6, ms=5)
             labels = [
                 g["dataset"]
                 + (f"\n{_row_label(g['init'], g['variant'])}" if several_inits else "")
@@ -455,12 +450,19 @@ def _plot_gains(gains: list[dict], out: Path) -> list[Path]:
             ax.set_xlim(-0.6, len(entries) - 0.4)
             ax.axhline(0, color="black", lw=0.8)
             unit = "px, random − TPP" if metric == "hd95" else "points, TPP − random"
-            ax.set_title(f"{stats.metric_name(metric)} gain ({unit})", fontsize=10)
+            ax.set_title(f"{stats.metric_name(metric)} gain ({unit})", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
-        axes[0][0].set_ylabel("gain (positive = TPP better)")
-        axes[0][0].legend(fontsize=7, loc="best")
+        np.atleast_1d(axes)[0].set_ylabel("gain (positive = TPP better)")
+        handles = [
+            Line2D([], [], marker="x", color="black", alpha=0.6, linestyle="", label="one seed"),
+            *[
+                Line2D([], [], marker="o", color=c, linestyle="-", label=f"mean, 95 % CI {w}")
+                for c, w in (("tab:green", "above 0"), ("tab:gray", "contains 0"), ("tab:red", "below 0"))
+            ],
+        ]
+        fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
         fig.suptitle(f"{method}: TPP gain over random initialisation", fontsize=11)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.07 if ncol == 4 else 0.13, 1, 1))
         path = out / f"gain_{method}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -537,6 +539,7 @@ def _tpp_histories(tpp_runs: list[dict]) -> list[tuple[dict, list[float], list[f
 
 def _tpp_loss(tpp_runs: list[dict], out: Path) -> tuple[list[dict], Path | None]:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     histories = _tpp_histories(tpp_runs)
     if not histories:
@@ -559,6 +562,7 @@ def _tpp_loss(tpp_runs: list[dict], out: Path) -> tuple[list[dict], Path | None]
             }
         )
     ax.set(xlabel="epoch", ylabel="pretext loss", title="TPP stage: pretext loss per epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2 if len(histories) > 8 else 1)
     fig.tight_layout()
@@ -592,7 +596,7 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None) -> dict
     columns = _columns(runs, plan)
     groups = _groups(runs)
     records = _group_stats(groups, columns, refs)
-    gains = _gains(groups, columns)
+    gains = _gains(groups, columns, plan)
     tpp_loss, loss_plot = _tpp_loss(tpp_runs, out)
     plots = _plot_gains(gains, out) + _plot_fractions(records, out) + ([loss_plot] if loss_plot else [])
 
@@ -620,3 +624,19 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None) -> dict
     (out / "report.md").write_text(_markdown(result, columns, plan))
     (out / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     return {**result, "markdown": str(out / "report.md"), "json": str(out / "report.json")}
+
+
+def summary_text(result: dict) -> str:
+    """The lines a command prints after :func:`write_report`: each arm's mean ± std and every gain's verdict."""
+    lines = []
+    for g in result["gains"]:
+        where = f"{g['dataset']} {g['method']} (label fraction {g['label_fraction']})"
+        arms = (f"random {_fmt(g['mean_random'], g['std_random'], g['n_seeds'])}, "
+                f"{_row_label(g['init'], g['variant'])} {_fmt(g['mean_tpp'], g['std_tpp'], g['n_seeds'])}")  # fmt: skip
+        lines.append(f"{where} {stats.metric_name(g['metric'])}: {arms}\n    {g['verdict']}")
+    if not lines:
+        lines.append("no pair of TPP and random runs on the same seed yet")
+    if result["missing"]:
+        lines.append(f"{len(result['missing'])} run(s) missing, unfinished or failed: see {result['markdown']}")
+    lines.append(f"report: {result['markdown']}")
+    return "\n".join(lines)

@@ -126,8 +126,10 @@ def verdict(
     n_seeds: int,
     wins: int,
     higher_is_better: bool = True,
+    gains: Sequence[float] | None = None,
 ) -> str:
-    """One sentence: the gain, its interval, the seeds and wins, and whether it is distinguishable from zero."""
+    """One sentence: the gain, its interval, the seeds and wins, and whether it is distinguishable from zero (and,
+    given the per-seed ``gains``, when the interval is no more than their range)."""
     if higher_is_better:
         head = f"TPP gain {gain_mean:+.2f} {metric_name(metric)} points"
     else:  # a distance: the gain is random minus TPP
@@ -143,6 +145,8 @@ def verdict(
         words = "TPP better: the interval excludes 0"
     else:
         words = "TPP worse: the interval excludes 0"
+    if gains is not None and n_seeds <= 3 and np.allclose(ci95, (min(gains), max(gains))):
+        words += f"; with {n_seeds} seeds the interval is just the range of the per-seed gains"
     return f"{head} {interval} {seeds}: {words}"
 
 
@@ -174,5 +178,5 @@ def summarise_gain(
         n_seeds=int(gains.size),
         wins=wins,
         ties=ties,
-        verdict=verdict(metric, gain_mean, ci, int(gains.size), wins, higher_is_better),
+        verdict=verdict(metric, gain_mean, ci, int(gains.size), wins, higher_is_better, gains.tolist()),
     )
