@@ -27,36 +27,21 @@ PAPER_TABLES = Path(__file__).with_name("fixtures") / "paper_tables.txt"
 # Fabricated experiment folders (the layout of the experiments contract)
 
 
-def _settings(dataset: str, method: str, init: str, fraction: float, seed: int) -> dict:
+def _settings(dataset: str, method: str, init: str, fraction: float | None, seed: int, variant: str | None = None):
+    """Settings as exp-core's graph records them (``source`` only for TPP on another dataset's images)."""
     pretext = init.split("-")[1] if init.startswith("tpp-") else None
-    return {
-        "dataset": dataset,
-        "method": method,
-        "init": init,
-        "pretext": pretext,
-        "source": dataset if pretext else None,
-        "label_fraction": fraction,
-        "seed": seed,
-        "backbone": "medcoss_vit_tiny",
-    }
+    return {"dataset": dataset, "method": method, "init": init, "pretext": pretext, "source": None,
+            "label_fraction": fraction, "seed": seed, "backbone": None, "variant": variant}  # fmt: skip
 
 
-def _run_folder(exp: Path, stage: str, settings: dict, status: str = "done") -> Path:
+def _run_folder(exp: Path, stage: str, settings: dict, status: str = "done", overrides: dict | None = None) -> Path:
     s = settings
     key = f"{s['dataset']}_{s['method']}__{s['init']}__lf{s['label_fraction']}__s{s['seed']}"
-    folder = exp / "runs" / stage / key
+    folder = exp / "runs" / stage / (key + (f"__{s['variant']}" if s["variant"] else ""))
     folder.mkdir(parents=True)
     (folder / "log.txt").write_text("log\n")
-    record = {
-        "stage": stage,
-        "bundle": f"{settings['dataset']}_{settings['method']}",
-        "settings": settings,
-        "overrides": {},
-        "digest": "0" * 64,
-        "status": status,
-        "attempts": 1,
-        "log": str(folder / "log.txt"),
-    }
+    record = {"stage": stage, "bundle": f"{s['dataset']}_{s['method']}", "settings": s, "overrides": overrides or {},
+              "digest": "0" * 64, "status": status, "attempts": 1, "log": str(folder / "log.txt")}  # fmt: skip
     (folder / "run.json").write_text(json.dumps(record))
     return folder
 
@@ -70,9 +55,15 @@ def _evaluated(exp: Path, settings: dict, fractions: dict[str, float]) -> None:
     )(engine)
 
 
-def _plan(exp: Path, **plan) -> None:
+def _plan(exp: Path, not_started: tuple[str, ...] = (), **plan) -> None:
+    """``plan.json`` as exp-core writes it: the plan and its graph (every node's stage and folder); the graph holds
+    the run folders made so far plus the evaluate runs ``not_started``."""
+    folders = [f for f in (exp / "runs").glob("*/*") if f.is_dir()] + [
+        exp / "runs" / "evaluate" / k for k in not_started
+    ]
+    graph = {f"{f.parent.name}:{f.name}": {"stage": f.parent.name, "folder": str(f)} for f in folders}
     exp.mkdir(parents=True, exist_ok=True)
-    (exp / "plan.json").write_text(json.dumps(plan))
+    (exp / "plan.json").write_text(json.dumps({**plan, "graph": graph}))
 
 
 SEEDS = [0, 1, 2, 3]
@@ -86,17 +77,6 @@ DICE_RANDOM = [0.801, 0.793, 0.812, 0.808]
 @pytest.fixture(scope="module")
 def grid_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     exp = tmp_path_factory.mktemp("exp") / "table3"
-    _plan(
-        exp,
-        name="table3",
-        paper="Table 3 (MedCoSS ViT-B/16, 2D classification)",
-        datasets=["mhist", "glas"],
-        methods=["adapter", "vpt"],
-        init=["random", "tpp-mae"],
-        label_fractions=[1.0],
-        seeds=SEEDS,
-        metrics=None,
-    )
     for method in ("adapter", "vpt"):
         for i, seed in enumerate(SEEDS):
             acc_r = ACC_RANDOM[method][i]
@@ -122,12 +102,15 @@ def grid_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     _run_folder(exp, "evaluate", _settings("glas", "vpt", "tpp-mae", 1.0, 3), status="failed")
     # TPP stage histories: one with `loss`, one with `pretext_loss`, one without a loss column
     for seed, column, losses in ((0, "loss", [1.0, 0.8, 0.5]), (1, "pretext_loss", [0.9, 0.95, 0.97])):
-        folder = _run_folder(exp, "pretrain_tpp", _settings("mhist", "adapter", "tpp-mae", 1.0, seed))
+        folder = _run_folder(exp, "pretrain_tpp", _settings("mhist", "adapter", "tpp-mae", None, seed))
         (folder / "history.csv").write_text(
             "epoch,lr," + column + "\n" + "".join(f"{e + 1},0.001,{v}\n" for e, v in enumerate(losses))
         )
-    folder = _run_folder(exp, "pretrain_tpp", _settings("mhist", "adapter", "tpp-mae", 1.0, 2))
+    folder = _run_folder(exp, "pretrain_tpp", _settings("mhist", "adapter", "tpp-mae", None, 2))
     (folder / "history.csv").write_text("epoch,lr\n1,0.1\n")
+    _plan(exp, ("glas_vpt__random__lf1.0__s3",), name="table3", paper="Table 3 (MedCoSS ViT-B/16, 2D classification)",
+          datasets=["mhist", "glas"], methods=["adapter", "vpt"], init=["random", "tpp-mae"], label_fractions=[1.0],
+          seeds=SEEDS, metrics=None)  # fmt: skip
     return write_report(exp), exp
 
 
@@ -205,7 +188,7 @@ def test_missing_failed_and_unreadable_runs_are_listed(grid_report):
     assert ("failed", "glas_vpt__tpp-mae__lf1.0__s3") in by_status
     assert ("unreadable", "glas_vpt__tpp-mae__lf1.0__s2") in by_status
     not_started = [p for p in report["missing"] if p["status"] == "not started"]
-    assert len(not_started) == 1 and "glas vpt random label fraction 1.0 seed 3" in not_started[0]["reason"]
+    assert [p["run_key"] for p in not_started] == ["glas_vpt__random__lf1.0__s3"]
     failed = next(p for p in report["missing"] if p["status"] == "failed")
     assert failed["log"].endswith("log.txt")
     # what remains pairs on seeds 0 and 1 only
@@ -239,7 +222,7 @@ def test_plots_and_tpp_loss_curve(grid_report):
     assert all(Path(p).stat().st_size > 1000 for p in report["plots"])
     losses = {c["run_key"]: c for c in report["tpp_loss"]}
     assert len(losses) == 2  # the history without a loss column is skipped
-    falling, flat = losses["mhist_adapter__tpp-mae__lf1.0__s0"], losses["mhist_adapter__tpp-mae__lf1.0__s1"]
+    falling, flat = losses["mhist_adapter__tpp-mae__lfNone__s0"], losses["mhist_adapter__tpp-mae__lfNone__s1"]
     assert (falling["first"], falling["last"], falling["falls"]) == (1.0, 0.5, True)
     assert (flat["first"], flat["last"], flat["falls"]) == (0.9, 0.97, False)
     saved = json.loads((exp / "report" / "report.json").read_text())
@@ -249,17 +232,6 @@ def test_plots_and_tpp_loss_curve(grid_report):
 def test_label_fraction_curves(tmp_path: Path):
     exp = tmp_path / "fractions"
     fractions, seeds = [0.1, 0.5, 1.0], [0, 1, 2]
-    _plan(
-        exp,
-        name="fractions",
-        paper=None,
-        datasets=["qata"],
-        methods=["adapter"],
-        init=["random", "tpp-mae"],
-        label_fractions=fractions,
-        seeds=seeds,
-        metrics=["dice"],
-    )
     expected = {}
     for fraction in fractions:
         for seed in seeds:
@@ -267,6 +239,8 @@ def test_label_fraction_curves(tmp_path: Path):
                 dice = 0.5 + 0.3 * fraction + 0.01 * seed + bonus
                 expected.setdefault((fraction, init), []).append(100 * dice)
                 _evaluated(exp, _settings("qata", "adapter", init, fraction, seed), {"dice": dice, "hd95": 30.0})
+    _plan(exp, name="fractions", paper=None, datasets=["qata"], methods=["adapter"], init=["random", "tpp-mae"],
+          label_fractions=fractions, seeds=seeds, metrics=["dice"])  # fmt: skip
     report = write_report(exp, tmp_path / "out")
     assert (tmp_path / "out" / "fractions_qata_adapter.png").is_file()
     assert [c for c in report["columns"]] == [["qata", "dice"]]  # the plan's metric only
@@ -278,6 +252,28 @@ def test_label_fraction_curves(tmp_path: Path):
     assert sorted(gains) == fractions
     assert gains[1.0]["gain_mean"] == pytest.approx(100 * 0.001)
     assert report["missing"] == []
+
+
+def test_variant_rows_of_table11_and_metric_names(tmp_path: Path):
+    """A TPP sub-grid named ``decoder-freeze`` whose TPP stage set ``mae_decoder: freeze`` is the paper's "Freeze" row;
+    it pairs with the random runs (no variant); the plan's ``accuracy`` is the metrics.json key ``acc``."""
+    exp = tmp_path / "table11"
+    for seed in (0, 1, 2):
+        tpp = _settings("chest_xray_pa", "adapter", "tpp-mae", None, seed, variant="decoder-freeze")
+        _run_folder(exp, "pretrain_tpp", tpp, overrides={"mae_decoder": "freeze", "pretext": "mae"})
+        _evaluated(exp, _settings("chest_xray_pa", "adapter", "random", 1.0, seed), {"acc": 0.90 + seed / 100})
+        _evaluated(exp, _settings("chest_xray_pa", "adapter", "tpp-mae", 1.0, seed, variant="decoder-freeze"),
+                   {"acc": 0.92 + seed / 100})  # fmt: skip
+    axes = {"datasets": ["chest_xray_pa"], "methods": ["adapter"], "init": ["random"], "label_fractions": [1.0]}
+    _plan(exp, name="table11", paper="Table 11 (MAE decoder during TPP)", seeds=[0, 1, 2], metrics=["accuracy"], **axes)
+    report = write_report(exp)
+    (tpp,) = [r for r in report["groups"] if r["init"] == "tpp-mae"]
+    freeze = next(r for r in load_paper()["tables"]["Table 11"]["rows"] if r["label"] == "Freeze")
+    assert tpp["paper"] == {"table": "Table 11", "label": "Freeze", "value": freeze["values"][0]}
+    assert tpp["variant"] == {"variant": "decoder-freeze"} and tpp["paper_variant"] == {"mae_decoder": "freeze"}
+    (gain,) = report["gains"]
+    assert gain["metric"] == "acc" and gain["gain_mean"] == pytest.approx(2.0) and gain["n_seeds"] == 3
+    assert report["columns"] == [["chest_xray_pa", "acc"]]
 
 
 def test_summary_text_and_bad_folder(grid_report, tmp_path: Path):

@@ -57,11 +57,16 @@ def paper_cell(
             if (
                 row["method"] == method
                 and canonical_init(row_init, dataset) == want
-                and row.get("variant", {}) == (variant or {})
+                and _variant_matches(row.get("variant", {}), variant or {})
                 and row["values"][col] is not None
             ):
                 return {"table": name, "label": row["label"], "value": row["values"][col]}
     return None
+
+
+def _variant_matches(row_variant: dict, variant: dict) -> bool:
+    """A row without a variant stands for the paper's default; a row with one needs the run's value of every key."""
+    return all(variant.get(k) == v for k, v in row_variant.items())
 
 
 def variant_keys() -> set[str]:

@@ -15,10 +15,8 @@ Writes ``<exp_dir>/report/`` (or ``out_dir``): ``report.md``, ``report.json``, `
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
-from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -53,19 +51,29 @@ def _read_plan(exp_dir: Path) -> dict:
     return plan if plan is not None else {"name": exp_dir.name, "paper": None}
 
 
-def _plan_variant(plan: dict, dataset: str) -> dict:
-    """Settings named by a paper table's rows (``mae_decoder``) that the plan fixes for every run of ``dataset``."""
-    sources = [
-        plan.get("overrides") or {},
-        (plan.get("dataset_overrides") or {}).get(dataset) or {},
-        *((plan.get("stage_overrides") or {}).values()),
-    ]
-    return {k: src[k] for src in sources if isinstance(src, dict) for k in paper.variant_keys() if k in src}
+def _variant(settings: dict) -> tuple:
+    """The settings beyond the standard axes (e.g. a sub-grid's ``variant`` name), as a sortable key."""
+    return tuple(sorted((k, v) for k, v in settings.items() if k not in STANDARD_SETTINGS and v is not None))
 
 
-def _variant(settings: dict, plan: dict) -> tuple:
-    extra = {k: v for k, v in settings.items() if k not in STANDARD_SETTINGS and v is not None}
-    return tuple(sorted({**_plan_variant(plan, settings.get("dataset", "")), **extra}.items()))
+def _tpp_index(tpp_runs: list[dict]) -> dict[tuple, dict]:
+    """TPP stages by (dataset of their images, method, pretext, seed, backbone, variant): how the graph shares them."""
+    return {_tpp_key(r["settings"], r["settings"].get("dataset")): r for r in tpp_runs}
+
+
+def _tpp_key(settings: dict, images: str | None) -> tuple:
+    keys = ("method", "pretext", "seed", "backbone")
+    return (images, *(settings.get(k) for k in keys), _variant(settings))
+
+
+def _paper_variant(record: dict, settings: dict, tpp_index: dict[tuple, dict]) -> dict:
+    """Values of the settings that tell a paper table's rows apart (``mae_decoder``): from the overrides of the
+    evaluate run and of the TPP stage it used."""
+    overrides = dict(record.get("overrides") or {})
+    tpp = tpp_index.get(_tpp_key(settings, settings.get("source") or settings.get("dataset")))
+    if tpp is not None and str(settings.get("init", "")).startswith(("tpp-", "transfer:")):
+        overrides.update(tpp.get("overrides") or {})
+    return {k: overrides[k] for k in sorted(paper.variant_keys()) if k in overrides}
 
 
 def _problem(stage: str, folder: Path, status: str, reason: str, record: dict | None = None) -> dict:
@@ -80,9 +88,10 @@ def _problem(stage: str, folder: Path, status: str, reason: str, record: dict | 
     }
 
 
-def collect(exp_dir: Path, plan: dict) -> tuple[list[dict], list[dict], list[dict]]:
-    """(evaluated runs, TPP-stage runs, problems). A run is ``{"key", "folder", "settings", "variant", "metrics"}``."""
-    evaluated, tpp_runs, problems = [], [], []
+def collect(exp_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """(evaluated runs, TPP-stage runs, problems). An evaluated run is ``{"key", "folder", "settings", "variant",
+    "paper_variant", "metrics"}``; a TPP run ``{"key", "folder", "settings", "overrides", "status"}``."""
+    evaluated, tpp_runs, problems, done_evaluations = [], [], [], []
     for stage in STAGES:
         for folder in sorted((exp_dir / "runs" / stage).glob("*/")):
             record = _read_json(folder / "run.json")
@@ -90,60 +99,45 @@ def collect(exp_dir: Path, plan: dict) -> tuple[list[dict], list[dict], list[dic
                 problems.append(_problem(stage, folder, "unreadable", "run.json missing or not JSON"))
                 continue
             status = record.get("status", "?")
-            settings = record.get("settings") or {}
             if stage == "pretrain_tpp":
-                tpp_runs.append({"key": folder.name, "folder": folder, "settings": settings, "status": status})
+                tpp_runs.append({"key": folder.name, "folder": folder, "settings": record.get("settings") or {},
+                                 "overrides": record.get("overrides") or {}, "status": status})  # fmt: skip
             if status != "done":
                 reason = "failed (see its log)" if status == "failed" else f"not finished ({status})"
                 problems.append(_problem(stage, folder, status, reason, record))
-                continue
-            if stage != "evaluate":
-                continue
-            try:
-                (run,) = load_runs([folder])
-            except UserError as exc:
-                problems.append(_problem(stage, folder, "unreadable", str(exc), record))
-                continue
-            metrics = {
-                k: float(v)
-                for k, v in run["metrics"].items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            }
-            evaluated.append(
-                {
-                    "key": folder.name,
-                    "folder": folder,
-                    "settings": settings,
-                    "variant": _variant(settings, plan),
-                    "metrics": metrics,
-                }
-            )
-    problems += _not_started(plan, exp_dir)
+            elif stage == "evaluate":
+                done_evaluations.append((folder, record))
+    tpp_index = _tpp_index(tpp_runs)
+    for folder, record in done_evaluations:
+        try:
+            (run,) = load_runs([folder])
+        except UserError as exc:
+            problems.append(_problem("evaluate", folder, "unreadable", str(exc), record))
+            continue
+        metrics = {k: float(v) for k, v in run["metrics"].items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}  # fmt: skip
+        settings = record.get("settings") or {}
+        paper_variant = _paper_variant(record, settings, tpp_index)
+        evaluated.append({"key": folder.name, "folder": folder, "settings": settings, "variant": _variant(settings),
+                          "paper_variant": paper_variant, "metrics": metrics})  # fmt: skip
     return evaluated, tpp_runs, problems
 
 
-def _not_started(plan: dict, exp_dir: Path) -> list[dict]:
-    """Evaluate runs the plan's grid asks for that have no run folder at all."""
-    axes = [plan.get(k) for k in ("datasets", "methods", "init", "label_fractions", "seeds")]
-    if not all(isinstance(a, list) and a for a in axes):
-        return []
-    found = set()
-    for path in (exp_dir / "runs" / "evaluate").glob("*/run.json"):
-        s = (_read_json(path) or {}).get("settings") or {}
-        found.add((s.get("dataset"), s.get("method"), s.get("init"), _fraction(s.get("label_fraction")), s.get("seed")))
+def _not_started(plan: dict, exp_dir: Path) -> list[dict] | None:
+    """Runs of the plan's graph (``plan.json``'s ``graph``: key -> stage, folder) without a ``run.json``; None when
+    the plan does not list its graph."""
+    graph = plan.get("graph")
+    if not isinstance(graph, dict):
+        return None
     missing = []
-    for d, m, i, lf, seed in itertools.product(*axes):
-        if (d, m, i, _fraction(lf), seed) not in found:
-            missing.append(
-                {
-                    "stage": "evaluate",
-                    "run_key": None,
-                    "status": "not started",
-                    "log": None,
-                    "attempts": None,
-                    "reason": f"no run folder for {d} {m} {i} label fraction {lf} seed {seed}",
-                }
-            )
+    for key, node in graph.items():
+        stage = node.get("stage") if isinstance(node, dict) else None
+        if stage not in STAGES:
+            continue
+        folder = exp_dir / "runs" / stage / Path(str(node.get("folder") or key)).name  # the folder may have moved
+        if not (folder / "run.json").is_file():
+            missing.append({"stage": stage, "run_key": folder.name, "status": "not started", "log": None,
+                            "attempts": None, "reason": "no run folder yet"})  # fmt: skip
     return missing
 
 
@@ -168,16 +162,28 @@ def _ordered(values: Iterable, preferred: list | None) -> list:
     return sorted(values, key=lambda v: (order.get(v, len(order)), str(v)))
 
 
-def _columns(runs: list[dict], plan: dict) -> list[tuple[str, str]]:
-    """(dataset, metric) pairs in the paper's order: the plan's datasets, then each dataset's task metrics."""
+# names a plan may use for a metric -> the key the evaluate workflow writes into metrics.json
+METRIC_ALIASES = {"accuracy": "acc", "hd": "hd95", "dice_mean": "mean_dice", "dice_organ": "organ_dice",
+                  "dice_tumour": "tumour_dice", "dice_tumor": "tumour_dice", "tumor_dice": "tumour_dice"}  # fmt: skip
+
+
+def _columns(runs: list[dict], plan: dict, notes: list[str]) -> list[tuple[str, str]]:
+    """(dataset, metric) pairs in the paper's order: the plan's datasets, each with the plan's metrics that its task
+    has (all of the task's metrics when the plan names none of them)."""
     from tpp_monai.data.info import DATASETS
 
+    wanted = [METRIC_ALIASES.get(m, m) for m in plan.get("metrics") or []]
+    known = {m for ms in METRICS.values() for m in ms}
+    unknown = [m for m, w in zip(plan.get("metrics") or [], wanted) if w not in known]
+    if unknown:
+        notes.append(f"plan metrics {', '.join(unknown)} are not keys of metrics.json ({', '.join(sorted(known))}); "
+                     "ignored")  # fmt: skip
     columns = []
     for dataset in _ordered((r["settings"].get("dataset") for r in runs), plan.get("datasets")):
         present = {m for r in runs if r["settings"].get("dataset") == dataset for m in r["metrics"]}
         task_metrics = list(METRICS[DATASETS[dataset].task]) if dataset in DATASETS else sorted(present)
-        wanted = [m for m in (plan.get("metrics") or task_metrics) if m in task_metrics or dataset not in DATASETS]
-        columns += [(dataset, m) for m in wanted if m in present]
+        chosen = [m for m in task_metrics if m in wanted] or task_metrics
+        columns += [(dataset, m) for m in chosen if m in present]
     return columns
 
 
@@ -186,18 +192,20 @@ def _seed_order(seed: object) -> tuple:
 
 
 def _groups(runs: list[dict]) -> dict[GroupKey, dict]:
-    """Group key -> {seed: metrics}."""
-    groups: dict[GroupKey, dict] = defaultdict(dict)
+    """Group key -> {"by_seed": {seed: metrics}, "paper_variant": {...}}."""
+    groups: dict[GroupKey, dict] = {}
     for r in runs:
         s = r["settings"]
         key = (s.get("dataset"), s.get("method"), s.get("init"), _fraction(s.get("label_fraction")), r["variant"])
-        groups[key][s.get("seed")] = r["metrics"]
+        group = groups.setdefault(key, {"by_seed": {}, "paper_variant": r["paper_variant"]})
+        group["by_seed"][s.get("seed")] = r["metrics"]
     return groups
 
 
 def _group_stats(groups: dict[GroupKey, dict], columns: list[tuple[str, str]], tables: list[str]) -> list[dict]:
     out = []
-    for (dataset, method, init, fraction, variant), by_seed in groups.items():
+    for (dataset, method, init, fraction, variant), group in groups.items():
+        by_seed = group["by_seed"]
         for d, metric in columns:
             if d != dataset:
                 continue
@@ -206,32 +214,33 @@ def _group_stats(groups: dict[GroupKey, dict], columns: list[tuple[str, str]], t
                 continue
             values = [by_seed[s][metric] for s in seeds]
             mean, std = stats.mean_std(values)
-            cell = paper.paper_cell(tables, dataset, metric, method, init, dict(variant)) if fraction == 1.0 else None
-            out.append(
-                {
-                    "dataset": dataset,
-                    "method": method,
-                    "init": init,
-                    "label_fraction": fraction,
-                    "variant": dict(variant),
-                    "metric": metric,
-                    "n": len(values),
-                    "mean": mean,
-                    "std": std,
-                    "seeds": seeds,
-                    "values": values,
-                    "paper": cell,
-                }
-            )
+            cell = None
+            if fraction == 1.0:  # the paper's tables are all at full labels
+                cell = paper.paper_cell(tables, dataset, metric, method, init, group["paper_variant"])
+            out.append({"dataset": dataset, "method": method, "init": init, "label_fraction": fraction,
+                        "variant": dict(variant), "paper_variant": group["paper_variant"], "metric": metric,
+                        "n": len(values), "mean": mean, "std": std, "seeds": seeds, "values": values,
+                        "paper": cell})  # fmt: skip
     return out
+
+
+def _random_partner(groups: dict[GroupKey, dict], key: GroupKey) -> dict | None:
+    """The random-initialisation group a TPP group is paired with: the same variant, else the one without a variant
+    (a variant of the TPP stage, e.g. its MAE decoder, does not change a run without TPP)."""
+    dataset, method, _, fraction, variant = key
+    return groups.get((dataset, method, "random", fraction, variant)) or groups.get(
+        (dataset, method, "random", fraction, ())
+    )
 
 
 def _gains(groups: dict[GroupKey, dict], columns: list[tuple[str, str]], plan: dict) -> list[dict]:
     out = []
-    for (dataset, method, init, fraction, variant), tpp_by_seed in groups.items():
-        if init == "random" or (dataset, method, "random", fraction, variant) not in groups:
+    for key, group in groups.items():
+        dataset, method, init, fraction, variant = key
+        partner = _random_partner(groups, key) if init != "random" else None
+        if partner is None:
             continue
-        random_by_seed = groups[(dataset, method, "random", fraction, variant)]
+        tpp_by_seed, random_by_seed = group["by_seed"], partner["by_seed"]
         for d, metric in columns:
             if d != dataset:
                 continue
@@ -241,23 +250,11 @@ def _gains(groups: dict[GroupKey, dict], columns: list[tuple[str, str]], plan: d
             )
             if not seeds:
                 continue
-            summary = stats.summarise_gain(
-                metric,
-                seeds,
-                [tpp_by_seed[s][metric] for s in seeds],
-                [random_by_seed[s][metric] for s in seeds],
-                HIGHER_IS_BETTER.get(metric, True),
-            )
-            out.append(
-                {
-                    "dataset": dataset,
-                    "method": method,
-                    "init": init,
-                    "label_fraction": fraction,
-                    "variant": dict(variant),
-                    **summary.as_dict(),
-                }
-            )
+            summary = stats.summarise_gain(metric, seeds, [tpp_by_seed[s][metric] for s in seeds],
+                                           [random_by_seed[s][metric] for s in seeds],
+                                           HIGHER_IS_BETTER.get(metric, True))  # fmt: skip
+            out.append({"dataset": dataset, "method": method, "init": init, "label_fraction": fraction,
+                        "variant": dict(variant), **summary.as_dict()})  # fmt: skip
     column_order = {c: i for i, c in enumerate(columns)}
     methods = _ordered((g["method"] for g in out), plan.get("methods"))
     inits = _ordered((g["init"] for g in out), plan.get("init"))
@@ -592,8 +589,12 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None) -> dict
     if [r for r in refs if r in tables and tables[r]["rows"]]:
         notes.append("paper numbers (rows marked ↳ paper) are shown for label fraction 1.0, as the paper reports them")
 
-    runs, tpp_runs, problems = collect(exp_dir, plan)
-    columns = _columns(runs, plan)
+    runs, tpp_runs, problems = collect(exp_dir)
+    not_started = _not_started(plan, exp_dir)
+    if not_started is None:
+        notes.append("plan.json lists no graph, so runs that never started are not listed")
+    problems += not_started or []
+    columns = _columns(runs, plan, notes)
     groups = _groups(runs)
     records = _group_stats(groups, columns, refs)
     gains = _gains(groups, columns, plan)
