@@ -130,7 +130,7 @@ def _bootstrap_by_hand(gains: list[float], resamples: int = 10_000, seed: int = 
 
 
 def _gain(report: dict, dataset: str, method: str, metric: str) -> dict:
-    (entry,) = [g for g in report["gains"] if (g["dataset"], g["method"], g["metric"]) == (dataset, method, metric)]
+    (entry,) = [g for g in report["gain"] if (g["dataset"], g["method"], g["metric"]) == (dataset, method, metric)]
     return entry
 
 
@@ -153,9 +153,9 @@ def test_gain_interval_and_verdict_clearly_positive(grid_report):
     report, _ = grid_report
     g = _gain(report, "mhist", "adapter", "acc")
     gains = [100 * x for x in ACC_GAIN["adapter"]]
-    assert g["gains"] == pytest.approx(gains)
+    assert g["seed_gains"] == pytest.approx(gains)
     assert g["gain_mean"] == pytest.approx(sum(gains) / 4)
-    low, high = _bootstrap_by_hand(g["gains"])
+    low, high = _bootstrap_by_hand(g["seed_gains"])
     assert g["ci95"] == pytest.approx([low, high], abs=1e-9)
     assert low > 0 and g["wins"] == 4 and g["n_seeds"] == 4
     assert g["verdict"].startswith(f"TPP gain +{sum(gains) / 4:.2f} ACC points [95 % CI +{low:.2f}, +{high:.2f}]")
@@ -166,7 +166,7 @@ def test_gain_interval_and_verdict_clearly_positive(grid_report):
 def test_gain_not_distinguishable_when_symmetric(grid_report):
     report, exp = grid_report
     g = _gain(report, "mhist", "vpt", "acc")
-    low, high = _bootstrap_by_hand(g["gains"])
+    low, high = _bootstrap_by_hand(g["seed_gains"])
     assert g["ci95"] == pytest.approx([low, high], abs=1e-9)
     assert low < 0 < high and g["wins"] == 2
     assert "not distinguishable from zero" in g["verdict"]
@@ -220,13 +220,13 @@ def test_plots_and_tpp_loss_curve(grid_report):
     names = {Path(p).name for p in report["plots"]}
     assert {"gain_adapter.png", "gain_vpt.png", "tpp_loss.png"} <= names
     assert all(Path(p).stat().st_size > 1000 for p in report["plots"])
-    losses = {c["run_key"]: c for c in report["tpp_loss"]}
+    losses = {c["run_key"]: c for c in report["tpp_loss_curves"]}
     assert len(losses) == 2  # the history without a loss column is skipped
     falling, flat = losses["mhist_adapter__tpp-mae__lfNone__s0"], losses["mhist_adapter__tpp-mae__lfNone__s1"]
     assert (falling["first"], falling["last"], falling["falls"]) == (1.0, 0.5, True)
     assert (flat["first"], flat["last"], flat["falls"]) == (0.9, 0.97, False)
     saved = json.loads((exp / "report" / "report.json").read_text())
-    assert saved["gains"] == json.loads(json.dumps(report["gains"]))
+    assert saved["gain"] == json.loads(json.dumps(report["gain"]))
 
 
 def test_label_fraction_curves(tmp_path: Path):
@@ -248,7 +248,7 @@ def test_label_fraction_curves(tmp_path: Path):
         (record,) = [r for r in report["groups"] if (r["label_fraction"], r["init"]) == (fraction, init)]
         assert record["mean"] == pytest.approx(statistics.fmean(values))
         assert record["std"] == pytest.approx(statistics.stdev(values))
-    gains = {g["label_fraction"]: g for g in report["gains"]}
+    gains = {g["label_fraction"]: g for g in report["gain"]}
     assert sorted(gains) == fractions
     assert gains[1.0]["gain_mean"] == pytest.approx(100 * 0.001)
     assert report["missing"] == []
@@ -271,7 +271,7 @@ def test_variant_rows_of_table11_and_metric_names(tmp_path: Path):
     freeze = next(r for r in load_paper()["tables"]["Table 11"]["rows"] if r["label"] == "Freeze")
     assert tpp["paper"] == {"table": "Table 11", "label": "Freeze", "value": freeze["values"][0]}
     assert tpp["variant"] == {"variant": "decoder-freeze"} and tpp["paper_variant"] == {"mae_decoder": "freeze"}
-    (gain,) = report["gains"]
+    (gain,) = report["gain"]
     assert gain["metric"] == "acc" and gain["gain_mean"] == pytest.approx(2.0) and gain["n_seeds"] == 3
     assert report["columns"] == [["chest_xray_pa", "acc"]]
 

@@ -28,6 +28,11 @@ from tpp_monai.report import HIGHER_IS_BETTER, METRICS, load_runs, markdown_tabl
 
 STAGES = ("pretrain_tpp", "finetune", "evaluate")
 STANDARD_SETTINGS = ("dataset", "method", "init", "pretext", "source", "label_fraction", "seed", "backbone")
+STATUS_REASONS = {
+    "failed": "failed; see its log",
+    "running": "running, or interrupted (the same `experiment run` resumes it)",
+    "pending": "waiting for its inputs",
+}
 LOSS_COLUMNS = ("pretext_loss", "loss", "train_loss")  # first one present in a TPP history.csv is plotted
 GroupKey = tuple  # (dataset, method, init, label_fraction, variant) with variant a sorted tuple of (key, value)
 
@@ -103,7 +108,7 @@ def collect(exp_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
                 tpp_runs.append({"key": folder.name, "folder": folder, "settings": record.get("settings") or {},
                                  "overrides": record.get("overrides") or {}, "status": status})  # fmt: skip
             if status != "done":
-                reason = "failed (see its log)" if status == "failed" else f"not finished ({status})"
+                reason = STATUS_REASONS.get(status, f"recorded status {status!r}")
                 problems.append(_problem(stage, folder, status, reason, record))
             elif stage == "evaluate":
                 done_evaluations.append((folder, record))
@@ -343,7 +348,7 @@ def _markdown(result: dict, columns: list[tuple[str, str]], plan: dict) -> str:
         f"interval cannot extend beyond the observed per-seed gains.",
         "",
     ]
-    if result["gains"]:
+    if result["gain"]:
         rows = [
             [
                 g["dataset"],
@@ -355,7 +360,7 @@ def _markdown(result: dict, columns: list[tuple[str, str]], plan: dict) -> str:
                 _fmt(g["mean_tpp"], g["std_tpp"], g["n_seeds"]),
                 g["verdict"],
             ]
-            for g in result["gains"]
+            for g in result["gain"]
         ]
         lines += [
             markdown_table(
@@ -371,7 +376,7 @@ def _markdown(result: dict, columns: list[tuple[str, str]], plan: dict) -> str:
         if mine:
             lines += [f"## {title}", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in mine] + [""]
     lines += ["## TPP stage: pretext loss", ""]
-    if result["tpp_loss"]:
+    if result["tpp_loss_curves"]:
         rows = [
             [
                 c["run_key"],
@@ -381,7 +386,7 @@ def _markdown(result: dict, columns: list[tuple[str, str]], plan: dict) -> str:
                 f"{c['min']:.4f}",
                 "falls" if c["falls"] else "does not fall",
             ]
-            for c in result["tpp_loss"]
+            for c in result["tpp_loss_curves"]
         ]
         lines += [
             markdown_table(["TPP run", "epochs", "first", "last", "min", "last vs first"], rows),
@@ -435,8 +440,8 @@ def _plot_gains(gains: list[dict], out: Path) -> list[Path]:
                 low, high = g["ci95"] or (g["gain_mean"], g["gain_mean"])
                 yerr = [[g["gain_mean"] - low], [high - g["gain_mean"]]]
                 ax.errorbar([x], [g["gain_mean"]], yerr=yerr, fmt="o", color=colour, capsize=5, ms=7)
-                offsets = np.linspace(-0.3, -0.14, len(g["gains"]))  # the seeds left of the mean, never under it
-                ax.plot(x + offsets, g["gains"], "x", color="black", alpha=0.6, ms=5)
+                offsets = np.linspace(-0.3, -0.14, len(g["seed_gains"]))  # the seeds left of the mean, never under it
+                ax.plot(x + offsets, g["seed_gains"], "x", color="black", alpha=0.6, ms=5)
             labels = [
                 g["dataset"]
                 + (f"\n{_row_label(g['init'], g['variant'])}" if several_inits else "")
@@ -545,7 +550,8 @@ def _tpp_loss(tpp_runs: list[dict], out: Path) -> tuple[list[dict], Path | None]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for run, epochs, losses in histories:
         s = run["settings"]
-        name = " ".join(str(s[k]) for k in ("dataset", "method", "pretext") if s.get(k)) + f" seed {s.get('seed')}"
+        name = " ".join(str(s[k]) for k in ("dataset", "method", "pretext", "variant") if s.get(k))
+        name += f" seed {s.get('seed')}"
         ax.plot(epochs, losses, marker="." if len(epochs) < 30 else None, label=name)
         summary.append(
             {
@@ -556,6 +562,8 @@ def _tpp_loss(tpp_runs: list[dict], out: Path) -> tuple[list[dict], Path | None]
                 "last": losses[-1],
                 "min": min(losses),
                 "falls": losses[-1] < losses[0],
+                "epoch": epochs,
+                "loss": losses,
             }
         )
     ax.set(xlabel="epoch", ylabel="pretext loss", title="TPP stage: pretext loss per epoch")
@@ -617,8 +625,8 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None) -> dict
         "gain_definition": "TPP minus random on the same seed; random minus TPP for HD95 (positive = TPP better)",
         "columns": [list(c) for c in columns],
         "groups": records,
-        "gains": gains,
-        "tpp_loss": tpp_loss,
+        "gain": gains,
+        "tpp_loss_curves": tpp_loss,
         "missing": problems,
         "plots": [str(p) for p in plots],
     }
@@ -630,7 +638,7 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None) -> dict
 def summary_text(result: dict) -> str:
     """The lines a command prints after :func:`write_report`: each arm's mean ± std and every gain's verdict."""
     lines = []
-    for g in result["gains"]:
+    for g in result["gain"]:
         where = f"{g['dataset']} {g['method']} (label fraction {g['label_fraction']})"
         arms = (f"random {_fmt(g['mean_random'], g['std_random'], g['n_seeds'])}, "
                 f"{_row_label(g['init'], g['variant'])} {_fmt(g['mean_tpp'], g['std_tpp'], g['n_seeds'])}")  # fmt: skip

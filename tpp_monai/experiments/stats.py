@@ -84,7 +84,7 @@ class GainSummary:
     seeds: list
     random: list[float]
     tpp: list[float]
-    gains: list[float]
+    seed_gains: list[float]
     mean_random: float
     std_random: float | None
     mean_tpp: float
@@ -168,7 +168,7 @@ def summarise_gain(
         seeds=list(seeds),
         random=[float(v) for v in random],
         tpp=[float(v) for v in tpp],
-        gains=[float(g) for g in gains],
+        seed_gains=[float(g) for g in gains],
         mean_random=mean_r,
         std_random=std_r,
         mean_tpp=mean_t,
