@@ -33,6 +33,8 @@ STATUS_REASONS = {
     "running": "running, or interrupted (the same `experiment run` resumes it)",
     "pending": "waiting for its inputs",
 }
+PLOT_PATTERNS = ("gain_*.png", "fractions_*.png", "tpp_loss.png")
+MAX_LISTED = 40  # report.md lists this many missing runs; report.json lists all
 LOSS_COLUMNS = ("pretext_loss", "loss", "train_loss")  # first one present in a TPP history.csv is plotted
 GroupKey = tuple  # (dataset, method, init, label_fraction, variant) with variant a sorted tuple of (key, value)
 
@@ -319,10 +321,9 @@ def _results_tables(records: list[dict], columns: list[tuple[str, str]], plan: d
             )
             papers = [c["paper"] if c else None for c in got]
             if any(papers):
-                label = next(p for p in papers if p)
-                rows.append(
-                    [f"↳ paper, {label['table']}", label["label"], *[f"{p['value']:.2f}" if p else "-" for p in papers]]
-                )
+                tables = ", ".join(dict.fromkeys(p["table"] for p in papers if p))
+                labels = " / ".join(dict.fromkeys(p["label"] for p in papers if p))
+                rows.append([f"↳ paper, {tables}", labels, *[f"{p['value']:.2f}" if p else "-" for p in papers]])
         lines += [f"### Label fraction {fraction}", "", markdown_table(header, rows), ""]
     return lines
 
@@ -332,7 +333,7 @@ def _markdown(result: dict, columns: list[tuple[str, str]], plan: dict) -> str:
     if result["paper"]:
         lines += [f"Reproduces: {result['paper']}.", ""]
     lines += [f"Test-set metrics in percent (HD95 in pixels): mean ± {stats.STD_KIND}, n = number of seeds.", ""]
-    for note in result["paper_notes"]:
+    for note in result["notes"]:
         lines += [f"- {note}"]
     lines += ["", "## Results (the paper's layout: rows = method x initialisation, columns = dataset x metric)", ""]
     if result["groups"]:
@@ -398,11 +399,14 @@ def _markdown(result: dict, columns: list[tuple[str, str]], plan: dict) -> str:
         lines += ["No TPP stage history.csv found.", ""]
     lines += ["## Missing, unfinished or failed runs", ""]
     if result["missing"]:
+        shown = result["missing"][:MAX_LISTED]
         lines += [
-            f"- {p['stage']} `{p['run_key'] or '-'}`: {p['status']}: {p['reason']}"
+            f"- {p['stage']} `{p['run_key']}`: {p['status']}: {p['reason']}"
             + (f" (log: {p['log']})" if p["log"] else "")
-            for p in result["missing"]
+            for p in shown
         ]
+        if len(result["missing"]) > len(shown):
+            lines.append(f"- ... and {len(result['missing']) - len(shown)} more (report.json lists every one)")
     else:
         lines += ["None: every run of the plan finished."]
     return "\n".join(lines) + "\n"
@@ -588,11 +592,15 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None) -> dict
     matplotlib.use("Agg")
     exp_dir = Path(exp_dir)
     plan = _read_plan(exp_dir)
+    notes = [] if (exp_dir / "plan.json").is_file() else [f"{exp_dir} has no plan.json: no paper table, no run order"]
     out = Path(out_dir) if out_dir is not None else exp_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
+    for pattern in PLOT_PATTERNS:  # plots of an earlier report whose runs may be gone
+        for stale in out.glob(pattern):
+            stale.unlink()
     refs = paper.paper_refs(plan.get("paper"))
     tables = paper.load_paper()["tables"]
-    notes = [f"{r} is not in the transcription of the paper (paper_results.json)" for r in refs if r not in tables]
+    notes += [f"{r} is not in the transcription of the paper (paper_results.json)" for r in refs if r not in tables]
     notes += [f"{r}: {tables[r]['note']}" for r in refs if r in tables and tables[r].get("note")]
     if [r for r in refs if r in tables and tables[r]["rows"]]:
         notes.append("paper numbers (rows marked ↳ paper) are shown for label fraction 1.0, as the paper reports them")
@@ -613,7 +621,7 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None) -> dict
         "experiment": plan.get("name", exp_dir.name),
         "paper": plan.get("paper"),
         "paper_tables": refs,
-        "paper_notes": notes,
+        "notes": notes,
         "exp_dir": str(exp_dir),
         "std": stats.STD_KIND,
         "bootstrap": {
