@@ -100,8 +100,8 @@ def grid_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
         _evaluated(exp, _settings("glas", "vpt", "tpp-mae", 1.0, seed), {"dice": 0.71 + seed / 100, "hd95": 59.0})
     (_run_folder(exp, "evaluate", _settings("glas", "vpt", "tpp-mae", 1.0, 2)) / "metrics.json").write_text("{broken")
     _run_folder(exp, "evaluate", _settings("glas", "vpt", "tpp-mae", 1.0, 3), status="failed")
-    # TPP stage histories: one with `loss`, one with `pretext_loss`, one without a loss column
-    for seed, column, losses in ((0, "loss", [1.0, 0.8, 0.5]), (1, "pretext_loss", [0.9, 0.95, 0.97])):
+    # TPP stage histories: `train_loss` (HistoryWriter), `pretext_loss`, and one without a loss column
+    for seed, column, losses in ((0, "train_loss", [1.0, 0.8, 0.5]), (1, "pretext_loss", [0.9, 0.95, 0.97])):
         folder = _run_folder(exp, "pretrain_tpp", _settings("mhist", "adapter", "tpp-mae", None, seed))
         (folder / "history.csv").write_text(
             "epoch,lr," + column + "\n" + "".join(f"{e + 1},0.001,{v}\n" for e, v in enumerate(losses))

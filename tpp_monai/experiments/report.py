@@ -440,10 +440,13 @@ def _plot_gains(gains: list[dict], out: Path) -> list[Path]:
         for ax, metric in zip(np.atleast_1d(axes), metrics):
             entries = [g for g in mine if g["metric"] == metric]
             for x, g in enumerate(entries):
-                colour = _interval_colour(g["ci95"])
-                low, high = g["ci95"] or (g["gain_mean"], g["gain_mean"])
-                yerr = [[g["gain_mean"] - low], [high - g["gain_mean"]]]
-                ax.errorbar([x], [g["gain_mean"]], yerr=yerr, fmt="o", color=colour, capsize=5, ms=7)
+                if g["ci95"]:
+                    low, high = g["ci95"]
+                    yerr = [[g["gain_mean"] - low], [high - g["gain_mean"]]]
+                    colour = _interval_colour(g["ci95"])
+                    ax.errorbar([x], [g["gain_mean"]], yerr=yerr, fmt="o", color=colour, capsize=5, ms=7)
+                else:
+                    ax.plot([x], [g["gain_mean"]], "o", color="tab:gray", markerfacecolor="white", ms=7)
                 offsets = np.linspace(-0.3, -0.14, len(g["seed_gains"]))  # the seeds left of the mean, never under it
                 ax.plot(x + offsets, g["seed_gains"], "x", color="black", alpha=0.6, ms=5)
             labels = [
@@ -466,6 +469,9 @@ def _plot_gains(gains: list[dict], out: Path) -> list[Path]:
                 for c, w in (("tab:green", "above 0"), ("tab:gray", "contains 0"), ("tab:red", "below 0"))
             ],
         ]
+        if any(g["ci95"] is None for g in mine):
+            handles.append(Line2D([], [], marker="o", color="tab:gray", markerfacecolor="white", linestyle="",
+                                  label="mean of 1 seed (no interval)"))  # fmt: skip
         fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
         fig.suptitle(f"{method}: TPP gain over random initialisation", fontsize=11)
         fig.tight_layout(rect=(0, 0.07 if ncol == 4 else 0.13, 1, 1))

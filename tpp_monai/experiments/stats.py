@@ -8,8 +8,9 @@ confidence interval is the percentile interval of a paired bootstrap: the seed p
 ``rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))`` and takes the linear-interpolated quantiles, so the interval is
 reproducible from these two constants alone.
 
-With few seeds the percentile interval cannot reach beyond the observed per-seed gains (with 2 seeds it is their
-range), so it understates the uncertainty; :func:`verdict` says "too few seeds" below ``MIN_SEEDS_FOR_INTERVAL``.
+With few seeds the percentile interval cannot reach beyond the observed per-seed gains (with 2 or 3 seeds it is
+their range), so it understates the uncertainty: :func:`verdict` gives no interval for a single seed and says so
+when the interval is just the range of 2-3 per-seed gains.
 """
 
 from __future__ import annotations
