@@ -276,6 +276,24 @@ def test_variant_rows_of_table11_and_metric_names(tmp_path: Path):
     assert report["columns"] == [["chest_xray_pa", "acc"]]
 
 
+def test_transfer_rows_of_table7(tmp_path: Path):
+    """TPP on another dataset's images is that dataset's row of Table 7; on the dataset's own images, its diagonal."""
+    exp = tmp_path / "table7"
+    transfer = {**_settings("mhist", "adapter", "transfer:glas:mae", 1.0, 0), "pretext": "mae", "source": "glas"}
+    _evaluated(exp, transfer, {"acc": 0.8, "auc": 0.85, "f1": 0.79})
+    _evaluated(exp, _settings("glas", "adapter", "tpp-mae", 1.0, 0), {"dice": 0.85, "hd95": 50.0})
+    _plan(exp, name="table7", paper="Table 7 (cross-dataset TPP)", datasets=["mhist", "glas"], methods=["adapter"],
+          init=["transfer:glas:mae"], label_fractions=[1.0], seeds=[0], metrics=None)  # fmt: skip
+    report = write_report(exp)
+    table7 = load_paper()["tables"]["Table 7"]
+    rows = {r["label"]: r["values"] for r in table7["rows"]}
+    cells = {(r["dataset"], r["metric"]): r["paper"] for r in report["groups"]}
+    f1 = table7["columns"].index(["mhist", "f1"])
+    hd = table7["columns"].index(["glas", "hd95"])
+    assert cells[("mhist", "f1")] == {"table": "Table 7", "label": "GlaS", "value": rows["GlaS"][f1]}
+    assert cells[("glas", "hd95")] == {"table": "Table 7", "label": "GlaS", "value": rows["GlaS"][hd]}
+
+
 def test_summary_text_and_bad_folder(grid_report, tmp_path: Path):
     report, _ = grid_report
     text = summary_text(report)
