@@ -16,7 +16,7 @@ from tpp_monai.experiments.plan import Plan, load_plan, preset_names
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["run", "plan", "status", "report"],
-                        help="run the plan, print its graph, show the state of its runs, or write its report")  # fmt: skip
+                        help="run the plan, print its graph, show its runs' state, or write its report")  # fmt: skip
     parser.add_argument("plan", help=f"preset ({', '.join(preset_names())}), plan file, or experiment folder")
     parser.add_argument("--out", default="experiments", help="parent folder of the experiment (default experiments)")
     parser.add_argument("--executor", choices=["local", "slurm"], help="override the plan's executor.kind")
@@ -76,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             from tpp_monai.experiments.report import write_report
         except ImportError as err:
+            metrics = graph.exp_dir / "runs" / "evaluate"
             raise ConfigError(f"the experiment report is not available in this installation ({err}); the runs' "
-                              f"metrics are in {graph.exp_dir / 'runs' / 'evaluate'}/*/metrics.json") from None  # fmt: skip
+                              f"metrics are in {metrics}/*/metrics.json") from None  # fmt: skip
         result = write_report(graph.exp_dir)
         for key in ("markdown", "report_md", "path"):
             if isinstance(result, dict) and result.get(key):

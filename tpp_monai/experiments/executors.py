@@ -8,6 +8,7 @@ while the runs that do not need it go on; the runs that need it are skipped and 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -84,10 +85,8 @@ def finish_attempt(node: Node, returncode: int | None) -> str:
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Linux: the run gets SIGKILL when the orchestrator dies (even by ``kill -9``), so a rerun never races it."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def visible_gpus() -> list[str]:
@@ -259,6 +258,9 @@ def run_local(graph: Graph, tracker: Tracker | None = None, progress: bool = Tru
                     log = open(node.folder / "log.txt", "a")  # noqa: SIM115 - closed when the run ends
                     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             preexec_fn=_die_with_parent)  # fmt: skip
+                    rec = record(node)
+                    rec["pid"] = proc.pid
+                    write_json_atomic(node.folder / "run.json", rec)
                     sched.start(node)
                     sched.progress.started(node, f" on GPU {','.join(map(str, slots))}" if gpus else "")
                     running[node.key] = (proc, slots, log)
@@ -331,6 +333,11 @@ def run_slurm(graph: Graph, tracker: Tracker | None = None, progress: bool = Tru
         if node_status(node) == "running" and rec.get("job_id") and rec["job_id"] in slurm_jobs_alive([rec["job_id"]]):
             jobs[node.key] = rec["job_id"]
             sched.start(node)
+    for key in list(jobs):  # an adopted job waiting on a run whose job is gone would never start: resubmit it
+        if any(sched.status[d] != "done" and d not in jobs for d in graph.nodes[key].deps):
+            subprocess.run(["scancel", jobs.pop(key)], capture_output=True)
+            sched.status[key] = "waiting"
+            sched.tries[key] = 0
     folder = graph.exp_dir / "slurm"
     try:
         while True:

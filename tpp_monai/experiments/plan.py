@@ -261,10 +261,10 @@ def check_plan(data: dict, source: str | None = None) -> Plan:
     plan.overlays = list(plan.overlays or [])
     plan.metrics = list(plan.metrics or [])
     plan.overrides = _check_mapping(plan.overrides, "overrides", "plan")
-    plan.dataset_overrides = {d: _check_mapping(v, f"dataset_overrides.{d}", "plan")
-                              for d, v in _check_mapping(plan.dataset_overrides, "dataset_overrides", "plan").items()}  # fmt: skip
-    plan.stage_overrides = {s: _check_mapping(v, f"stage_overrides.{s}", "plan")
-                            for s, v in _check_mapping(plan.stage_overrides, "stage_overrides", "plan").items()}  # fmt: skip
+    per_dataset = _check_mapping(plan.dataset_overrides, "dataset_overrides", "plan")
+    plan.dataset_overrides = {d: _check_mapping(v, f"dataset_overrides.{d}", "plan") for d, v in per_dataset.items()}
+    per_stage = _check_mapping(plan.stage_overrides, "stage_overrides", "plan")
+    plan.stage_overrides = {s: _check_mapping(v, f"stage_overrides.{s}", "plan") for s, v in per_stage.items()}
     plan.executor = _check_executor(plan.executor)
     if not isinstance(plan.grids, list):
         raise ConfigError("grids (from plan) must be a list of sub-grids (mappings of axes to values)")

@@ -45,8 +45,8 @@ def start_parent(graph: Graph, uri: str) -> str:
             except Exception:  # the store was deleted or replaced: start a new parent
                 pass
     plan = graph.plan
-    run = client.create_run(_experiment_id(client, plan.name), run_name=f"experiment__{plan.name}",
-                            tags={"stage": "experiment", "experiment": plan.name, "paper": str(plan.paper)})  # fmt: skip
+    tags = {"stage": "experiment", "experiment": plan.name, "paper": str(plan.paper)}
+    run = client.create_run(_experiment_id(client, plan.name), run_name=f"experiment__{plan.name}", tags=tags)
     client.log_param(run.info.run_id, "plan", plan.source or "inline")
     client.log_param(run.info.run_id, "runs", len(graph.nodes))
     client.log_dict(run.info.run_id, plan.to_dict(), "plan.json")
@@ -61,8 +61,11 @@ def end_parent(uri: str, run_id: str, ok: bool) -> None:
 
 def run_tags(node: Node, graph: Graph) -> dict[str, str]:
     settings = node.settings
-    return {"experiment": graph.plan.name, "stage": node.stage, "bundle": node.bundle, "run_key": node.folder.name,
-            "init": settings["init"], **({"variant": str(settings["variant"])} if settings.get("variant") else {})}  # fmt: skip
+    tags = {"experiment": graph.plan.name, "stage": node.stage, "bundle": node.bundle, "run_key": node.folder.name,
+            "init": settings["init"]}  # fmt: skip
+    if settings.get("variant"):
+        tags["variant"] = str(settings["variant"])
+    return tags
 
 
 def child_overrides(node: Node, graph: Graph, uri: str, parent_id: str) -> dict:
@@ -71,12 +74,36 @@ def child_overrides(node: Node, graph: Graph, uri: str, parent_id: str) -> dict:
             "run_name": node.run_name, "parent_run_id": parent_id, "run_tags": run_tags(node, graph)}  # fmt: skip
 
 
-def _params(node: Node) -> dict[str, object]:
-    settings = node.settings
-    params = {k: settings[k] for k in ("dataset", "method", "init", "pretext", "source", "label_fraction", "seed",
-                                       "backbone", "variant")}  # fmt: skip
-    params.update({k: node.overrides[k] for k in ("lr", "batch_size", "iterations", "tpp_epochs", "epochs",
-                                                  "image_size", "method_options") if k in node.overrides})  # fmt: skip
+RECIPE_KEYS = ("backbone", "backbone_ckpt", "method_options", "lr", "batch_size", "iterations", "tpp_epochs",
+               "epochs", "image_size", "pretext_size", "mae_decoder")  # fmt: skip
+
+
+def _sha256(path: object) -> str | None:
+    import hashlib
+
+    if not isinstance(path, str) or not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _params(node: Node, graph: Graph) -> dict[str, object]:
+    """The run's settings, and the recipe values of the config it executed (MONAI's ``config_<time>.json`` in the
+    run folder; expressions are left out), with the digests of the backbone and TPP files it read."""
+    params = {k: node.settings[k] for k in ("dataset", "method", "init", "pretext", "source", "label_fraction",
+                                            "seed", "variant")}  # fmt: skip
+    executed = sorted(node.folder.glob("config_*.json"))
+    config = json.loads(executed[-1].read_text()) if executed else {}
+    for key in RECIPE_KEYS:
+        value = node.overrides.get(key, config.get(key))
+        if value is not None and not (isinstance(value, str) and value[:1] in "$@%"):
+            params[key] = value
+    params["backbone_ckpt_sha256"] = _sha256(params.get("backbone_ckpt"))
+    if node.stage == "finetune" and node.deps:
+        params["tpp_ckpt_sha256"] = _sha256(str(graph.nodes[node.deps[0]].product))
     return {k: v for k, v in params.items() if v is not None}
 
 
@@ -95,7 +122,7 @@ def annotate_child(node: Node, graph: Graph, uri: str, parent_id: str) -> str | 
     child = runs[0]
     have = child.data.params
     params = [Param(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
-              for k, v in _params(node).items() if k not in have]  # fmt: skip
+              for k, v in _params(node, graph).items() if k not in have]  # fmt: skip
     tags = [RunTag("mlflow.parentRunId", parent_id), *(RunTag(k, v) for k, v in run_tags(node, graph).items())]
     tags.append(RunTag("settings_digest", node.digest))
     client.log_batch(child.info.run_id, params=params, tags=tags)
