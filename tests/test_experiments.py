@@ -85,10 +85,11 @@ def test_paper_presets_list_the_papers_grid_with_shared_tpp_stages(preset, tpp, 
                                                                                 node.settings["seed"])  # fmt: skip
         if node.stage == "finetune" and node.settings["init"] == "random":
             assert node.deps == []
-    out = subprocess.run(_cli("plan", preset, "--out", str(tmp_path)), capture_output=True, text=True, env=_env())
-    assert out.returncode == 0, out.stderr
-    assert f"pretrain_tpp {tpp}, finetune {finetune}, evaluate {finetune}" in out.stdout
-    assert not (tmp_path / plan.name).exists()  # `plan` runs and writes nothing
+    if preset == "paper-table3":  # the command line prints the same counts (one subprocess is enough)
+        out = subprocess.run(_cli("plan", preset, "--out", str(tmp_path)), capture_output=True, text=True, env=_env())
+        assert out.returncode == 0, out.stderr
+        assert f"pretrain_tpp {tpp}, finetune {finetune}, evaluate {finetune}" in out.stdout
+        assert not (tmp_path / plan.name).exists()  # `plan` runs and writes nothing
 
 
 def test_every_preset_loads():

@@ -174,7 +174,6 @@ def has_tpp(dataset: str, method: str) -> bool:
 
 
 def _check_axes(grid: dict, where: str, plan: dict) -> None:
-    from tpp_monai.backbones import BACKBONES
     from tpp_monai.data.info import DATASETS
 
     for dataset in grid["datasets"]:
@@ -212,8 +211,11 @@ def _check_axes(grid: dict, where: str, plan: dict) -> None:
     for seed in grid["seeds"]:
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ConfigError(f"seed {seed!r} (from {where} seeds) must be a non-negative integer")
-    if grid.get("backbone") is not None and grid["backbone"] not in BACKBONES:
-        raise unknown_choice("backbone", grid["backbone"], BACKBONES, f"{where} backbone")
+    if grid.get("backbone") is not None:
+        from tpp_monai.backbones import BACKBONES  # imports torch: only for plans that name a backbone
+
+        if grid["backbone"] not in BACKBONES:
+            raise unknown_choice("backbone", grid["backbone"], BACKBONES, f"{where} backbone")
     for stage in _check_mapping(grid.get("stage_overrides"), "stage_overrides", where):
         if stage not in STAGES:
             raise unknown_choice("stage", stage, STAGES, f"{where} stage_overrides")
