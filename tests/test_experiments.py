@@ -266,6 +266,32 @@ def test_mlflow_store_holds_one_parent_and_a_child_per_run(resumed_experiment):
     assert "tpp_ckpt_sha256" in tpp and "tpp_ckpt_sha256" not in random
 
 
+@pytest.mark.slow
+def test_a_failing_run_is_retried_once_then_reported_while_independent_runs_go_on(tmp_path):
+    import yaml
+
+    data = {k: v for k, v in load_plan("tiny").to_dict().items() if k not in ("source", "grids")}
+    missing = tmp_path / "no_such_datalist.json"
+    data.update(
+        name="tiny_fail", stage_overrides={**data["stage_overrides"], "pretrain_tpp": {"datalist": str(missing)}}
+    )
+    plan = tmp_path / "fail.yaml"
+    plan.write_text(yaml.safe_dump(data))
+    out = subprocess.run(_cli("run", str(plan), "--out", str(tmp_path), "--no-tracking"), capture_output=True,
+                         text=True, env=_env())  # fmt: skip
+    assert out.returncode == 1
+    recs = _records(tmp_path / "tiny_fail")
+    tpp_key = "pretrain_tpp/glas_adapter__mae__s0"
+    assert recs[tpp_key]["status"] == "failed" and recs[tpp_key]["attempts"] == 2
+    log = tmp_path / "tiny_fail" / "runs" / tpp_key / "log.txt"
+    assert f"failed: {tpp_key}: log {log}" in out.stdout and str(missing) in log.read_text()
+    for key in ("finetune/glas_adapter__tpp-mae__lf1.0__s0", "evaluate/glas_adapter__tpp-mae__lf1.0__s0"):
+        assert key not in recs  # never started: skipped, and said so
+        assert f"skipped: {key}" in out.stdout
+    for key in ("finetune/glas_adapter__random__lf1.0__s0", "evaluate/glas_adapter__random__lf1.0__s0"):
+        assert recs[key]["status"] == "done" and recs[key]["attempts"] == 1
+
+
 # --------------------------------------------------------------------------------------------------- SLURM
 
 SLURM_INSTALL = "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y slurm-wlm munge"

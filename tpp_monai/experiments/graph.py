@@ -170,7 +170,8 @@ def _add_chain(add, plan: Plan, grid: dict, exp_dir: Path, dataset: str, method:
 def bundle_overrides(node: Node, graph: Graph, resume: bool = False, tracking: dict | None = None) -> dict:
     """Every override of the node's run: the plan's, then the run folder's paths and the graph's inputs."""
     values = dict(node.overrides)
-    values.pop("tpp_ckpt", None) if node.stage != "finetune" else None
+    if node.stage != "finetune":
+        values.pop("tpp_ckpt", None)  # an "upstream" dataset's target-parameter file is for its fine-tuning only
     values.update(runs_dir=str(node.folder), output_dir=str(node.folder), seed=node.settings["seed"])
     if node.stage == "pretrain_tpp":
         values["ckpt_dir"] = str(node.folder / "models")
