@@ -126,7 +126,7 @@ def annotate_child(node: Node, graph: Graph, uri: str, parent_id: str) -> str | 
     tags = [RunTag("mlflow.parentRunId", parent_id), *(RunTag(k, v) for k, v in run_tags(node, graph).items())]
     tags.append(RunTag("settings_digest", node.digest))
     client.log_batch(child.info.run_id, params=params, tags=tags)
-    record = node.folder / "run.json"
-    if record.is_file():
-        client.log_artifact(child.info.run_id, str(record))
+    for name in ("run.json", "settings.json", "history.csv", "metrics.json"):  # what the run left, where present
+        if (node.folder / name).is_file():
+            client.log_artifact(child.info.run_id, str(node.folder / name))
     return child.info.run_id
