@@ -153,6 +153,36 @@ def test_commands_keep_every_output_in_the_run_folder(tmp_path):
     assert json.loads(argv[argv.index("--config_file") + 1])[-1].endswith("multi_gpu.json")
 
 
+@pytest.mark.parametrize("gpus_per_run", [1, 2])
+def test_local_executor_pins_runs_to_the_visible_gpus(gpus_per_run, tmp_path, monkeypatch):
+    """Each run sees only its GPUs; with one GPU per run, independent runs run at the same time (the workflow is
+    replaced by a script that records what it was given)."""
+    from tpp_monai.experiments import executors
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    data = load_plan("tiny").to_dict()
+    data["executor"]["gpus_per_run"] = gpus_per_run
+    graph = build_graph(load_plan({k: v for k, v in data.items() if k != "source"}), tmp_path)
+    script = ("import json, os, sys, time, pathlib; p = pathlib.Path(sys.argv[1]); p.parent.mkdir(parents=True, "
+              "exist_ok=True); p.write_text(json.dumps([os.environ['CUDA_VISIBLE_DEVICES'], sys.argv[2]])); "
+              "time.sleep(2)")  # fmt: skip
+
+    def fake_command(node, graph, resume=False, tracking=None, nproc=1, python=sys.executable):
+        return [python, "-c", script, str(node.product), str(nproc)], {"seed": node.settings["seed"]}
+
+    monkeypatch.setattr(executors, "command", fake_command)
+    outcome = executors.run_graph(graph, "local", None, progress=False)
+    assert outcome.ok and len(outcome.ran) == 5
+    given = {k: json.loads(n.product.read_text()) for k, n in graph.nodes.items()}
+    if gpus_per_run == 1:
+        assert all(devices in ("3", "5") and nproc == "1" for devices, nproc in given.values())
+        recs = _records(graph.exp_dir)
+        first = [recs["finetune/glas_adapter__random__lf1.0__s0"], recs["pretrain_tpp/glas_adapter__mae__s0"]]
+        assert max(r["started"] for r in first) < min(r["finished"] for r in first)  # ran side by side
+    else:
+        assert all(devices == "3,5" and nproc == "2" for devices, nproc in given.values())
+
+
 # ------------------------------------------------------------------------------------- kill -9 and resume
 
 
