@@ -260,7 +260,9 @@ def test_kill_9_then_the_same_command_finishes_without_repeating_a_finished_run(
     assert f"{len(finished)} runs were already done" in rerun.stdout
     status = subprocess.run(_cli("status", str(exp)), capture_output=True, text=True, env=_env())
     assert status.returncode == 0
-    assert "finetune                2        0        0        0" in status.stdout
+    rows = {line.split()[0]: line.split()[1:] for line in status.stdout.splitlines()[2:5]}
+    assert rows == {stage: ["1" if stage == "pretrain_tpp" else "2", "0", "0", "0"] for stage in rows}
+    assert set(rows) == {"pretrain_tpp", "finetune", "evaluate"}
     assert (exp / "runs" / "evaluate" / "glas_adapter__tpp-mae__lf1.0__s0" / "metrics.json").is_file()
 
 
