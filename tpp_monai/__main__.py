@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bundles": ("tpp_monai.bundle_gen", "write (or --check) the bundles from the dataset x method table"),
     "demo": ("tpp_monai.demo", "end-to-end demo: demo data, TPP, fine-tuning with and without TPP, evaluation"),
     "report": ("tpp_monai.report", "collect evaluated runs into the paper's table, with plots"),
+    "experiment": ("tpp_monai.experiments.cli", "run a grid of bundle workflows (a paper table or your own)"),
     "bench": ("tpp_monai.bench", "measure step time and memory of TPP and fine-tuning against full fine-tuning"),
 }
 
