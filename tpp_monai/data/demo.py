@@ -36,7 +36,9 @@ MIN_N = {"mhist": 10, "oct_c8": 24, "chest_xray_pa": 15, "glas": 8, "qata": 8, "
 Rng = np.random.Generator
 
 
-def make_demo_dataset(dataset: str, out: str | Path, n: int | None = None, seed: int = 0) -> Path:
+def make_demo_dataset(
+    dataset: str, out: str | Path, n: int | None = None, seed: int = 0, appearance: str | None = None
+) -> Path:
     """Write a synthetic ``dataset`` under ``out`` in its official layout; returns the layout root.
 
     The returned folder is what :func:`~tpp_monai.data.build_datalist` takes as ``root`` and what the datalist's
@@ -48,8 +50,13 @@ def make_demo_dataset(dataset: str, out: str | Path, n: int | None = None, seed:
             is created in it and replaced if it holds an earlier demo.
         n: number of images (2D) or cases (3D); default :data:`DEFAULT_N`.
         seed: seed of the synthetic content (same seed, same bytes).
+        appearance: a look other than the dataset's usual one, from :data:`APPEARANCES` (GlaS: ``"ihc"``, the
+            TPP demo's target domain).
     """
     info = get_dataset(dataset)
+    if appearance is not None and appearance not in APPEARANCES.get(info.name, {}):
+        valid = ", ".join(APPEARANCES.get(info.name, {})) or "none"
+        raise ConfigError(f"demo {info.name}: unknown appearance {appearance!r}; valid: {valid}")
     n = DEFAULT_N[info.name] if n is None else int(n)
     if n < MIN_N[info.name]:
         raise ConfigError(
@@ -63,8 +70,9 @@ def make_demo_dataset(dataset: str, out: str | Path, n: int | None = None, seed:
         shutil.rmtree(top)
     root = top / inner
     root.mkdir(parents=True)
-    writer(root, n, np.random.default_rng(seed))
-    (top / MARKER).write_text(json.dumps({"dataset": info.name, "n": n, "seed": seed}) + "\n")
+    rng = np.random.default_rng(seed)
+    writer(root, n, rng) if appearance is None else APPEARANCES[info.name][appearance](root, n, rng)
+    (top / MARKER).write_text(json.dumps({"dataset": info.name, "n": n, "seed": seed, "appearance": appearance}) + "\n")
     return root
 
 
@@ -245,23 +253,56 @@ def _write_chest_xray_pa(root: Path, n: int, rng: Rng) -> None:
 # 2D segmentation
 
 
-def _glands(rng: Rng, malignant: bool, width: int = 96, height: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """H&E-like colon tissue with glands; returns RGB image and instance mask (0 background, 1..k glands)."""
+# GlaS looks: (stroma, epithelium, lumen) RGB colours, stroma texture amplitude, pixel noise, gland radius ranges
+# (benign, malignant).
+HE_LOOK = ([235, 170, 205], [110, 50, 140], [250, 240, 248], 16.0, 7.0, (8.0, 13.0), (6.0, 10.0))
+# The TPP demo's target: an immunohistochemistry-like stain (blue haematoxylin stroma, brown DAB epithelium) that none
+# of the other demo datasets (the upstream stand-in's data) has. Its glands sit on a jittered hexagonal lattice (spacing
+# and phase drawn per image), so the visible patches of an image tell a masked-patch model where the hidden glands
+# are: the structure an MAE can learn at 64 px with 16 px patches, where randomly scattered glands leave the masked
+# patches unpredictable (its loss stays at the ~1.0 of predicting each patch's mean).
+IHC_LOOK = ([205, 215, 240], [150, 85, 40], [250, 248, 235], 5.0, 3.0, (9.0, 14.0), (7.0, 11.0))
+
+
+def _glands(
+    rng: Rng, malignant: bool, width: int = 96, height: int = 64, look: tuple = HE_LOOK, lattice: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Colon tissue with glands; returns RGB image and instance mask (0 background, 1..k glands)."""
     shape = (height, width)
-    img = np.array([235, 170, 205], np.float32) + 16 * _texture(rng, shape, 1.2)[..., None]
+    stroma, epithelium, lumen, texture, noise, benign_radius, malignant_radius = look
+    img = np.array(stroma, np.float32) + texture * _texture(rng, shape, 1.2)[..., None]
     mask = np.zeros(shape, np.uint8)
-    count, radius = (int(rng.integers(4, 7)), (6.0, 10.0)) if malignant else (int(rng.integers(3, 5)), (8.0, 13.0))
-    for k, (cy, cx, r) in enumerate(_place(rng, shape, count, radius, margin=3), start=1):
+    if lattice:
+        circles = _lattice(rng, shape, malignant)
+    else:
+        count = int(rng.integers(4, 7)) if malignant else int(rng.integers(3, 5))
+        circles = _place(rng, shape, count, malignant_radius if malignant else benign_radius, margin=3)
+    for k, (cy, cx, r) in enumerate(circles, start=1):
         wobble = [(3, 0.15, rng.uniform(0, 6)), (5, 0.1, rng.uniform(0, 6))] if malignant else None
         dist = _ellipse(shape, cy, cx, r * rng.uniform(0.7, 1.0), r, rng.uniform(0, np.pi), wobble)
-        gland = dist <= 1.0
+        gland = (dist <= 1.0) & (mask == 0)
         mask[gland] = k
-        img[gland & (dist > 0.6)] = [110, 50, 140]  # epithelium, nuclei
-        img[dist <= 0.6] = [250, 240, 248]  # lumen
-    return _to_uint8(img + 7 * rng.standard_normal(img.shape)), mask
+        img[gland & (dist > 0.6)] = epithelium  # epithelium, nuclei
+        img[gland & (dist <= 0.6)] = lumen
+    return _to_uint8(img + noise * rng.standard_normal(img.shape)), mask
 
 
-def _write_glas(root: Path, n: int, rng: Rng) -> None:
+def _lattice(rng: Rng, shape: tuple[int, int], malignant: bool) -> list[tuple[float, float, float]]:
+    """Gland circles ``(cy, cx, r)`` on a hexagonal lattice with a random spacing, phase and (malignant: larger)
+    jitter; radius about a third of the spacing."""
+    spacing = rng.uniform(20.0, 28.0)
+    jitter, radius = (0.15, (0.25, 0.36)) if malignant else (0.04, (0.32, 0.36))
+    oy, ox = rng.uniform(0, spacing, 2)
+    circles = []
+    for row in range(-1, int(shape[0] / (spacing * 0.866)) + 2):
+        for col in range(-1, int(shape[1] / spacing) + 2):
+            cy = oy + row * spacing * 0.866 + jitter * spacing * rng.standard_normal()
+            cx = ox + (col + 0.5 * (row % 2)) * spacing + jitter * spacing * rng.standard_normal()
+            circles.append((cy, cx, spacing * rng.uniform(*radius)))
+    return circles
+
+
+def _write_glas(root: Path, n: int, rng: Rng, look: tuple = HE_LOOK, lattice: bool = False) -> None:
     sizes = dict(zip(("train", "testA", "testB"), _split_sizes(n, (85 / 165, 60 / 165, 20 / 165))))
     rows = []
     for prefix, count in sizes.items():
@@ -269,7 +310,7 @@ def _write_glas(root: Path, n: int, rng: Rng) -> None:
         grades = ["benign", "malignant"] * 2 + list(rng.choice(["benign", "malignant"], max(0, count - 4)))
         for i, grade in enumerate(rng.permutation(grades[:count]), start=1):
             name = f"{prefix}_{i}"
-            img, mask = _glands(rng, grade == "malignant")
+            img, mask = _glands(rng, grade == "malignant", look=look, lattice=lattice)
             _save(root / f"{name}.bmp", img)
             _save(root / f"{name}_anno.bmp", mask)
             detail = "moderately differentiated" if grade == "malignant" else "healthy"
@@ -379,4 +420,8 @@ _WRITERS: dict[str, tuple[str, str, Callable[[Path, int, Rng], None]]] = {
     "qata": ("QaTa-COV19", "QaTa-COV19-v2", _write_qata),
     "lits": ("LiTS", ".", _write_lits),
     "kits": ("kits19", "data", _write_kits),
+}
+# Other looks of a dataset (``make_demo_dataset(..., appearance=...)``), each written in the same official layout.
+APPEARANCES: dict[str, dict[str, Callable[[Path, int, Rng], None]]] = {
+    "glas": {"ihc": lambda root, n, rng: _write_glas(root, n, rng, look=IHC_LOOK, lattice=True)},
 }
