@@ -152,7 +152,7 @@ def _run_plan_locally(plan: dict, out: Path) -> Path:
         for method in plan["methods"]:
             bundle = BUNDLES_DIR / f"{dataset}_{method}"
             if not (bundle / "configs" / "pretrain_tpp.json").is_file():
-                raise ConfigError(f"no TPP bundle {bundle.name!r} for the plan's dataset {dataset!r} x method {method!r}")
+                raise ConfigError(f"no TPP bundle {bundle.name!r} for the plan's {dataset!r} x {method!r}")
             common = {**(plan.get("overrides") or {}), **(plan.get("dataset_overrides") or {}).get(dataset, {}),
                       "tracking_uri": tracking, "runs_dir": str(exp / "runs")}  # fmt: skip
             for seed in plan["seeds"]:
@@ -185,8 +185,9 @@ def _run_plan_locally(plan: dict, out: Path) -> Path:
 
 def _settings(dataset: str, method: str, init: str, fraction: float | None, seed: int) -> dict:
     pretext = init.split("-", 1)[1] if init.startswith("tpp-") else None
-    return {"dataset": dataset, "method": method, "init": init, "pretext": pretext,
-            "source": dataset if pretext else None, "label_fraction": fraction, "seed": seed, "backbone": None}  # fmt: skip
+    source = dataset if pretext else None
+    return {"dataset": dataset, "method": method, "init": init, "pretext": pretext, "source": source,
+            "label_fraction": fraction, "seed": seed, "backbone": None}  # fmt: skip
 
 
 def _run_key(settings: dict, stage: str = "") -> str:

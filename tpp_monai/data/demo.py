@@ -253,56 +253,58 @@ def _write_chest_xray_pa(root: Path, n: int, rng: Rng) -> None:
 # 2D segmentation
 
 
-# GlaS looks: (stroma, epithelium, lumen) RGB colours, stroma texture amplitude, pixel noise, gland radius ranges
-# (benign, malignant).
-HE_LOOK = ([235, 170, 205], [110, 50, 140], [250, 240, 248], 16.0, 7.0, (8.0, 13.0), (6.0, 10.0))
-# The TPP demo's target: an immunohistochemistry-like stain (blue haematoxylin stroma, brown DAB epithelium) that none
-# of the other demo datasets (the upstream stand-in's data) has. Its glands sit on a jittered hexagonal lattice (spacing
-# and phase drawn per image), so the visible patches of an image tell a masked-patch model where the hidden glands
-# are: the structure an MAE can learn at 64 px with 16 px patches, where randomly scattered glands leave the masked
-# patches unpredictable (its loss stays at the ~1.0 of predicting each patch's mean).
-IHC_LOOK = ([205, 215, 240], [150, 85, 40], [250, 248, 235], 5.0, 3.0, (9.0, 14.0), (7.0, 11.0))
+# The TPP demo's target: colonic mucosa cut along its crypts (parallel tubular glands at an angle, spacing and phase
+# drawn per image), in an immunohistochemistry-like stain (blue haematoxylin stroma, brown DAB epithelium, pale mucin)
+# that none of the other demo datasets (the upstream stand-in's data) has, with smooth shading and little pixel noise.
+# A masked-patch model can continue the crypts from the visible 16 px patches into the hidden ones. (Scattered round
+# glands in flat, noisy stroma, the H&E look below, leave the per-patch-normalised targets of the hidden patches
+# unpredictable at 64 px: the MAE loss stays at the ~1.0 of predicting each patch's mean.)
+IHC_STROMA, IHC_EPITHELIUM, IHC_LUMEN = [205, 215, 240], [150, 85, 40], [250, 248, 235]
 
 
-def _glands(
-    rng: Rng, malignant: bool, width: int = 96, height: int = 64, look: tuple = HE_LOOK, lattice: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Colon tissue with glands; returns RGB image and instance mask (0 background, 1..k glands)."""
+def _glands(rng: Rng, malignant: bool, width: int = 96, height: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """H&E-like colon tissue with glands; returns RGB image and instance mask (0 background, 1..k glands)."""
     shape = (height, width)
-    stroma, epithelium, lumen, texture, noise, benign_radius, malignant_radius = look
-    img = np.array(stroma, np.float32) + texture * _texture(rng, shape, 1.2)[..., None]
+    img = np.array([235, 170, 205], np.float32) + 16 * _texture(rng, shape, 1.2)[..., None]
     mask = np.zeros(shape, np.uint8)
-    if lattice:
-        circles = _lattice(rng, shape, malignant)
-    else:
-        count = int(rng.integers(4, 7)) if malignant else int(rng.integers(3, 5))
-        circles = _place(rng, shape, count, malignant_radius if malignant else benign_radius, margin=3)
-    for k, (cy, cx, r) in enumerate(circles, start=1):
+    count, radius = (int(rng.integers(4, 7)), (6.0, 10.0)) if malignant else (int(rng.integers(3, 5)), (8.0, 13.0))
+    for k, (cy, cx, r) in enumerate(_place(rng, shape, count, radius, margin=3), start=1):
         wobble = [(3, 0.15, rng.uniform(0, 6)), (5, 0.1, rng.uniform(0, 6))] if malignant else None
         dist = _ellipse(shape, cy, cx, r * rng.uniform(0.7, 1.0), r, rng.uniform(0, np.pi), wobble)
-        gland = (dist <= 1.0) & (mask == 0)
+        gland = dist <= 1.0
         mask[gland] = k
-        img[gland & (dist > 0.6)] = epithelium  # epithelium, nuclei
-        img[gland & (dist <= 0.6)] = lumen
-    return _to_uint8(img + noise * rng.standard_normal(img.shape)), mask
+        img[gland & (dist > 0.6)] = [110, 50, 140]  # epithelium, nuclei
+        img[dist <= 0.6] = [250, 240, 248]  # lumen
+    return _to_uint8(img + 7 * rng.standard_normal(img.shape)), mask
 
 
-def _lattice(rng: Rng, shape: tuple[int, int], malignant: bool) -> list[tuple[float, float, float]]:
-    """Gland circles ``(cy, cx, r)`` on a hexagonal lattice with a random spacing, phase and (malignant: larger)
-    jitter; radius about a third of the spacing."""
-    spacing = rng.uniform(20.0, 28.0)
-    jitter, radius = (0.15, (0.25, 0.36)) if malignant else (0.04, (0.32, 0.36))
-    oy, ox = rng.uniform(0, spacing, 2)
-    circles = []
-    for row in range(-1, int(shape[0] / (spacing * 0.866)) + 2):
-        for col in range(-1, int(shape[1] / spacing) + 2):
-            cy = oy + row * spacing * 0.866 + jitter * spacing * rng.standard_normal()
-            cx = ox + (col + 0.5 * (row % 2)) * spacing + jitter * spacing * rng.standard_normal()
-            circles.append((cy, cx, spacing * rng.uniform(*radius)))
-    return circles
+def _crypts_ihc(rng: Rng, malignant: bool, width: int = 96, height: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """IHC-like mucosa with parallel tubular crypts (malignant: crooked, uneven, broken); image and instance mask."""
+    shape = (height, width)
+    img = np.array(IHC_STROMA, np.float32) + 12 * _texture(rng, shape, 4.0)[..., None]
+    mask = np.zeros(shape, np.uint8)
+    angle, spacing = rng.uniform(0, np.pi), rng.uniform(18.0, 24.0)
+    along, across = np.array([np.cos(angle), np.sin(angle)]), np.array([-np.sin(angle), np.cos(angle)])
+    phase, reach = rng.uniform(0, spacing), int(np.hypot(*shape) / spacing) + 2
+    for k, step in enumerate(range(-reach, reach + 1), start=1):
+        offset = phase + step * spacing + (rng.normal(0, 0.12 * spacing) if malignant else 0.0)
+        shift = rng.uniform(-20, 20) if malignant else 0.0
+        cx, cy = np.array([width / 2, height / 2]) + offset * across + shift * along
+        length = rng.uniform(14, 30) if malignant else 80.0
+        half_width = spacing * (rng.uniform(0.22, 0.36) if malignant else 0.3)
+        wobble = [(4, 0.1, rng.uniform(0, 6)), (7, 0.08, rng.uniform(0, 6))] if malignant else None
+        dist = _ellipse(shape, cy, cx, half_width, length, angle, wobble)
+        crypt = (dist <= 1.0) & (mask == 0)
+        if not crypt.any():
+            continue
+        mask[crypt] = k
+        inner = crypt & (dist <= 0.55)
+        img[crypt & (dist > 0.55)] = IHC_EPITHELIUM
+        img[inner] = np.array(IHC_LUMEN, np.float32) - (50 * (dist[inner] / 0.55) ** 2)[:, None]  # mucin, darker at rim
+    return _to_uint8(img + 2 * rng.standard_normal(img.shape)), mask
 
 
-def _write_glas(root: Path, n: int, rng: Rng, look: tuple = HE_LOOK, lattice: bool = False) -> None:
+def _write_glas(root: Path, n: int, rng: Rng, draw: Callable = _glands) -> None:
     sizes = dict(zip(("train", "testA", "testB"), _split_sizes(n, (85 / 165, 60 / 165, 20 / 165))))
     rows = []
     for prefix, count in sizes.items():
@@ -310,7 +312,7 @@ def _write_glas(root: Path, n: int, rng: Rng, look: tuple = HE_LOOK, lattice: bo
         grades = ["benign", "malignant"] * 2 + list(rng.choice(["benign", "malignant"], max(0, count - 4)))
         for i, grade in enumerate(rng.permutation(grades[:count]), start=1):
             name = f"{prefix}_{i}"
-            img, mask = _glands(rng, grade == "malignant", look=look, lattice=lattice)
+            img, mask = draw(rng, grade == "malignant")
             _save(root / f"{name}.bmp", img)
             _save(root / f"{name}_anno.bmp", mask)
             detail = "moderately differentiated" if grade == "malignant" else "healthy"
@@ -423,5 +425,5 @@ _WRITERS: dict[str, tuple[str, str, Callable[[Path, int, Rng], None]]] = {
 }
 # Other looks of a dataset (``make_demo_dataset(..., appearance=...)``), each written in the same official layout.
 APPEARANCES: dict[str, dict[str, Callable[[Path, int, Rng], None]]] = {
-    "glas": {"ihc": lambda root, n, rng: _write_glas(root, n, rng, look=IHC_LOOK, lattice=True)},
+    "glas": {"ihc": lambda root, n, rng: _write_glas(root, n, rng, draw=_crypts_ihc)},
 }
