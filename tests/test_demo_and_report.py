@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
 from conftest import run_cli
 
 from tpp_monai.report import load_runs, make_report, summarise
@@ -60,18 +63,28 @@ def test_report_tabulates_3d_organ_and_tumour_dice(tmp_path) -> None:
     assert (tmp_path / "report" / "results.csv").is_file()
 
 
-def test_demo_runs_the_preset_and_prints_the_gain_with_its_interval(tmp_path) -> None:
-    import csv
-
-    import numpy as np
-
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, str, dict]:
+    """One ``python -m tpp_monai demo`` for the tests below: its experiment folder, stdout and plan."""
     from tpp_monai.demo import load_demo_plan
 
-    proc = run_cli("tpp_monai", "demo", "--out", str(tmp_path), timeout=3600)
+    out = tmp_path_factory.mktemp("demo")
+    proc = run_cli("tpp_monai", "demo", "--out", str(out), timeout=3600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    out = proc.stdout
     plan = load_demo_plan()
-    exp = tmp_path / plan["name"]
+    return out / plan["name"], proc.stdout, plan
+
+
+def _tpp_losses(exp: Path) -> dict[str, np.ndarray]:
+    losses = {}
+    for history in sorted((exp / "runs" / "pretrain_tpp").glob("*/history.csv")):
+        with open(history, newline="") as f:
+            losses[history.parent.name] = np.array([float(row["train_loss"]) for row in csv.DictReader(f)])
+    return losses
+
+
+def test_demo_runs_the_preset_and_prints_the_gain_with_its_interval(demo_run) -> None:
+    exp, out, plan = demo_run
     # every (init, seed) of the preset was evaluated; the printed means are those of the metrics.json files
     dice: dict[str, dict[int, float]] = {}
     for folder in (exp / "runs" / "evaluate").iterdir():
@@ -86,16 +99,26 @@ def test_demo_runs_the_preset_and_prints_the_gain_with_its_interval(tmp_path) ->
     gain = np.mean([dice["tpp-mae"][s] - dice["random"][s] for s in plan["seeds"]])
     assert f"gain (TPP - random): {gain:+.2f}, 95 % interval [" in out
     assert "verdict: " in out and f"{len(plan['seeds'])} seeds" in out
-    # the TPP stage learns: each seed's pretext loss falls from its first to its last epoch, by more than the
-    # epoch-to-epoch noise of the first half of the run
-    histories = sorted((exp / "runs" / "pretrain_tpp").glob("*/history.csv"))
-    assert len(histories) == len(plan["seeds"])
-    for history in histories:
-        with open(history, newline="") as f:
-            losses = np.array([float(row["train_loss"]) for row in csv.DictReader(f)])
-        assert len(losses) == plan["stage_overrides"]["pretrain_tpp"]["tpp_epochs"]
-        noise = np.abs(np.diff(losses[: len(losses) // 2])).mean()
-        assert losses[-3:].mean() < losses[:3].mean() - 3 * noise, (history, losses)
-        assert f"{history.parent.name}: epoch 1 {losses[0]:.3f} -> epoch {len(losses)} {losses[-1]:.3f}" in out
+    # each TPP stage recorded its loss per epoch, and the demo printed it
+    losses = _tpp_losses(exp)
+    assert len(losses) == len(plan["seeds"])
+    for name, curve in losses.items():
+        assert len(curve) == plan["stage_overrides"]["pretrain_tpp"]["tpp_epochs"]
+        assert f"{name}: epoch 1 {curve[0]:.3f} -> epoch {len(curve)} {curve[-1]:.3f}" in out
     plots = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("plot:")]
     assert plots and all(Path(plot).stat().st_size > 1000 for plot in plots), plots
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 13 item 7 not met yet: at demo scale (64 px, 16 px patches, 4 visible) the MAE loss stays at the "
+    "patch-mean level; see the exp-demo report. Remove this mark when the demo's TPP stage learns.",
+)
+def test_demo_tpp_stage_learns_beyond_predicting_each_patch_mean(demo_run) -> None:
+    exp, _, _ = demo_run
+    # With norm_pix targets (zero mean, unbiased unit variance over the P = 16*16*3 values of a patch), predicting
+    # each hidden patch's mean gives a loss of (P - 1) / P. The stage learns when its last epochs are clearly below.
+    values = 16 * 16 * 3
+    mean_prediction = (values - 1) / values
+    for name, curve in _tpp_losses(exp).items():
+        assert curve[-3:].mean() < 0.95 * mean_prediction, (name, curve)
