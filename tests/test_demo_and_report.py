@@ -122,3 +122,27 @@ def test_demo_tpp_stage_learns_beyond_predicting_each_patch_mean(demo_run) -> No
     mean_prediction = (values - 1) / values
     for name, curve in _tpp_losses(exp).items():
         assert curve[-3:].mean() < 0.95 * mean_prediction, (name, curve)
+
+
+def test_demo_gain_pairs_seeds_and_bootstraps_its_interval() -> None:
+    import statistics
+
+    from tpp_monai.demo import format_gains, gains
+
+    random, tpp = {0: 80.0, 1: 82.0, 2: 81.0}, {0: 83.0, 1: 86.0, 2: 80.5}
+    records = [{"settings": {"dataset": "glas", "method": "adapter", "label_fraction": 0.25, "init": init,
+                             "seed": seed}, "metrics": {"dice": value}}
+               for init, arm in (("random", random), ("tpp-mae", tpp)) for seed, value in arm.items()]  # fmt: skip
+    (entry,) = gains(records, "dice")
+    diffs = [tpp[s] - random[s] for s in random]
+    assert entry["mean_random"] == statistics.mean(random.values())
+    assert abs(entry["std_tpp"] - statistics.stdev(tpp.values())) < 1e-12
+    assert abs(entry["gain_mean"] - statistics.mean(diffs)) < 1e-12
+    low, high = entry["ci95"]
+    # every bootstrap mean of the three differences lies between their smallest and largest
+    assert min(diffs) <= low <= entry["gain_mean"] <= high <= max(diffs)
+    assert entry["wins"] == sum(d > 0 for d in diffs) and entry["n_seeds"] == 3
+    assert ("contains 0" in entry["verdict"]) == (low <= 0 <= high)
+    text = format_gains([entry])
+    assert f"{statistics.mean(tpp.values()):6.2f} ± {statistics.stdev(tpp.values()):.2f}" in text
+    assert f"[{low:+.2f}, {high:+.2f}]" in text

@@ -324,17 +324,18 @@ def _write_summary(exp: Path, entries: list[dict], curves: dict[str, list[float]
     return report
 
 
-def format_gains(entries: list[dict]) -> str:
-    """Mean ± std per arm, the gain with its 95 % interval, wins and verdict, one block per comparison."""
+def format_gains(entries: list[dict] | dict) -> str:
+    """Mean ± std per arm, the gain with its 95 % interval, wins and verdict, one block per comparison (the
+    contract's ``gain`` entries, as a list or keyed by comparison)."""
     blocks = []
-    for e in entries:
+    for key, e in entries.items() if isinstance(entries, dict) else enumerate(entries):
         low, high = e["ci95"]
-        fraction = e["label_fraction"]
+        title = " / ".join(str(e[k]) for k in ("dataset", "method") if k in e) or str(key)
         blocks.append("\n".join([
-            f"{e['dataset']} / {e['method']} / label fraction {fraction} / {e['metric'].upper()} "
+            f"{title} / label fraction {e.get('label_fraction')} / {str(e.get('metric', '')).upper()} "
             f"({e['n_seeds']} seeds):",
             f"  random init      : {e['mean_random']:6.2f} ± {e['std_random']:.2f}",
-            f"  {e['init']:<17}: {e['mean_tpp']:6.2f} ± {e['std_tpp']:.2f}",
+            f"  {e.get('init', 'tpp'):<17}: {e['mean_tpp']:6.2f} ± {e['std_tpp']:.2f}",
             f"  gain (TPP - random): {e['gain_mean']:+.2f}, 95 % interval [{low:+.2f}, {high:+.2f}] "
             f"(paired bootstrap over seeds); TPP won {e['wins']} of {e['n_seeds']} seeds",
             f"  verdict: {e['verdict']}",
