@@ -256,7 +256,10 @@ def paired_gain(random: list[float], tpp: list[float], resamples: int = 10000, s
     means = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
     low, high = (float(x) for x in np.percentile(means, [2.5, 97.5]))
     gain = float(diff.mean())
-    if low > 0:
+    if len(diff) < 2:
+        low = high = float("nan")
+        verdict = "one seed: no interval; run the demo with more seeds (--seeds)"
+    elif low > 0:
         verdict = f"TPP helps: the gain's 95 % interval lies above zero ({len(diff)} seeds)"
     elif high < 0:
         verdict = f"TPP hurts: the gain's 95 % interval lies below zero ({len(diff)} seeds)"
