@@ -146,3 +146,20 @@ def test_demo_gain_pairs_seeds_and_bootstraps_its_interval() -> None:
     text = format_gains([entry])
     assert f"{statistics.mean(tpp.values()):6.2f} ± {statistics.stdev(tpp.values()):.2f}" in text
     assert f"[{low:+.2f}, {high:+.2f}]" in text
+
+
+def test_demo_target_is_deterministic_in_the_official_layout(tmp_path) -> None:
+    from tpp_monai.data import build_datalist, make_demo_dataset
+    from tpp_monai.errors import ConfigError
+
+    a = make_demo_dataset("glas", tmp_path / "a", n=12, appearance="ihc")
+    b = make_demo_dataset("glas", tmp_path / "b", n=12, appearance="ihc")
+    files = sorted(p.name for p in a.iterdir() if not p.name.startswith("."))
+    assert files == sorted(p.name for p in b.iterdir() if not p.name.startswith("."))
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    he = make_demo_dataset("glas", tmp_path / "he", n=12)
+    assert (he / "train_1.bmp").read_bytes() != (a / "train_1.bmp").read_bytes()
+    datalist = build_datalist("glas", a)
+    assert sum(len(datalist[k]) for k in ("training", "validation", "test")) == 12
+    with pytest.raises(ConfigError, match="unknown appearance 'he2'; valid: ihc"):
+        make_demo_dataset("glas", tmp_path / "c", n=12, appearance="he2")
