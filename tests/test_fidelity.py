@@ -337,3 +337,18 @@ def test_dino_head_keys_are_reported_as_the_dino_head_and_lightning_prefix_is_st
     assert "task head of the checkpoint (a fresh head is trained)" not in report.unused
     for key, value in target.state_dict().items():
         torch.testing.assert_close(value, state[key])
+
+
+@pytest.mark.parametrize("bundle", ["mhist_adapter", "lits_conv_adapter"])
+def test_bundle_tpp_optimizer_uses_the_pretexts_betas(bundle: str) -> None:
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).parents[1] / "bundles" / bundle / "configs" / "pretrain_tpp.json"))
+    parser["pretext"] = "dino"
+    parser.parse(True)
+    assert tuple(parser.get_parsed_content("optimizer#betas")) == tuple(
+        inspect.signature(torch.optim.AdamW).parameters["betas"].default
+    )
