@@ -229,7 +229,7 @@ def pretrain_tpp_base(info: DatasetInfo, method: str) -> dict:
                 "_target_": "torch.optim.AdamW",
                 "params": "$tpp.param_groups(@pretext_net, @weight_decay)",
                 "lr": "@lr",
-                "betas": [0.9, 0.95],
+                "betas": "$pretexts.adamw_betas(@pretext)",  # MAE (0.9, 0.95), DINO PyTorch's (0.9, 0.999)
                 # one fused kernel per step (CPU and CUDA) instead of a Python loop over the tensors: 55 -> 10 ms
                 # per TPP-MAE step of ViT-B/16 with adapters on 2 CPU cores
                 "fused": True,
@@ -248,7 +248,8 @@ def pretrain_tpp_base(info: DatasetInfo, method: str) -> dict:
                     {
                         "_target_": "tpp_monai.handlers.OptimizerScheduleHandler",
                         "optimizer": "@optimizer",
-                        "lr": "$tpp.lr_schedule(@lr, @epochs, @train#iters_per_epoch, @warmup_epochs)",
+                        "lr": "$pretexts.lr_schedule(@pretext, @lr, @epochs, @train#iters_per_epoch, @warmup_epochs, "
+                        "@dino)",
                         "weight_decay": "$tpp.wd_schedule(@weight_decay, @weight_decay_end, @epochs, "
                         "@train#iters_per_epoch)",
                     },

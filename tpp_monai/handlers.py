@@ -3,7 +3,8 @@
 * :class:`OptimizerScheduleHandler` / :class:`ValueScheduleHandler`: precomputed per-iteration schedules (learning
   rate, weight decay, teacher temperature), indexed by the engine's iteration so a resumed run continues them.
 * :class:`TeacherEMAHandler`: the DINO teacher's momentum update after every optimizer step.
-* :class:`GradientClipHandler`, :class:`FreezeLastLayerHandler`: DINO's gradient clipping and first-epoch freeze.
+* :class:`GradientClipHandler`: global-norm (fine-tuning) or DINO's per-tensor gradient clipping.
+* :class:`FreezeLastLayerHandler`: DINO's first-epoch freeze of the head's last layer.
 * :class:`TargetStateSaver`: writes the target-parameter file (target tensors only) atomically every epoch.
 * :class:`SafeCheckpointSaver`: MONAI's ``CheckpointSaver`` whose files are written atomically (temporary file,
   fsync, rename) with a content digest; MONAI's saver writes in place (``atomic=False``).
@@ -116,10 +117,18 @@ class TeacherEMAHandler(_IterationHandler):
 
 
 class GradientClipHandler:
-    """Clip the gradient norm of ``params`` between backward and optimizer step (unscaling first under AMP)."""
+    """Clip gradients of ``params`` between backward and optimizer step (unscaling first under AMP).
 
-    def __init__(self, params: Callable[[], Sequence[torch.Tensor]] | Sequence[torch.Tensor], max_norm: float) -> None:
-        self.params, self.max_norm = params, max_norm
+    ``per_tensor=False``: one global norm over all tensors (``clip_grad_norm_``, MedCoSS fine-tuning's rule).
+    ``per_tensor=True``: DINO's ``utils.clip_gradients``: every tensor whose own gradient norm ``n`` exceeds
+    ``max_norm`` is scaled by ``max_norm / (n + 1e-6)``; the others are left as they are.
+    """
+
+    def __init__(
+        self, params: Callable[[], Sequence[torch.Tensor]] | Sequence[torch.Tensor], max_norm: float,
+        per_tensor: bool = False,
+    ) -> None:  # fmt: skip
+        self.params, self.max_norm, self.per_tensor = params, max_norm, bool(per_tensor)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
@@ -128,7 +137,23 @@ class GradientClipHandler:
         if getattr(engine, "amp", False) and getattr(engine, "scaler", None) is not None:
             engine.scaler.unscale_(engine.optimizer)
         params = self.params() if callable(self.params) else self.params
-        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.max_norm)
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        if self.per_tensor:
+            clip_each_gradient_(grads, self.max_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.max_norm)
+
+
+@torch.no_grad()
+def clip_each_gradient_(grads: Sequence[torch.Tensor], max_norm: float) -> None:
+    """DINO's per-tensor clipping, in place: ``g *= min(1, max_norm / (||g|| + 1e-6))`` for every tensor ``g``
+    (norms computed in one fused call, no host synchronisation)."""
+    norms = torch.stack([n.float() for n in torch._foreach_norm(list(grads))])
+    coefs = (max_norm / (norms + 1e-6)).clamp_(max=1.0)
+    for grad, coef in zip(grads, coefs.unbind()):
+        grad.mul_(coef.to(grad.dtype))
 
 
 class FreezeLastLayerHandler:

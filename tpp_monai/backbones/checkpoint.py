@@ -1,8 +1,9 @@
 """Reading backbone checkpoints in their public formats, with strict key checks and a report of unused keys.
 
 A checkpoint file may be a flat state dict or a container (``{"model": ...}`` for MedCoSS, ``{"state_dict": ...}``
-for nnU-Net v1, ``{"network_weights": ...}`` for nnU-Net v2, ``{"teacher"|"student": ...}`` for DINO training runs);
-keys may carry ``module.`` (DDP) or ``backbone.`` (DINO) prefixes. Every key the model expects must be present with
+for nnU-Net v1 and PyTorch Lightning, ``{"network_weights": ...}`` for nnU-Net v2, ``{"teacher"|"student": ...}`` for
+DINO training runs); keys may carry ``module.`` (DDP), ``model.`` (a Lightning module's attribute) or ``backbone.``
+(DINO) prefixes. Every key the model expects must be present with
 the right shape; checkpoint keys that a backbone declares as known-unused are reported; anything else is an error
 that names the file and lists the missing, unexpected and mismatched keys.
 """
@@ -24,7 +25,12 @@ from torch import Tensor, nn
 from tpp_monai.errors import CheckpointError
 
 CONTAINER_KEYS = ("model", "state_dict", "network_weights", "teacher", "student", "module")
-STRIP_PREFIXES = ("module.", "backbone.")
+STRIP_PREFIXES = ("module.", "model.", "backbone.")  # stripped in this order (DDP, Lightning, DINO)
+# Which container entry holds the weights, by checkpoint source (for the re-save hint of pickled files).
+CONTAINER_SOURCES = (
+    ("model", "MedCoSS"), ("state_dict", "nnU-Net v1 / STU-Net, Lightning"), ("network_weights", "nnU-Net v2"),
+    ("teacher", "DINO training runs"),
+)  # fmt: skip
 
 # Objects found in the public containers next to the weights (MedCoSS stores its argparse namespace, nnU-Net numpy
 # scalars); allow-listed so that files load with torch.load(weights_only=True).
@@ -48,7 +54,8 @@ def read_file(path: str | Path) -> object:
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{path} holds pickled objects that are not plain weights ({str(err).splitlines()[0]}); "
-            "re-save only the state dict: torch.save(ckpt['model'], 'weights.pt')"
+            "re-save only the state dict: torch.save(ckpt[KEY], 'weights.pt') with KEY the entry that holds the "
+            f"weights ({', '.join(f'{k!r} for {src}' for k, src in CONTAINER_SOURCES)})"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         raise CheckpointError(
