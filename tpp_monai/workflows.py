@@ -303,7 +303,7 @@ def trainable_state(model: object) -> object:
     return PartialState(model, [n for n, p in model.named_parameters() if p.requires_grad])
 
 
-def mask_saver(output_dir: str) -> object:
+def mask_saver(output_dir: str, key: str = "pred") -> object:
     """``SaveImaged`` writing binary masks as 8-bit PNGs ``<name>_mask.png`` in the input's own orientation.
 
     The 2D chains read images as ``(C, H, W)`` arrays without MONAI's default axis swap (``reverse_indexing=False``,
@@ -312,7 +312,7 @@ def mask_saver(output_dir: str) -> object:
     import numpy
     from monai.transforms import SaveImaged
 
-    saver = SaveImaged(keys="pred", output_dir=output_dir, output_postfix="mask", output_ext=".png",
+    saver = SaveImaged(keys=key, output_dir=output_dir, output_postfix="mask", output_ext=".png",
                        separate_folder=False, resample=False, scale=255, output_dtype=numpy.uint8,
                        writer="PILWriter", print_log=False)  # fmt: skip
     return saver.set_options(write_kwargs={"reverse_indexing": False})

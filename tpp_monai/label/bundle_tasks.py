@@ -25,6 +25,7 @@ from monai.bundle import ConfigParser
 from monai.transforms import MapTransform
 from monai.utils import convert_to_numpy
 
+from tpp_monai.network import FROM_MODEL_FILE
 from tpp_monai.label.app_conf import MODEL_FILE, BundleSpec, class_names, output_kind, spatial_dims
 from tpp_monai.label.torchvision_compat import import_torchvision
 
@@ -274,7 +275,7 @@ class TppTrainTask(BundleTrainTask):
         )
         continues = bool(self._request.get("pretrained", True)) and os.path.isfile(self._request["model_filename"])
         if continues:  # the served model holds every weight: no backbone or TPP file is needed to build it
-            overrides.update(backbone_ckpt="none", tpp_ckpt="none")
+            overrides.update(backbone_ckpt=FROM_MODEL_FILE, tpp_ckpt="none")
         for key in ("backbone_ckpt", "tpp_ckpt"):  # or as the request says
             if self._request.get(key):
                 overrides[key] = self._request[key]
