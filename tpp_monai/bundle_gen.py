@@ -636,12 +636,9 @@ def evaluate_config(info: DatasetInfo, method: str) -> dict:
     cfg = _common(info, method, "evaluate")
     cfg["imports"].append("$import tpp_monai.data as tpp_data")
     key_metric, extra_metrics = _metrics(info, "", test=True)
-    savers = (
-        [{"_target_": "tpp_monai.writers.ClassificationWriter", "output_dir": "@output_dir",
-          "dataset": "@dataset_name"}]  # fmt: skip
-        if info.task == "cls"
-        else []
-    )
+    writer = {"_target_": "tpp_monai.writers.ClassificationWriter", "output_dir": "@output_dir",
+              "dataset": "@dataset_name"}  # fmt: skip
+    savers = [writer] if info.task == "cls" else []
     cfg.update(
         {
             "backbone_ckpt": "none",
@@ -750,8 +747,9 @@ def multi_gpu_config() -> dict:
             "_target_": "torch.nn.parallel.DistributedDataParallel",
             "module": "$@network_module.to(@device)",
             "device_ids": "$[@device] if torch.cuda.is_available() else None",
-            # frozen tensors and unused ones (MedCoSS's 3D embedding, BitFit's 3D bias) must not block the reduction
-            "find_unused_parameters": True,
+            # trainable tensors the forward pass never uses (MedCoSS's 3D embedding under BitFit or full fine-tuning)
+            # must not block the reduction; searching for them when there are none costs a pass and a warning
+            "find_unused_parameters": "$tpp.has_unused_trainable(@network_module)",
         },
         "distributed": True,
         "finalize": ["$tpp.assert_replicas_agree(@network_module)", "$tpp.finish_distributed()"],
@@ -844,8 +842,9 @@ def metadata(info: DatasetInfo, method: str) -> dict:
     }
 
 
+# ignite's engines log every start, epoch and checkpoint at INFO; the runs log one line per epoch and validation
 LOGGING_CONF = """[loggers]
-keys=root
+keys=root,ignite
 
 [handlers]
 keys=consoleHandler
@@ -856,6 +855,12 @@ keys=fullFormatter
 [logger_root]
 level=INFO
 handlers=consoleHandler
+
+[logger_ignite]
+level=WARNING
+handlers=
+qualname=ignite
+propagate=1
 
 [handler_consoleHandler]
 class=StreamHandler

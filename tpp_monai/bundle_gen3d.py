@@ -352,8 +352,8 @@ def inference_config_3d(info: DatasetInfo, method: str) -> dict:
     }
     cfg.update(
         inference_settings(
-            _network_def_3d(info, FROM_MODEL_FILE, "none"), "$tpp_data.image_transforms(@dataset_name)", _sliding_window(),
-            post, [],
+            _network_def_3d(info, FROM_MODEL_FILE, "none"), "$tpp_data.image_transforms(@dataset_name)",
+            _sliding_window(), post, [],
         )
     )  # fmt: skip
     cfg["initialize"] = _with_3d_checks(

@@ -397,7 +397,7 @@ class VerifiedCheckpointLoader(CheckpointLoader):
         if len(self.load_dict) == 1 and key not in checkpoint:
             checkpoint = {key: checkpoint}
         restore_objects(self.load_path, self.load_dict, checkpoint, strict=self.strict, run_info=self.run_info)
-        self.logger.info(f"restored {', '.join(self.load_dict)} from {self.load_path}")
+        logger.info("restored %s from %s", ", ".join(self.load_dict), self.load_path)
 
 
 class ValidationHandler(_ValidationHandler):

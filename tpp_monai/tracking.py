@@ -67,16 +67,17 @@ def _is_none(value: object) -> bool:
     return value is None or str(value).lower() in ("", "none", "null")
 
 
-def run_params(settings: Mapping, run_info: Mapping | None = None, engine: Engine | None = None) -> dict:
-    """The params of a run from its settings (``settings.json``) and, for an evaluation, the ``run_info`` of the
-    model it loaded; values as MLflow stores them (strings)."""
-    s = {**dict(run_info or {}), **{k: v for k, v in settings.items() if v is not None}}
+def run_params(settings: Mapping, run_info: Mapping | None = None, trainer: Engine | None = None) -> dict:
+    """The params of a run from its settings (``settings.json``; for an evaluation, those of the fine-tuning run
+    that made the model, overlaid by the model's ``run_info``); values as MLflow stores them (strings). A training
+    run's epochs and iterations are those it runs (``trainer``), whatever the recipe's iteration count."""
+    s = {**{k: v for k, v in settings.items() if v is not None}, **dict(run_info or {})}
     tpp_ckpt = s.get("tpp_ckpt")
     backbone_ckpt = s.get("backbone_ckpt")
-    epochs = s.get("epochs", engine.state.max_epochs if engine is not None else None)
-    iterations = s.get("iterations")
-    if iterations is None and engine is not None and engine.state.epoch_length and epochs:
-        iterations = int(epochs) * int(engine.state.epoch_length)
+    epochs, iterations = s.get("epochs"), s.get("iterations")
+    if trainer is not None:
+        epochs = trainer.state.max_epochs
+        iterations = int(epochs) * int(trainer.state.epoch_length or 0) or iterations
     params = {
         "dataset": s.get("dataset_name", s.get("dataset")),
         "method": s.get("method"),
@@ -161,7 +162,8 @@ class RunTracker:
         from mlflow.entities import Param, RunTag
 
         run_id = self.mlflow.cur_run.info.run_id
-        params = run_params(self._settings(), getattr(self.loader, "run_info", None), engine)
+        params = run_params(self._settings(), getattr(self.loader, "run_info", None),
+                            None if self.stage == "evaluate" else engine)  # fmt: skip
         logged = self.mlflow.client.get_run(run_id).data.params
         self.mlflow.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items() if k not in logged])
         tags = {"stage": self.stage, "tpp_monai_version": __version__,
@@ -203,10 +205,14 @@ class RunTracker:
     # -- helpers --------------------------------------------------------------------------------------------------
 
     def _settings(self) -> dict:
+        """The given settings, else this run's ``settings.json``, else (evaluation) the fine-tuning run's."""
         if self.settings is not None:
             return dict(self.settings)
-        path = self.output_dir / "settings.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        trained_in = (getattr(self.loader, "run_info", None) or {}).get("finetune_dir")
+        for folder in (self.output_dir, Path(str(trained_in)) if trained_in else None):
+            if folder is not None and (folder / "settings.json").is_file():
+                return json.loads((folder / "settings.json").read_text())
+        return {}
 
     def _config_file(self) -> Path | None:
         """This process's executed-config file: MONAI sets ``save_execute_config`` to ``<output_dir> +

@@ -349,6 +349,18 @@ def init_distributed() -> None:
     idist.get_rank()
 
 
+def has_unused_trainable(model: object) -> bool:
+    """Whether a trainable tensor of ``model`` is never used by its forward pass (the backbones name theirs, e.g.
+    MedCoSS's 3D patch embedding, trained by BitFit and full fine-tuning): DDP must then search for unused
+    parameters every step (``find_unused_parameters``), and otherwise it only warns that the search found none."""
+    unused = set()
+    for prefix, module in model.named_modules():
+        names = getattr(module, "unused_parameter_names", None)
+        if callable(names):
+            unused |= {f"{prefix}.{n}" if prefix else n for n in names()}
+    return any(p.requires_grad for n, p in model.named_parameters() if n in unused)
+
+
 def assert_replicas_agree(model: object, names: list[str] | None = None) -> None:
     """After distributed training, check that every rank holds the same trainable tensors (a broken all-reduce or
     an EMA that drifted would show here); logs the verdict, raises if they differ."""

@@ -25,9 +25,9 @@ from monai.bundle import ConfigParser
 from monai.transforms import MapTransform
 from monai.utils import convert_to_numpy
 
-from tpp_monai.network import FROM_MODEL_FILE
 from tpp_monai.label.app_conf import MODEL_FILE, BundleSpec, class_names, output_kind, spatial_dims
 from tpp_monai.label.torchvision_compat import import_torchvision
+from tpp_monai.network import FROM_MODEL_FILE
 
 import_torchvision()  # before monailabel.tasks.infer.bundle imports torchvision.utils (see torchvision_compat)
 
