@@ -14,8 +14,8 @@ from conftest import BUNDLES, bundle_dataset, make_workflow, run_cli, run_workfl
 from ignite.engine import Events
 
 from tpp_monai.backbones import build_backbone
-from tpp_monai.data.info import get_dataset
 from tpp_monai.bundle_gen import BASELINES, bundle_names
+from tpp_monai.data.info import get_dataset
 from tpp_monai.io import load_verified
 from tpp_monai.peft import target_parameter_names
 
@@ -56,7 +56,7 @@ def test_finetune_then_evaluate_write_metrics(tmp_path, demo_roots, bundle) -> N
         assert len(table) == result["num_images"] and set(table["label"]) <= set(classes)
         probs = table[[f"prob_{c}" for c in classes]].to_numpy()
         assert list(table["prediction"]) == [classes[i] for i in probs.argmax(1)]
-        assert (tmp_path / "evaluate" / "roc.png").is_file() and (tmp_path / "evaluate" / "confusion_matrix.png").is_file()
+        assert all((tmp_path / "evaluate" / name).is_file() for name in ("roc.png", "confusion_matrix.png"))
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,8 @@ def test_inference_writes_class_probabilities(tmp_path, demo_roots) -> None:
     assert list(table.columns) == ["image", "prediction", *(f"prob_{c}" for c in classes)] and len(table) == 3
     assert sorted(Path(p).name for p in table["image"]) == sorted(p.name for p in images.iterdir())
     probs = table[[f"prob_{c}" for c in classes]].to_numpy()
-    assert np.allclose(probs.sum(1), 1, atol=1e-4) and list(table["prediction"]) == [classes[i] for i in probs.argmax(1)]
+    assert np.allclose(probs.sum(1), 1, atol=1e-4)
+    assert list(table["prediction"]) == [classes[i] for i in probs.argmax(1)]
 
 
 @pytest.mark.parametrize("bundle", ["mhist_adapter", "glas_lora"])
