@@ -345,7 +345,7 @@ def _data_section(
             "_target_": "CacheDataset" if cache else "Dataset",
             "data": f"{section}#datalist",
             "transform": f"{section}#preprocessing",
-            **({"cache_rate": 1.0, "num_workers": "@num_workers"} if cache else {}),
+            **({"cache_rate": 1.0, "num_workers": "@num_workers", "progress": "$tpp.progress_bars()"} if cache else {}),
         },
         "sampler": f"$tpp.distributed_sampler({section}#dataset, shuffle={shuffle})",
         "dataloader": {

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from tpp_monai.errors import UserError
+from tpp_monai.handlers import DISTANCE_METRICS
 
 # Metric columns per task in the paper's order, and whether higher is better (HD95 is a distance).
 METRICS = {"cls": ("acc", "auc", "f1"), "seg": ("dice", "hd95"), "seg3d": ("organ_dice", "tumour_dice", "mean_dice")}
@@ -44,7 +45,9 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
                 f"{path}: not a metrics.json written by `evaluate` ({exc}); rerun evaluate into {folder}"
             ) from exc
         info = data.get("run_info", {})
-        runs.append({"dir": Path(folder), "metrics": percent, "info": info,
+        # percentages, and the distances (HD95) in their own units
+        values = {**{k: v for k, v in data.get("metrics", {}).items() if k in DISTANCE_METRICS}, **percent}
+        runs.append({"dir": Path(folder), "metrics": values, "info": info,
                      "dataset": info.get("dataset", "?"), "method": info.get("method", "?"),
                      "tpp": bool(info.get("tpp")), "pretext": info.get("tpp_pretext")})  # fmt: skip
     return runs
@@ -112,6 +115,7 @@ def _points(history: dict[str, list], column: str) -> tuple[list, list]:
 def plot_history(history_csv: str | Path, path: str | Path, title: str | None = None) -> Path | None:
     """``curves.png`` of one run: mean training loss, validation metrics (when validated) and learning rate."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     history = read_history(history_csv)
     if not history.get("epoch"):
@@ -135,6 +139,7 @@ def plot_history(history_csv: str | Path, path: str | Path, title: str | None = 
         ax.set(title="learning rate (end of epoch)", xlabel="epoch", yscale="log")
     for ax in fig.axes:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -237,6 +242,7 @@ def _history_of(path: object) -> dict[str, list] | None:
 def _plot_curves(runs: list[dict], path: Path) -> bool:
     """Fine-tuning loss and validation metric of every run, and the TPP stage's pretext loss where TPP was used."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     histories = [(r, h) for r in runs if (h := _history_of(r["info"].get("finetune_dir"))) is not None]
     if not histories:
@@ -265,6 +271,7 @@ def _plot_curves(runs: list[dict], path: Path) -> bool:
         axes[2].set(title="TPP stage: pretext loss", xlabel="epoch", ylabel="loss (epoch mean)")
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
@@ -356,7 +363,9 @@ def _plot_overlays(runs: list[dict], out: Path, count: int = 4) -> list[Path]:
         datalist = json.loads(Path(info["datalist"]).read_text())
         root = Path(info["dataset_dir"])
         records = sorted(datalist["test"], key=lambda d: d["image"])[:count]
-        fig, axes = plt.subplots(len(records), 1 + len(group), figsize=(3 * (1 + len(group)), 3 * len(records) + 0.6),
+        width, height = Image.open(root / records[0]["image"]).size
+        row = 3 * min(1.5, height / width) + 0.3  # panels at the images' aspect ratio
+        fig, axes = plt.subplots(len(records), 1 + len(group), figsize=(3 * (1 + len(group)), row * len(records) + 0.5),
                                  squeeze=False)  # fmt: skip
         for i, rec in enumerate(records):
             stem = Path(rec["image"]).name.split(".")[0]

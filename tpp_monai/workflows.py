@@ -347,6 +347,34 @@ def init_distributed() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     idist.get_rank()
+    quiet_other_ranks()
+
+
+def progress_bars() -> bool:
+    """Whether to draw progress bars: on a terminal, on rank 0 (a log file would collect every carriage return)."""
+    return sys.stderr.isatty() and int(os.environ.get("RANK", "0")) == 0
+
+
+def quiet_other_ranks() -> None:
+    """Under torchrun only rank 0 logs below WARNING (every rank runs the same steps, so its INFO lines would
+    repeat rank 0's); the warnings and errors of the other ranks name their rank."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        return
+    logging.disable(logging.INFO)
+    make_record = logging.getLogRecordFactory()
+    if getattr(make_record, "_tpp_rank", False):
+        return
+
+    def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        record.msg = f"[rank {rank}] {record.msg}"
+        return record
+
+    factory._tpp_rank = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
 
 
 def has_unused_trainable(model: object) -> bool:
