@@ -122,7 +122,7 @@ def plot_history(history_csv: str | Path, path: str | Path, title: str | None = 
         return None
     val = validation_columns(history)
     panels = 1 + bool(val) + ("lr" in history)
-    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False, sharex=True)
     axes = list(axes[0])
     ax = axes.pop(0)
     ax.plot(history["epoch"], history["train_loss"], color="tab:blue")
@@ -255,6 +255,7 @@ def _plot_curves(runs: list[dict], path: Path) -> bool:
                 tpp[folder] = (r, h)
     fig, axes = plt.subplots(1, 3 if tpp else 2, figsize=(15 if tpp else 11, 4.2))
     ax_loss, ax_val = axes[0], axes[1]
+    ax_val.sharex(ax_loss)  # one epoch axis, also when validation ran only at the end
     for run, history in histories:
         style = "-" if run["tpp"] else "--"
         name = f"{run['dataset']}: {_label(run)}"
