@@ -376,8 +376,8 @@ def test_infer_classification_returns_bundle_scores(served, tmp_path) -> None:
     run_workflow(CLS, "run", ("inference", "demo"), input_dir=str(inputs), output_dir=str(tmp_path / "out"),
                  runs_dir=str(tmp_path), ckpt_dir=str(served["ckpt"] / CLS))  # fmt: skip
     with open(tmp_path / "out" / "predictions.csv", newline="") as f:
-        row = next(csv.reader(f))
-    np.testing.assert_allclose(scores, [float(v) for v in row[-2:]], atol=1e-4)
+        row = next(csv.DictReader(f))  # image, prediction, prob_<class> per class
+    np.testing.assert_allclose(scores, [float(v) for k, v in row.items() if k.startswith("prob_")], atol=1e-4)
 
 
 def test_infer_3d_segmentation(served, tmp_path) -> None:

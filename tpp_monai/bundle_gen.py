@@ -20,6 +20,7 @@ from pathlib import Path
 from tpp_monai import __version__
 from tpp_monai.data.info import DATASETS, DatasetInfo
 from tpp_monai.errors import UserError
+from tpp_monai.network import FROM_MODEL_FILE
 from tpp_monai.peft import METHODS, get_method
 
 BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
@@ -128,6 +129,26 @@ def _common(info: DatasetInfo, method: str, workflow: str) -> dict:
         "num_workers": "$tpp.cpu_workers()",
         "seed": 0,
         "image_size": list(info.image_size),
+        "tensorboard": True,
+        "run_tags": {},
+        "parent_run_id": None,
+        "save_execute_config": True,
+    }
+
+
+def run_tracker(stage: str, **refs: str) -> dict:
+    """The :class:`tpp_monai.tracking.RunTracker` of a workflow (TensorBoard, MLflow params/tags/artifacts, plots);
+    ``refs``: ``validator`` (training) or ``loader`` (evaluation)."""
+    return {
+        "_target_": "tpp_monai.tracking.RunTracker",
+        "output_dir": "@output_dir",
+        "stage": stage,
+        "bundle": "@bundle_root",
+        "run_tags": "@run_tags",
+        "parent_run_id": "@parent_run_id",
+        "config_path": "@save_execute_config",
+        "tensorboard": "@tensorboard" if stage != "evaluate" else False,
+        **refs,
     }
 
 
@@ -262,6 +283,12 @@ def pretrain_tpp_base(info: DatasetInfo, method: str) -> dict:
                         "dino": "@dino",
                     },
                     {
+                        "_target_": "tpp_monai.handlers.HistoryWriter",
+                        "path": "$@output_dir + '/history.csv'",
+                        "optimizer": "@optimizer",
+                    },
+                    run_tracker("pretrain_tpp"),
+                    {
                         "_target_": "tpp_monai.handlers.TargetStateSaver",
                         "model": "$pretexts.export_backbone(@pretext_net)",
                         "path": "$@output_dir + '/tpp_target.pt'",
@@ -324,7 +351,7 @@ def _data_section(
             "_target_": "CacheDataset" if cache else "Dataset",
             "data": f"{section}#datalist",
             "transform": f"{section}#preprocessing",
-            **({"cache_rate": 1.0, "num_workers": "@num_workers"} if cache else {}),
+            **({"cache_rate": 1.0, "num_workers": "@num_workers", "progress": "$tpp.progress_bars()"} if cache else {}),
         },
         "sampler": f"$tpp.distributed_sampler({section}#dataset, shuffle={shuffle})",
         "dataloader": {
@@ -372,8 +399,14 @@ def _postprocessing(info: DatasetInfo, save_masks: str | None = None) -> dict:
     if info.task == "cls":
         return {"_target_": "Compose", "transforms": [{"_target_": "Activationsd", "keys": "pred", "softmax": True}]}
     steps: list = [{"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5}]
-    if save_masks:
-        steps.append(f"$tpp.mask_saver({save_masks[1:]})")
+    if save_masks:  # a copy back at the input image's size and geometry, thresholded and saved (metrics: as before)
+        steps[:0] = [
+            {"_target_": "CopyItemsd", "keys": "pred", "names": "mask"},
+            {**INVERT_PRED, "keys": "mask", "transform": "@test#preprocessing"},
+            {"_target_": "AsDiscreted", "keys": "mask", "threshold": 0.5},
+            f"$tpp.mask_saver({save_masks[1:]}, 'mask')",
+            {"_target_": "DeleteItemsd", "keys": "mask"},
+        ]
     return {"_target_": "Compose", "transforms": steps}
 
 
@@ -491,7 +524,9 @@ def _finetune_handlers() -> list[dict]:
             "path": "$@output_dir + '/history.csv'",
             "optimizer": "@optimizer",
             "validator": "@validate#evaluator",
+            "metrics": ["@validate#key_metric", "@validate#additional_metrics"],
         },
+        run_tracker("finetune", validator="@validate#evaluator"),
         *_training_tail(
             {
                 "trainable": "$tpp.trainable_state(@network_def)",
@@ -505,7 +540,8 @@ def _finetune_handlers() -> list[dict]:
 def _best_model_handlers(extra_info: str = "") -> list[dict]:
     """``validate#handlers``: the epoch log and the best model as ``<ckpt_dir>/model.pt`` with how it was made."""
     return [
-        {"_target_": "StatsHandler", "iteration_log": False},
+        # errors only: the history writer logs one line per validation
+        {"_target_": "StatsHandler", "iteration_log": False, "epoch_log": False},
         {
             "_target_": "tpp_monai.handlers.SafeCheckpointSaver",
             "save_dir": "@ckpt_dir",
@@ -606,25 +642,15 @@ def evaluate_config(info: DatasetInfo, method: str) -> dict:
     cfg = _common(info, method, "evaluate")
     cfg["imports"].append("$import tpp_monai.data as tpp_data")
     key_metric, extra_metrics = _metrics(info, "", test=True)
-    savers = (
-        [
-            {
-                "_target_": "ClassificationSaver",
-                "output_dir": "@output_dir",
-                "filename": "predictions.csv",
-                "batch_transform": "$lambda batch: [b['image'].meta for b in batch]",
-                "output_transform": "$monai.handlers.from_engine(['pred'])",
-            }
-        ]
-        if info.task == "cls"
-        else []
-    )
+    writer = {"_target_": "tpp_monai.writers.ClassificationWriter", "output_dir": "@output_dir",
+              "dataset": "@dataset_name"}  # fmt: skip
+    savers = [writer] if info.task == "cls" else []
     cfg.update(
         {
             "backbone_ckpt": "none",
             "ckpt_dir": "$@bundle_root + '/models'",
             "val_batch_size": 1,
-            "network_def": _network_def(info, "none", "none"),
+            "network_def": _network_def(info, FROM_MODEL_FILE, "none"),
             "network": "$@network_def.to(@device)",
             "test": _data_section(
                 "test", "$tpp_data.eval_transforms(@dataset_name, @image_size)", "@val_batch_size", False, cache=False
@@ -647,6 +673,7 @@ def evaluate_config(info: DatasetInfo, method: str) -> dict:
                 },
                 *savers,
                 EVALUATION_WRITER,
+                run_tracker("evaluate", loader="@checkpoint_loader"),
             ],
             "evaluator": _evaluator(
                 "@test#dataloader", "@inferer", "@postprocessing", "@handlers", ("@key_metric", "@additional_metrics")
@@ -697,9 +724,8 @@ def inference_config(info: DatasetInfo, method: str) -> dict:
     cfg["imports"].append("$import tpp_monai.data as tpp_data")
     post = _postprocessing(info)
     if info.task == "cls":
-        writers = [{"_target_": "ClassificationSaver", "output_dir": "@output_dir", "filename": "predictions.csv",
-                    "batch_transform": "$lambda batch: [b['image'].meta for b in batch]",
-                    "output_transform": "$monai.handlers.from_engine(['pred'])"}]  # fmt: skip
+        writers = [{"_target_": "tpp_monai.writers.ClassificationWriter", "output_dir": "@output_dir",
+                    "dataset": "@dataset_name"}]  # fmt: skip
     else:
         # back to each input's own size (the resize of the preprocessing undone) before thresholding and saving
         post["transforms"].insert(0, dict(INVERT_PRED))
@@ -707,7 +733,7 @@ def inference_config(info: DatasetInfo, method: str) -> dict:
         writers = []
     cfg.update(
         inference_settings(
-            _network_def(info, "none", "none"), "$tpp_data.image_transforms(@dataset_name, @image_size)",
+            _network_def(info, FROM_MODEL_FILE, "none"), "$tpp_data.image_transforms(@dataset_name, @image_size)",
             _inferer(info, flips=info.name == "glas"), post, writers,
         )
     )  # fmt: skip
@@ -727,8 +753,9 @@ def multi_gpu_config() -> dict:
             "_target_": "torch.nn.parallel.DistributedDataParallel",
             "module": "$@network_module.to(@device)",
             "device_ids": "$[@device] if torch.cuda.is_available() else None",
-            # frozen tensors and unused ones (MedCoSS's 3D embedding, BitFit's 3D bias) must not block the reduction
-            "find_unused_parameters": True,
+            # trainable tensors the forward pass never uses (MedCoSS's 3D embedding under BitFit or full fine-tuning)
+            # must not block the reduction; searching for them when there are none costs a pass and a warning
+            "find_unused_parameters": "$tpp.has_unused_trainable(@network_module)",
         },
         "distributed": True,
         "finalize": ["$tpp.assert_replicas_agree(@network_module)", "$tpp.finish_distributed()"],
@@ -821,8 +848,9 @@ def metadata(info: DatasetInfo, method: str) -> dict:
     }
 
 
+# ignite's engines log every start, epoch and checkpoint at INFO; the runs log one line per epoch and validation
 LOGGING_CONF = """[loggers]
-keys=root
+keys=root,ignite
 
 [handlers]
 keys=consoleHandler
@@ -833,6 +861,12 @@ keys=fullFormatter
 [logger_root]
 level=INFO
 handlers=consoleHandler
+
+[logger_ignite]
+level=WARNING
+handlers=
+qualname=ignite
+propagate=1
 
 [handler_consoleHandler]
 class=StreamHandler

@@ -44,8 +44,10 @@ from tpp_monai.bundle_gen import (
     inference_settings,
     metadata,
     pretrain_tpp_base,
+    run_tracker,
 )
 from tpp_monai.data.info import DATASETS, DatasetInfo
+from tpp_monai.network import FROM_MODEL_FILE
 from tpp_monai.peft import get_method
 
 METHODS_3D = ("conv_adapter", "full_finetune")  # the paper's 3D method and its baseline
@@ -307,7 +309,7 @@ def evaluate_config_3d(info: DatasetInfo, method: str) -> dict:
             "backbone_ckpt": "none",
             "ckpt_dir": "$@bundle_root + '/models'",
             "val_batch_size": 1,
-            "network_def": _network_def_3d(info, "none", "none"),
+            "network_def": _network_def_3d(info, FROM_MODEL_FILE, "none"),
             "network": "$@network_def.to(@device)",
             "test": test,
             "inferer": _sliding_window(),
@@ -325,6 +327,7 @@ def evaluate_config_3d(info: DatasetInfo, method: str) -> dict:
                     "output_dir": "@output_dir",
                 },
                 EVALUATION_WRITER,
+                run_tracker("evaluate", loader="@checkpoint_loader"),
             ],
             "evaluator": _evaluator(
                 "@test#dataloader", "@inferer", "@postprocessing", "@handlers", ("@key_metric", "@additional_metrics")
@@ -349,8 +352,8 @@ def inference_config_3d(info: DatasetInfo, method: str) -> dict:
     }
     cfg.update(
         inference_settings(
-            _network_def_3d(info, "none", "none"), "$tpp_data.image_transforms(@dataset_name)", _sliding_window(),
-            post, [],
+            _network_def_3d(info, FROM_MODEL_FILE, "none"), "$tpp_data.image_transforms(@dataset_name)",
+            _sliding_window(), post, [],
         )
     )  # fmt: skip
     cfg["initialize"] = _with_3d_checks(

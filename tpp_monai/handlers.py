@@ -17,6 +17,8 @@ import csv
 import json
 import logging
 import math
+import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -420,7 +422,7 @@ class VerifiedCheckpointLoader(CheckpointLoader):
         if len(self.load_dict) == 1 and key not in checkpoint:
             checkpoint = {key: checkpoint}
         restore_objects(self.load_path, self.load_dict, checkpoint, strict=self.strict, run_info=self.run_info)
-        self.logger.info(f"restored {', '.join(self.load_dict)} from {self.load_path}")
+        logger.info("restored %s from %s", ", ".join(self.load_dict), self.load_path)
 
 
 class ValidationHandler(_ValidationHandler):
@@ -437,43 +439,117 @@ class ValidationHandler(_ValidationHandler):
 
 
 class HistoryWriter:
-    """Append one CSV row per epoch: mean training loss, learning rate and the validator's metrics."""
+    """``history.csv``: one row per epoch (epoch, iteration, mean training loss, learning rate, then every validation
+    metric, empty where validation did not run), and one log line per epoch and per validation.
 
-    def __init__(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None,
-                 validator: Engine | None = None) -> None:  # fmt: skip
-        self.path, self.optimizer, self.validator = Path(path), optimizer, validator
+    The header names every column from the first row; the file is rewritten atomically after each change, so it is
+    always well-formed, and a validation that runs after its epoch's row (the final one, on ``COMPLETED``) fills that
+    row. On a resumed run the rows past the restored epoch are dropped (:meth:`truncate`), so the history matches the
+    checkpoint. Only rank 0 writes.
+    """
+
+    def __init__(
+        self, path: str | Path, optimizer: torch.optim.Optimizer | None = None, validator: Engine | None = None,
+        metrics: Sequence[Mapping] | Sequence[str] = (), loss_key: str = "loss",
+    ) -> None:  # fmt: skip
+        self.path, self.optimizer, self.validator, self.loss_key = Path(path), optimizer, validator, loss_key
+        names = [n for m in metrics for n in (m if isinstance(m, Mapping) else [m])]
+        self.columns = ["epoch", "iteration", "train_loss", *(["lr"] if optimizer is not None else []), *names]
+        self.rows: list[dict] = []
         self._losses: list[float] = []
+        self._started = False
+        self._validation_line: str | None = None  # logged after its epoch's line
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        if self.validator is not None:
+            self.validator.add_event_handler(Events.EPOCH_COMPLETED, self._validated)
+
+    def _start(self, engine: Engine) -> None:
+        """On the first epoch of this process (after any resume restored the engine): keep the rows up to the
+        restored epoch (none on a fresh run)."""
+        if self._started:
+            return
+        self._started = True
+        self.rows = self.read(self.path) if engine.state.epoch > 0 else []
+        self.truncate(engine.state.epoch)
+
+    @staticmethod
+    def read(path: str | Path) -> list[dict]:
+        """The rows of an existing history file (none when it does not exist)."""
+        path = Path(path)
+        if not path.is_file():
+            return []
+        with open(path, newline="") as f:
+            return [dict(row) for row in csv.DictReader(f)]
+
+    def truncate(self, epoch: int) -> None:
+        """Drop the rows after ``epoch`` (a resumed run restarts from its checkpoint's epoch) and rewrite the file."""
+        self.rows = [r for r in self.rows if int(r["epoch"]) <= int(epoch)]
+        self._flush()
 
     def _collect(self, engine: Engine) -> None:
         out = engine.state.output
         out = out[0] if isinstance(out, list) else out
-        self._losses.append(float(torch.as_tensor(out["loss"]).detach()))
+        self._losses.append(float(torch.as_tensor(out[self.loss_key]).detach()))
 
-    def _write(self, engine: Engine) -> None:
-        row = {"epoch": engine.state.epoch, "iteration": engine.state.iteration,
-               "train_loss": sum(self._losses) / max(1, len(self._losses))}  # fmt: skip
+    def _epoch_completed(self, engine: Engine) -> None:
+        loss = sum(self._losses) / max(1, len(self._losses))
         self._losses.clear()
+        row = {"epoch": engine.state.epoch, "iteration": engine.state.iteration, "train_loss": loss}
         if self.optimizer is not None:
             row["lr"] = self.optimizer.param_groups[0]["lr"]
         if self.validator is not None and self.validator.state.epoch == engine.state.epoch:
-            row.update({k: float(v) for k, v in self.validator.state.metrics.items() if is_scalar(v)})
+            row.update(self._metrics(self.validator))
+        self.rows.append(row)
+        self._flush()
+        lr = f", lr {row['lr']:.3g}" if "lr" in row else ""
+        logger.info("epoch %d/%d: mean loss %.4f%s", engine.state.epoch, engine.state.max_epochs, loss, lr)
+        if self._validation_line:
+            logger.info(self._validation_line)
+            self._validation_line = None
+
+    def _metrics(self, validator: Engine) -> dict:
+        return {k: float(v) for k, v in validator.state.metrics.items() if k in self.columns and is_scalar(v)}
+
+    def _validated(self, validator: Engine) -> None:
+        """Fill the row of the epoch just validated (written already when the validation ran after it)."""
+        metrics = self._metrics(validator)
+        epoch = validator.state.epoch
+        key = getattr(validator.state, "key_metric_name", None)
+        best = (f" (best {key} {validator.state.best_metric:.4f} at epoch {validator.state.best_metric_epoch})"
+                if key and getattr(validator.state, "best_metric_epoch", -1) > 0 else "")  # fmt: skip
+        line = f"epoch {epoch} validation: {', '.join(f'{k} {v:.4f}' for k, v in metrics.items())}{best}"
+        written = [row for row in self.rows if int(row["epoch"]) == epoch]
+        for row in written:
+            row.update(metrics)
+        if written:  # the final validation, after its epoch's row
+            self._flush()
+            logger.info(line)
+        else:
+            self._validation_line = line
+
+    def _flush(self) -> None:
         if not is_rank0():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.exists()
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(self.path)
+
+
+#: metrics that are distances (in pixels for the 2D images), never percentages
+DISTANCE_METRICS = {"hd95": "pixels"}
 
 
 class EvaluationWriter:
-    """After evaluation write ``metrics.json`` (metrics as fractions and percent, with the run's provenance read from
+    """After evaluation write ``metrics.json`` (``metrics``: fractions, and distances in their units; ``percent``: the
+    fractions times 100; ``units`` per metric; with the run's provenance read from
     the model file) next to the CSV files MONAI's ``MetricsSaver`` writes."""
 
     def __init__(self, output_dir: str | Path, loader: VerifiedCheckpointLoader | None = None,
@@ -489,7 +565,8 @@ class EvaluationWriter:
         metrics = {k: float(v) for k, v in engine.state.metrics.items() if is_scalar(v)}
         result = {
             "metrics": metrics,
-            "percent": as_percent(metrics),
+            "percent": {k: v for k, v in as_percent(metrics).items() if k not in DISTANCE_METRICS},
+            "units": {k: DISTANCE_METRICS.get(k, "fraction") for k in metrics},
             "num_images": len(engine.data_loader.dataset) if hasattr(engine.data_loader, "dataset") else None,
             "run_info": {**(self.loader.run_info if self.loader else {}), **self.info},
         }
@@ -500,19 +577,37 @@ class EvaluationWriter:
 
 
 class ProgressBar:
-    """A tqdm bar per epoch showing the iteration loss (ignite's ``ProgressBar``)."""
+    """Progress within an epoch on rank 0: ignite's tqdm bar on a terminal (it disappears when the epoch ends; the
+    epoch's line is :class:`HistoryWriter`'s), and otherwise (a log file, a batch job) a plain line at most every
+    ``interval_s`` seconds, so a redirected log holds no carriage-return updates."""
 
-    def __init__(self, loss_key: str = "loss") -> None:
-        self.loss_key = loss_key
+    def __init__(self, loss_key: str = "loss", interval_s: float = 60.0, stream: object = None) -> None:
+        self.loss_key, self.interval_s, self.stream = loss_key, float(interval_s), stream
+
+    def _loss(self, output: object) -> dict:
+        out = output[0] if isinstance(output, list) else output
+        value = out.get(self.loss_key) if isinstance(out, Mapping) else None
+        return {} if value is None else {self.loss_key: float(torch.as_tensor(value).detach())}
 
     def attach(self, engine: Engine) -> None:
         if not is_rank0():
             return
-        bar = _IgniteProgressBar(persist=True, bar_format=None)
+        stream = self.stream or sys.stderr
+        if getattr(stream, "isatty", lambda: False)():
+            _IgniteProgressBar(persist=False, file=stream).attach(engine, output_transform=self._loss)
+            return
+        last = [time.monotonic()]
 
-        def loss(output: object) -> dict:
-            out = output[0] if isinstance(output, list) else output
-            value = out.get(self.loss_key) if isinstance(out, Mapping) else None
-            return {} if value is None else {self.loss_key: float(torch.as_tensor(value).detach())}
+        def plain(engine: Engine) -> None:
+            now = time.monotonic()
+            if now - last[0] < self.interval_s:
+                return
+            last[0] = now
+            length = engine.state.epoch_length or 0
+            step = (engine.state.iteration - 1) % length + 1 if length else engine.state.iteration
+            loss = self._loss(engine.state.output).get(self.loss_key)
+            logger.info("epoch %d: iteration %d/%d%s", engine.state.epoch, step, length,
+                        "" if loss is None else f", loss {loss:.4f}")  # fmt: skip
 
-        bar.attach(engine, output_transform=loss)
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: last.__setitem__(0, time.monotonic()))
+        engine.add_event_handler(Events.ITERATION_COMPLETED, plain)

@@ -303,7 +303,7 @@ def trainable_state(model: object) -> object:
     return PartialState(model, [n for n, p in model.named_parameters() if p.requires_grad])
 
 
-def mask_saver(output_dir: str) -> object:
+def mask_saver(output_dir: str, key: str = "pred") -> object:
     """``SaveImaged`` writing binary masks as 8-bit PNGs ``<name>_mask.png`` in the input's own orientation.
 
     The 2D chains read images as ``(C, H, W)`` arrays without MONAI's default axis swap (``reverse_indexing=False``,
@@ -312,7 +312,7 @@ def mask_saver(output_dir: str) -> object:
     import numpy
     from monai.transforms import SaveImaged
 
-    saver = SaveImaged(keys="pred", output_dir=output_dir, output_postfix="mask", output_ext=".png",
+    saver = SaveImaged(keys=key, output_dir=output_dir, output_postfix="mask", output_ext=".png",
                        separate_folder=False, resample=False, scale=255, output_dtype=numpy.uint8,
                        writer="PILWriter", print_log=False)  # fmt: skip
     return saver.set_options(write_kwargs={"reverse_indexing": False})
@@ -347,6 +347,46 @@ def init_distributed() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     idist.get_rank()
+    quiet_other_ranks()
+
+
+def progress_bars() -> bool:
+    """Whether to draw progress bars: on a terminal, on rank 0 (a log file would collect every carriage return)."""
+    return sys.stderr.isatty() and int(os.environ.get("RANK", "0")) == 0
+
+
+def quiet_other_ranks() -> None:
+    """Under torchrun only rank 0 logs below WARNING (every rank runs the same steps, so its INFO lines would
+    repeat rank 0's); the warnings and errors of the other ranks name their rank."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        return
+    logging.disable(logging.INFO)
+    make_record = logging.getLogRecordFactory()
+    if getattr(make_record, "_tpp_rank", False):
+        return
+
+    def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        record.msg = f"[rank {rank}] {record.msg}"
+        return record
+
+    factory._tpp_rank = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
+
+
+def has_unused_trainable(model: object) -> bool:
+    """Whether a trainable tensor of ``model`` is never used by its forward pass (the backbones name theirs, e.g.
+    MedCoSS's 3D patch embedding, trained by BitFit and full fine-tuning): DDP must then search for unused
+    parameters every step (``find_unused_parameters``), and otherwise it only warns that the search found none."""
+    unused = set()
+    for prefix, module in model.named_modules():
+        names = getattr(module, "unused_parameter_names", None)
+        if callable(names):
+            unused |= {f"{prefix}.{n}" if prefix else n for n in names()}
+    return any(p.requires_grad for n, p in model.named_parameters() if n in unused)
 
 
 def assert_replicas_agree(model: object, names: list[str] | None = None) -> None:

@@ -62,12 +62,16 @@ def check_3d(
 
 def nifti_saver(output_dir: str) -> object:
     """``SaveImaged`` writing label maps ``<name>_seg.nii.gz`` (uint8) with the metadata the prediction carries: after
-    ``Invertd`` that is the input's own affine and shape, so no resampling happens here."""
+    ``Invertd`` that is the input's own affine and shape, so no resampling happens here; the input's qform and
+    sform codes are kept."""
     import numpy
     from monai.transforms import SaveImaged
 
+    from tpp_monai.writers import HeaderKeepingNiftiWriter
+
     return SaveImaged(keys="pred", output_dir=output_dir, output_postfix="seg", output_ext=".nii.gz",
-                      output_dtype=numpy.uint8, resample=False, separate_folder=False, print_log=False)  # fmt: skip
+                      output_dtype=numpy.uint8, resample=False, separate_folder=False, print_log=False,
+                      writer=HeaderKeepingNiftiWriter)  # fmt: skip
 
 
 class PerCaseWriter:

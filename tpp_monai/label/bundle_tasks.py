@@ -43,6 +43,7 @@ from tpp_monai.label.guard import (
     stratified_split,
 )
 from tpp_monai.label.torchvision_compat import import_torchvision
+from tpp_monai.network import FROM_MODEL_FILE
 
 import_torchvision()  # before monailabel.tasks.infer.bundle imports torchvision.utils (see torchvision_compat)
 
@@ -404,7 +405,7 @@ class TppTrainTask(BundleTrainTask):
         )
         continues = bool(self._request.get("pretrained", True)) and os.path.isfile(self._request["model_filename"])
         if continues:  # the served model holds every weight: no backbone or TPP file is needed to build it
-            overrides.update(backbone_ckpt="none", tpp_ckpt="none")
+            overrides.update(backbone_ckpt=FROM_MODEL_FILE, tpp_ckpt="none")
         for key in ("backbone_ckpt", "tpp_ckpt"):  # or as the request says
             if self._request.get(key):
                 overrides[key] = self._request[key]
