@@ -294,11 +294,6 @@ def pretrain_tpp_base(info: DatasetInfo, method: str) -> dict:
                         "path": "$@output_dir + '/tpp_target.pt'",
                         "info": {"pretext": "@pretext", "dataset": "@dataset_name"},
                     },
-                    {
-                        "_target_": "tpp_monai.handlers.HistoryWriter",
-                        "path": "$@output_dir + '/history.csv'",
-                        "optimizer": "@optimizer",
-                    },
                     *_training_tail(
                         {
                             "target_state": "$pretexts.TargetStateView(@network_def)",
