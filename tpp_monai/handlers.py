@@ -33,7 +33,7 @@ from monai.utils import is_scalar
 from torch import nn
 
 from tpp_monai.errors import CheckpointError, TrainingDiverged
-from tpp_monai.io import atomic_save, load_verified
+from tpp_monai.io import atomic_save, fault_point, load_verified
 from tpp_monai.peft import target_state
 
 logger = logging.getLogger(__name__)
@@ -170,6 +170,9 @@ class _AtomicDiskSaver(BaseSaveHandler):
     Ignite flattens a single-object checkpoint to that object's state dict; it is written back under its key
     (``{"model": state_dict}``, the layout MONAI Label and ``ckpt_export --key_in_ckpt model`` read), so the
     digest and the ``run_info`` never mix with the weights.
+
+    Ignite's ``Checkpoint`` asks to remove the file a save replaces *before* it writes the new one, so a kill or a
+    full disk in between would leave no checkpoint; the removal is deferred here until the new file is complete.
     """
 
     def __init__(
@@ -178,17 +181,28 @@ class _AtomicDiskSaver(BaseSaveHandler):
     ) -> None:  # fmt: skip
         self.dirname, self.filename = Path(dirname), filename
         self.single_key, self.run_info = single_key, run_info
+        self._replaced: list[Path] = []
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        if is_rank0():
-            payload = {self.single_key: checkpoint} if self.single_key else dict(checkpoint)
-            if self.run_info:
-                payload["run_info"] = dict(self.run_info)
-            atomic_save(payload, self.dirname / (self.filename or filename))
+        if not is_rank0():
+            return
+        payload = {self.single_key: checkpoint} if self.single_key else dict(checkpoint)
+        if self.run_info:
+            payload["run_info"] = dict(self.run_info)
+        path = self.dirname / (self.filename or filename)
+        kept = [p for p in self._replaced if p != path and p.is_file()]
+        try:
+            atomic_save(payload, path)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}{f'; {kept[-1]} is kept' if kept else ''}") from None
+        fault_point(path.name, "replaced")
+        for old in kept:
+            old.unlink(missing_ok=True)
+        self._replaced.clear()
 
     def remove(self, filename: str) -> None:
         if is_rank0():
-            (self.dirname / (self.filename or filename)).unlink(missing_ok=True)
+            self._replaced.append(self.dirname / (self.filename or filename))
 
 
 class SafeCheckpointSaver(CheckpointSaver):
@@ -241,6 +255,10 @@ class SafeCheckpointSaver(CheckpointSaver):
                                   "raise --epochs (--tpp_epochs for pretrain_tpp) to continue it")  # fmt: skip
         if self._interval_checkpoint is not None:  # rotate the resumed file out like any other (n_saved)
             self._interval_checkpoint.load_state_dict({"_saved": [(engine.state.epoch, path.name)]})
+            if self._interval_checkpoint.n_saved == 1 and is_rank0():  # older files a kill left before their removal
+                for older in Path(self.save_dir).glob("*.pt"):
+                    if older != path and not older.name.startswith("."):
+                        older.unlink(missing_ok=True)
         logger.info("resumed from %s at epoch %d, iteration %d", path, engine.state.epoch, engine.state.iteration)
 
     def state_dict(self) -> dict:
@@ -420,6 +438,9 @@ class HistoryWriter:
         self._losses: list[float] = []
 
     def attach(self, engine: Engine) -> None:
+        from tpp_monai.run_folder import align_history_with_checkpoint
+
+        align_history_with_checkpoint(engine, self.path)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
