@@ -79,8 +79,11 @@ def _plain(value: object) -> object:
     return json.loads(json.dumps(value, default=str))
 
 
-def check_resume_settings(output_dir: str | Path, settings: Mapping) -> None:
-    """Refuse to resume the run in ``output_dir`` with settings that change its result (one message for all)."""
+def check_resume_settings(output_dir: str | Path, settings: Mapping, resume: object = True) -> None:
+    """Refuse to resume (``resume``) the run in ``output_dir`` with settings that change its result (one message for
+    all); settings missing from either record are not compared."""
+    if not resume:
+        return
     recorded_file = Path(output_dir) / "settings.json"
     if not recorded_file.is_file():
         return
