@@ -386,7 +386,7 @@ class NonFiniteLossGuard:
         keep = f"the last good checkpoint is {saved} (resume with --resume true)" if saved else "no checkpoint yet"
         hint = f"lower the learning rate (now {self.lr:g})" if self.lr else "lower the learning rate"
         if self.amp:
-            hint += " or turn mixed precision off (--amp false)"
+            hint += " or turn mixed precision off (--amp False)"
         raise TrainingDiverged(
             f"the loss became {loss} at iteration {engine.state.iteration} (epoch {engine.state.epoch}); "
             f"training stopped; {keep}; {hint}"
