@@ -21,7 +21,8 @@ def _refusal(bundle: str, run_id: str, **overrides: object) -> str:
     """The user error a workflow raises while it is initialized or its data are built, before its first step."""
     steps = []
     with pytest.raises(Exception) as err:
-        wf = make_workflow(bundle, run_id, (run_id, "demo"), **overrides)
+        config = "inference" if run_id == "run" else run_id
+        wf = make_workflow(bundle, run_id, (config, "demo"), **overrides)
         engine = wf.parser.get_parsed_content("train#trainer" if run_id != "run" else "evaluator")
         engine.add_event_handler("iteration_started", lambda e: steps.append(1))
         wf.run()
