@@ -174,9 +174,9 @@ def check_writable_file(path: str | Path, option: str = "--out") -> Path:
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 _AFFINE_TOLERANCE_MM = 1e-2
-# 2D masks are thresholded at 0.5 by the transforms; QaTa's must be 0/255 (its official format), GlaS's hold
-# gland instance ids (any non-negative integer).
-MASK_VALUES_2D = {"qata": QATA_MASK_VALUES}
+# 2D masks are thresholded at 0.5 by the transforms; QaTa's are 0/255 (its official format; 0/1 from MONAI Label),
+# GlaS's hold gland instance ids (any non-negative integer).
+MASK_VALUES_2D = {"qata": (*QATA_MASK_VALUES, 1)}
 
 
 def _finite(values: np.ndarray) -> bool:
