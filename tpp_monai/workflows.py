@@ -405,8 +405,9 @@ def record_settings(output_dir: str, settings: dict) -> None:
 
     if not is_rank0():
         return
-    if settings.get("resume"):
-        check_resume_settings(output_dir, settings)
+    check_resume_settings(output_dir, settings, settings.get("resume"))
     path = Path(output_dir)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
+    tmp = path / f".settings.json.tmp{os.getpid()}"  # renamed into place: a kill never leaves half a record
+    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path / "settings.json")
