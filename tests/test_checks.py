@@ -226,3 +226,21 @@ def test_skip_bad_files_and_files_of_another_kind_are_skipped_with_a_note(tmp_pa
     assert [r["image"] for r in kept] == [str(p) for p in images[1:]]
     assert "skipping 2 file(s) that are not 2D images" in caplog.text and "scan.nii.gz, slice.dcm" in caplog.text
     assert f"skipping 1 unreadable input(s) (--skip_bad_files):\n  {images[0]}: unreadable" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(b"", "is empty (0 bytes): not a PyTorch checkpoint"),
+     (b"epoch,loss\n1,0.5\n", "is not a readable PyTorch checkpoint (truncated or corrupt?): ")],
+    ids=["zero-byte", "text"],
+)  # fmt: skip
+def test_an_empty_or_text_checkpoint_is_named(tmp_path, content, problem) -> None:
+    """tpp_ckpt, backbone_ckpt, model.pt and resume checkpoints are all read through ``load_verified``/``read_file``."""
+    from tpp_monai.errors import CheckpointError
+    from tpp_monai.io import load_verified
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        load_verified(path)
+    assert str(err.value).startswith(f"{path} {problem}"), str(err.value)
