@@ -448,13 +448,18 @@ def _training_initialize(check_settings: str, check_output: str) -> list[str]:
     ]
 
 
-def _with_settings_record(cfg: dict) -> dict:
-    """Append to ``initialize`` the record of every plain top-level setting (seed, lr, epochs, paths...)."""
+def _recorded_keys(cfg: dict) -> list[str]:
+    """The plain top-level settings of a workflow (what ``settings.json`` records)."""
     run_ids = ("pretrain_tpp", "finetune", "evaluate", "run")
-    keys = [
+    return [
         k for k, v in cfg.items()
         if k not in SETTINGS_EXCLUDED and k not in run_ids and not (isinstance(v, dict) and "_target_" in v)
     ]  # fmt: skip
+
+
+def _with_settings_record(cfg: dict) -> dict:
+    """Append to ``initialize`` the record of every plain top-level setting (seed, lr, epochs, paths...)."""
+    keys = _recorded_keys(cfg)
     cfg["initialize"].append("$tpp.record_settings(@output_dir, {" + ", ".join(f"'{k}': @{k}" for k in keys) + "})")
     return cfg
 
@@ -946,13 +951,49 @@ weights), `pretext`, `epochs`, `batch_size`, `num_workers`, `device`, `seed`, `m
 """
 
 
+PREFLIGHT_SPLITS = {"pretrain_tpp": (["training"], False), "finetune": (["training", "validation"], True),
+                    "evaluate": (["test"], True)}  # fmt: skip
+
+
+def with_input_checks(cfg: dict, workflow: str) -> dict:
+    """Checks before anything is built (:mod:`tpp_monai.checks`): the user's settings and input files right after
+    the error hook; a resume's settings against the recorded ones after ``check_output`` (which locked the folder);
+    the data preflight after ``check_settings`` (which found the datalist); for inference, the folder
+    read through ``preflight_inference`` (``--skip_bad_files``). Settings computed from the data are checked from
+    the command line only, since resolving them would build the data pipeline."""
+    from tpp_monai.checks import INPUT_FILES, SETTINGS
+
+    def plain(value: object) -> bool:
+        return not (isinstance(value, str) and "#" in value)
+
+    settings = {k: f"@{k}" for k in SETTINGS if k in cfg and plain(cfg[k])}
+    files = {k: f"@{k}" for k in INPUT_FILES if k in cfg and cfg[k] != "none"}
+    init = cfg["initialize"] = list(cfg["initialize"])  # a copy: some lists are shared constants
+    init.insert(1, {"_target_": "tpp_monai.checks.validate_settings", "settings": settings, "files": files})
+    if "resume" in cfg:  # resume only with the recorded settings, checked before any model is built
+        at = next(i for i, item in enumerate(init) if isinstance(item, str) and "check_output(" in item) + 1
+        recorded = {k: f"@{k}" for k in _recorded_keys(cfg) if plain(cfg[k])}
+        init.insert(at, {"_target_": "tpp_monai.run_folder.check_resume_settings", "output_dir": "@output_dir",
+                         "settings": recorded, "resume": "@resume"})  # fmt: skip
+    if workflow in PREFLIGHT_SPLITS:
+        keys, labels = PREFLIGHT_SPLITS[workflow]
+        at = next(i for i, item in enumerate(init) if isinstance(item, str) and "check_settings(" in item) + 1
+        init.insert(at, {"_target_": "tpp_monai.checks.preflight_data", "datalist": "@datalist",
+                         "dataset_dir": "@dataset_dir", "dataset": "@dataset_name", "keys": keys, "labels": labels})
+    elif workflow == "inference":
+        cfg["skip_bad_files"] = False
+        cfg["datalist"] = {"_target_": "tpp_monai.checks.preflight_inference", "files": cfg["datalist"],
+                           "dataset": "@dataset_name", "skip_bad_files": "@skip_bad_files"}  # fmt: skip
+    return cfg
+
+
 def assemble_bundle(metadata: dict, pretrain: dict | None, workflows: dict[str, dict], demo: dict, readme: str):
     """Relative path -> content (dict for JSON, str for text) of one bundle, from its parts; ``pretrain`` is
     ``None`` for the baselines (no target parameters, no TPP stage)."""
     files: dict[str, object] = {"configs/metadata.json": metadata}
     if pretrain is not None:
-        files["configs/pretrain_tpp.json"] = pretrain
-    files.update({f"configs/{name}.json": cfg for name, cfg in workflows.items()})
+        files["configs/pretrain_tpp.json"] = with_input_checks(pretrain, "pretrain_tpp")
+    files.update({f"configs/{name}.json": with_input_checks(cfg, name) for name, cfg in workflows.items()})
     files.update(
         {
             "configs/demo.json": demo,

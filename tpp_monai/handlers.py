@@ -36,7 +36,7 @@ from monai.utils import is_scalar
 from torch import nn
 
 from tpp_monai.errors import CheckpointError, TrainingDiverged
-from tpp_monai.io import atomic_save, load_verified
+from tpp_monai.io import atomic_save, fault_point, load_verified
 from tpp_monai.peft import target_state
 
 logger = logging.getLogger(__name__)
@@ -197,6 +197,9 @@ class _AtomicDiskSaver(BaseSaveHandler):
     Ignite flattens a single-object checkpoint to that object's state dict; it is written back under its key
     (``{"model": state_dict}``, the layout MONAI Label and ``ckpt_export --key_in_ckpt model`` read), so the
     digest and the ``run_info`` never mix with the weights.
+
+    Ignite's ``Checkpoint`` asks to remove the file a save replaces *before* it writes the new one, so a kill or a
+    full disk in between would leave no checkpoint; the removal is deferred here until the new file is complete.
     """
 
     def __init__(
@@ -205,17 +208,28 @@ class _AtomicDiskSaver(BaseSaveHandler):
     ) -> None:  # fmt: skip
         self.dirname, self.filename = Path(dirname), filename
         self.single_key, self.run_info = single_key, run_info
+        self._replaced: list[Path] = []
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        if is_rank0():
-            payload = {self.single_key: checkpoint} if self.single_key else dict(checkpoint)
-            if self.run_info:
-                payload["run_info"] = dict(self.run_info)
-            atomic_save(payload, self.dirname / (self.filename or filename))
+        if not is_rank0():
+            return
+        payload = {self.single_key: checkpoint} if self.single_key else dict(checkpoint)
+        if self.run_info:
+            payload["run_info"] = dict(self.run_info)
+        path = self.dirname / (self.filename or filename)
+        kept = [p for p in self._replaced if p != path and p.is_file()]
+        try:
+            atomic_save(payload, path)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}{f'; {kept[-1]} is kept' if kept else ''}") from None
+        fault_point(path.name, "replaced")
+        for old in kept:
+            old.unlink(missing_ok=True)
+        self._replaced.clear()
 
     def remove(self, filename: str) -> None:
         if is_rank0():
-            (self.dirname / (self.filename or filename)).unlink(missing_ok=True)
+            self._replaced.append(self.dirname / (self.filename or filename))
 
 
 class SafeCheckpointSaver(CheckpointSaver):
@@ -268,6 +282,10 @@ class SafeCheckpointSaver(CheckpointSaver):
                                   "raise --epochs (--tpp_epochs for pretrain_tpp) to continue it")  # fmt: skip
         if self._interval_checkpoint is not None:  # rotate the resumed file out like any other (n_saved)
             self._interval_checkpoint.load_state_dict({"_saved": [(engine.state.epoch, path.name)]})
+            if self._interval_checkpoint.n_saved == 1 and is_rank0():  # older files a kill left before their removal
+                for older in Path(self.save_dir).glob("*.pt"):
+                    if older != path and not older.name.startswith("."):
+                        older.unlink(missing_ok=True)
         logger.info("resumed from %s at epoch %d, iteration %d", path, engine.state.epoch, engine.state.iteration)
 
     def state_dict(self) -> dict:
@@ -395,7 +413,7 @@ class NonFiniteLossGuard:
         keep = f"the last good checkpoint is {saved} (resume with --resume true)" if saved else "no checkpoint yet"
         hint = f"lower the learning rate (now {self.lr:g})" if self.lr else "lower the learning rate"
         if self.amp:
-            hint += " or turn mixed precision off (--amp false)"
+            hint += " or turn mixed precision off (--amp False)"
         raise TrainingDiverged(
             f"the loss became {loss} at iteration {engine.state.iteration} (epoch {engine.state.epoch}); "
             f"training stopped; {keep}; {hint}"
@@ -469,12 +487,14 @@ class HistoryWriter:
 
     def _start(self, engine: Engine) -> None:
         """On the first epoch of this process (after any resume restored the engine): keep the rows up to the
-        restored epoch (none on a fresh run)."""
+        restored epoch, so rows a killed run wrote after its last checkpoint go (none on a fresh run). Ignite has
+        already counted the starting epoch when ``EPOCH_STARTED`` fires, hence ``epoch - 1``."""
         if self._started:
             return
         self._started = True
-        self.rows = self.read(self.path) if engine.state.epoch > 0 else []
-        self.truncate(engine.state.epoch)
+        restored = engine.state.epoch - 1
+        self.rows = self.read(self.path) if restored > 0 else []
+        self.truncate(restored)
 
     @staticmethod
     def read(path: str | Path) -> list[dict]:

@@ -233,7 +233,7 @@ def activation_checkpointing(model: object, enabled: bool) -> int:
     if enabled and not count:
         raise ConfigError(
             f"activation checkpointing is available for the ViT backbones, not {type(model).__name__}; "
-            "leave --activation_checkpointing false"
+            "leave --activation_checkpointing False"
         )
     return count
 
@@ -420,7 +420,11 @@ def finish_distributed() -> None:
 
 def check_output(output_dir: str, resume: bool, ckpt_dir: str | None = None) -> None:
     """Refuse to overwrite an earlier run silently: its checkpoints (and, for fine-tuning, its best model) stay
-    unless the run is resumed; a resume without checkpoints starts from the beginning."""
+    unless the run is resumed; a resume without checkpoints starts from the beginning. The folders are locked for
+    this run first (:func:`tpp_monai.run_folder.claim_folders`)."""
+    from tpp_monai.run_folder import claim_folders
+
+    claim_folders(output_dir, ckpt_dir)
     if resume:
         return
     earlier = sorted((Path(output_dir) / "checkpoints").glob("*.pt"))
@@ -434,11 +438,16 @@ def check_output(output_dir: str, resume: bool, ckpt_dir: str | None = None) -> 
 
 
 def record_settings(output_dir: str, settings: dict) -> None:
-    """Write the run's resolved settings (seed included) to ``<output_dir>/settings.json`` (rank 0)."""
+    """Write the run's resolved settings (seed included) to ``<output_dir>/settings.json`` (rank 0); a resumed run
+    must match the recorded ones first (:func:`tpp_monai.run_folder.check_resume_settings`)."""
     from tpp_monai.handlers import is_rank0
+    from tpp_monai.run_folder import check_resume_settings
 
     if not is_rank0():
         return
+    check_resume_settings(output_dir, settings, settings.get("resume"))
     path = Path(output_dir)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
+    tmp = path / f".settings.json.tmp{os.getpid()}"  # renamed into place: a kill never leaves half a record
+    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path / "settings.json")

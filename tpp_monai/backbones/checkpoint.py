@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import pickle
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,19 +47,29 @@ def read_file(path: str | Path) -> object:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): not a PyTorch checkpoint; write or download it again")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
-            f"{path} holds pickled objects that are not plain weights ({str(err).splitlines()[0]}); "
+            f"{path} holds pickled objects that are not plain weights ({_first_line(err)}); "
             "re-save only the state dict: torch.save(ckpt[KEY], 'weights.pt') with KEY the entry that holds the "
             f"weights ({', '.join(f'{k!r} for {src}' for k, src in CONTAINER_SOURCES)})"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+    except Exception as err:  # torch.load raises many types for foreign files (EOFError, KeyError, zipfile, ...)
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {str(err).splitlines()[0]}"
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(err)}"
         ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an error's message, or its type when the message is empty (``EOFError()``)."""
+    lines = str(err).strip().splitlines()
+    if not lines or isinstance(err, KeyError):
+        return f"{type(err).__name__} {lines[0] if lines else ''}".strip()
+    return lines[0]
 
 
 def extract_state_dict(obj: object, path: str | Path = "<memory>", container_key: str | None = None) -> dict:
