@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import BUNDLES, bundle_dataset, make_workflow, run_cli, run_workflow
@@ -128,6 +129,21 @@ def finetuned(tmp_path_factory, demo_roots, stunet_ckpt, tpp_run) -> dict:
     return {"runs": runs, "network": network, "at_start": at_start}
 
 
+def test_3d_histories_are_well_formed(finetuned) -> None:
+    """pretrain_tpp and finetune histories read with pandas: one row per epoch, every validation metric filled on the
+    validated epochs (the demo validates every 5th epoch and after the last)."""
+    runs = finetuned["runs"]
+    tpp = pd.read_csv(runs / "pretrain_tpp" / "history.csv")
+    assert list(tpp.columns) == ["epoch", "iteration", "train_loss", "lr"] and list(tpp["epoch"]) == [1, 2]
+    history = pd.read_csv(runs / "finetune" / "history.csv")
+    settings = json.loads((runs / "finetune" / "settings.json").read_text())
+    assert list(history["epoch"]) == list(range(1, settings["epochs"] + 1))
+    metrics = [c for c in history.columns if c.startswith("val_")]
+    assert "val_mean_dice" in metrics
+    validated = [e for e in history["epoch"] if e % settings["val_interval"] == 0 or e == settings["epochs"]]
+    assert list(history.dropna(subset=metrics)["epoch"]) == validated
+
+
 def test_finetune_starts_from_the_saved_targets_and_keeps_the_backbone(finetuned, stunet_ckpt) -> None:
     network, at_start = finetuned["network"], finetuned["at_start"]
     saved = load_verified(finetuned["runs"] / "pretrain_tpp" / "tpp_target.pt")
@@ -170,12 +186,14 @@ def test_sliding_window_inference_writes_nifti_in_the_input_geometry(finetuned, 
     images = tmp_path / "in"
     images.mkdir()
     sources = []
-    for dataset in ("kits", "lits"):
+    for dataset, codes in (("kits", (1, 2)), ("lits", (0, 2))):  # (qform, sform): scanner/aligned, only aligned
         root = demo_roots(dataset)
         rec = json.loads((root / "datalist.json").read_text())["test"][0]
-        src = root / rec["image"]
-        name = f"{dataset}_{src.name}"
-        (images / name).write_bytes(src.read_bytes())
+        src = nib.load(root / rec["image"])
+        src.set_qform(src.affine, code=codes[0])
+        src.set_sform(src.affine, code=codes[1])
+        name = f"{dataset}_{Path(rec['image']).name}"
+        nib.save(src, images / name)
         sources.append(images / name)
     runs = finetuned["runs"]
     run_workflow("lits_conv_adapter", "run", ("inference", "demo"), runs_dir=str(runs), ckpt_dir=str(runs / "m"),
@@ -184,6 +202,8 @@ def test_sliding_window_inference_writes_nifti_in_the_input_geometry(finetuned, 
         stem = src.name.split(".nii")[0]
         mask, image = nib.load(tmp_path / "out" / f"{stem}_seg.nii.gz"), nib.load(src)
         assert mask.shape == image.shape and np.allclose(mask.affine, image.affine, atol=1e-5)
+        codes = ("qform_code", "sform_code")
+        assert [int(mask.header[c]) for c in codes] == [int(image.header[c]) for c in codes], src.name
         assert mask.get_data_dtype() == np.uint8 and set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
     assert nib.aff2axcodes(nib.load(sources[0]).affine) == ("I", "P", "L")
 

@@ -32,6 +32,22 @@ def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, check=False)
 
 
+def _assert_rank0_logs_once(proc: subprocess.CompletedProcess, out: Path) -> None:
+    """Under torchrun only rank 0 logs at INFO: every INFO message (time stamp aside) appears once, the epoch lines
+    among them; one executed-config file is left in the run folder; no rank warns about unused parameters."""
+    from collections import Counter
+
+    text = proc.stdout + proc.stderr
+    before_config = "Setting logging properties based on config"  # MONAI logs it before reading any config
+    messages = Counter(line.split(" - ", 1)[1] for line in text.splitlines()
+                       if " - INFO - " in line and before_config not in line)  # fmt: skip
+    assert messages and any(": mean loss " in m for m in messages), text[-3000:]
+    repeated = {m: n for m, n in messages.items() if n > 1 and m.strip(" -INFO") != ""}
+    assert not repeated, repeated
+    assert len(list(out.glob("config_*.json"))) == 1, sorted(p.name for p in out.iterdir())
+    assert "find_unused_parameters" not in text
+
+
 def test_torchrun_two_processes_on_cpu(tmp_path, demo_roots) -> None:
     """pretrain_tpp and finetune under `torchrun --nproc_per_node=2` (gloo): one checkpoint, one MLflow run each,
     the same target parameters on both ranks at the end."""
@@ -47,11 +63,9 @@ def test_torchrun_two_processes_on_cpu(tmp_path, demo_roots) -> None:
     proc = _torchrun("pretrain_tpp", "--config_file", _configs(bundle, "pretrain_tpp", *overlays, extra=(dump,)),
                      *common, "--tpp_epochs", "2", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert (
-        proc.stderr.count("trainable tensors identical on 2 ranks")
-        + proc.stdout.count("trainable tensors identical on 2 ranks")
-        == 2
-    )
+    # every rank checks (and would fail the run); rank 0 alone logs the verdict
+    assert (proc.stderr + proc.stdout).count("trainable tensors identical on 2 ranks") == 1
+    _assert_rank0_logs_once(proc, tmp_path / "pretrain_tpp")
     out = tmp_path / "pretrain_tpp"
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint_epoch=2.pt"]
     saved = load_verified(out / "tpp_target.pt")["state"]
@@ -62,6 +76,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, demo_roots) -> None:
     proc = _torchrun("finetune", "--config_file", _configs(bundle, "finetune", *overlays, extra=(dump,)),
                      *common, "--epochs", "2", "--ckpt_dir", str(tmp_path / "models"), cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
+    _assert_rank0_logs_once(proc, tmp_path / "finetune")
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["model.pt"]
     ranks = [torch.load(tmp_path / "finetune" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in ranks[0])
@@ -171,3 +186,68 @@ def test_ckpt_export_torchscript_matches_eager(tmp_path, demo_roots, bundle, sha
     x = torch.rand(*shape)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+def test_finetune_with_a_literal_output_dir_is_tracked(tmp_path, demo_roots, monkeypatch) -> None:
+    """A fine-tuning run with a literal --output_dir, validating every 2nd of 3 epochs, nested under a parent run:
+    a well-formed history (the final validation included), the MLflow params, tags and artifacts, a TensorBoard
+    event file holding the loss, and the report's validation curve drawn from the history."""
+    import matplotlib.figure
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+    from monai.bundle import run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tpp_monai.report import make_report
+
+    db = tmp_path / "mlruns.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    parent = client.create_run(client.create_experiment("demo_experiment")).info.run_id
+    out = tmp_path / "literal_out"
+    bundle = BUNDLES / "glas_adapter" / "configs"
+    run("finetune", config_file=[str(bundle / "finetune.json"), str(bundle / "demo.json")],
+        meta_file=str(bundle / "metadata.json"), logging_file=False, tracking="mlflow", runs_dir=str(tmp_path),
+        dataset_dir=str(demo_roots("glas")), ckpt_dir=str(tmp_path / "models"), output_dir=str(out),
+        tracking_uri=f"sqlite:///{db}", experiment_name="demo_experiment", run_name="child", parent_run_id=parent,
+        run_tags={"experiment": "demo", "init": "random"}, tpp_ckpt="none", epochs=3, val_interval=2)  # fmt: skip
+
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["epoch"]) == [1, 2, 3] and list(history["iteration"]) == sorted(history["iteration"])
+    assert history["val_dice"].isna().tolist() == [True, False, False]  # epoch 2, and the final validation (3)
+
+    child = next(r for r in client.search_runs([client.get_experiment_by_name("demo_experiment").experiment_id])
+                 if r.info.run_name == "child")  # fmt: skip
+    params = child.data.params
+    settings = json.loads((out / "settings.json").read_text())
+    assert params["dataset"] == "glas" and params["method"] == "adapter" and params["init"] == "random"
+    assert params["backbone"] == settings["backbone"] and float(params["lr"]) == settings["lr"]
+    assert int(params["epochs"]) == 3 and int(params["iterations"]) == history["iteration"].iloc[-1]
+    assert {"method_options", "seed", "label_fraction", "backbone_ckpt_sha256", "tpp_ckpt_sha256", "batch_size",
+            "image_size"} <= set(params)  # fmt: skip
+    tags = child.data.tags
+    assert tags["stage"] == "finetune" and tags["bundle"] == "glas_adapter" and tags["mlflow.parentRunId"] == parent
+    assert tags["experiment"] == "demo" and tags["init"] == "random" and "tpp_monai_version" in tags
+    artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"settings.json", "history.csv", "curves.png"} <= artifacts
+    assert any(a.startswith("config_") for a in artifacts), artifacts
+    val = client.get_metric_history(child.info.run_id, "val_dice")
+    assert [m.step for m in val] == [2, 3]
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "epoch_train_loss")] == [1, 2, 3]
+
+    events = EventAccumulator(str(out))
+    events.Reload()
+    losses = events.Scalars("train_loss")
+    assert [e.step for e in losses] == list(range(1, int(history["iteration"].iloc[-1]) + 1))
+
+    # the report's curves: the validation panel holds the history's validation values
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps({
+        "metrics": {"dice": 0.5, "hd95": 9.0}, "percent": {"dice": 50.0},
+        "run_info": {"dataset": "glas", "method": "adapter", "tpp": False, "finetune_dir": str(out)}}))  # fmt: skip
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    make_report([tmp_path / "eval"], tmp_path / "report")
+    curves = next(f for f in figures if any("validation" in ax.get_title() for ax in f.axes))
+    panel = next(ax for ax in curves.axes if "validation" in ax.get_title())
+    (line,) = panel.get_lines()
+    assert list(line.get_xdata()) == [2, 3] and list(line.get_ydata()) == list(history["val_dice"][1:])

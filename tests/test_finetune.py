@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import BUNDLES, bundle_dataset, make_workflow, run_cli, run_workflow
@@ -13,6 +15,7 @@ from ignite.engine import Events
 
 from tpp_monai.backbones import build_backbone
 from tpp_monai.bundlegen import BASELINES, bundle_names, workflow_config_files
+from tpp_monai.data.info import get_dataset
 from tpp_monai.io import load_verified
 from tpp_monai.peft import target_parameter_names
 
@@ -31,8 +34,9 @@ def test_finetune_then_evaluate_write_metrics(tmp_path, demo_roots, bundle) -> N
     run_workflow(bundle, "finetune", tpp_ckpt="none", **common, **FAST)
     model = load_verified(tmp_path / "models" / "model.pt")
     assert set(model) == {"model", "run_info"} and model["run_info"]["tpp"] is False
-    history = _csv(tmp_path / "finetune" / "history.csv")
-    assert len(history) == 1 and float(history[0]["train_loss"]) > 0
+    history = pd.read_csv(tmp_path / "finetune" / "history.csv")
+    assert list(history.columns[:4]) == ["epoch", "iteration", "train_loss", "lr"] and len(history) == 1
+    assert history["train_loss"][0] > 0 and history.filter(like="val_").notna().all(axis=None)
     run_workflow(bundle, "evaluate", **common)
     result = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
     task_metrics = {"dice", "hd95"} if "dice" in result["metrics"] else {"acc", "auc", "f1", "score"}
@@ -46,8 +50,13 @@ def test_finetune_then_evaluate_write_metrics(tmp_path, demo_roots, bundle) -> N
         assert len(rows) == result["num_images"] and rows[0]["filename"].startswith(str(root))
         assert len(list((tmp_path / "evaluate" / "predictions").glob("*_mask.png"))) == result["num_images"]
     else:
-        rows = _csv(tmp_path / "evaluate" / "predictions.csv", header=False)
-        assert len(rows) == result["num_images"]
+        classes = list(get_dataset(bundle_dataset(bundle)).classes)
+        table = pd.read_csv(tmp_path / "evaluate" / "predictions.csv")
+        assert list(table.columns) == ["image", "label", "prediction", *(f"prob_{c}" for c in classes)]
+        assert len(table) == result["num_images"] and set(table["label"]) <= set(classes)
+        probs = table[[f"prob_{c}" for c in classes]].to_numpy()
+        assert list(table["prediction"]) == [classes[i] for i in probs.argmax(1)]
+        assert all((tmp_path / "evaluate" / name).is_file() for name in ("roc.png", "confusion_matrix.png"))
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +73,9 @@ def test_finetune_starts_from_the_saved_target_parameters(tmp_path, demo_roots, 
     common = {"runs_dir": str(tmp_path), "dataset_dir": str(root), "backbone_ckpt": str(tiny_ckpt)}
     run_workflow(bundle, "pretrain_tpp", tpp_epochs=2, **common)
     saved = load_verified(tmp_path / "pretrain_tpp" / "tpp_target.pt")
+    history = pd.read_csv(tmp_path / "pretrain_tpp" / "history.csv")
+    assert list(history.columns) == ["epoch", "iteration", "train_loss", "lr"] and list(history["epoch"]) == [1, 2]
+    assert history[["train_loss", "lr"]].notna().all(axis=None)
     wf = make_workflow(bundle, "finetune", ("finetune", "demo"), ckpt_dir=str(tmp_path / "models"), **common, **FAST)
     network = wf.parser.get_parsed_content("network_def")
     trainer = wf.parser.get_parsed_content("train#trainer")
@@ -104,6 +116,9 @@ def test_cli_finetune_evaluate_inference_for_segmentation(tmp_path, demo_roots) 
     assert proc.returncode == 0, proc.stderr[-3000:]
     from PIL import Image
 
+    for rec in datalist["test"]:  # evaluate's masks: at each test image's own size, as inference's
+        mask = Image.open(tmp_path / "evaluate" / "predictions" / f"{Path(rec['image']).stem}_mask.png")
+        assert mask.size == Image.open(root / rec["image"]).size
     for src in images.iterdir():
         mask = Image.open(tmp_path / "inference" / f"{src.stem}_mask.png")
         assert mask.size == Image.open(src).size
@@ -120,10 +135,13 @@ def test_inference_writes_class_probabilities(tmp_path, demo_roots) -> None:
     for rec in datalist["test"][:3]:
         (images / Path(rec["image"]).name).write_bytes((root / rec["image"]).read_bytes())
     run_workflow("oct_c8_ssf", "run", ("inference", "demo"), input_dir=str(images), **common)
-    rows = _csv(tmp_path / "inference" / "predictions.csv", header=False)
-    assert len(rows) == 3
-    probs = [float(v) for v in rows[0][1:]]
-    assert len(probs) == 8 and abs(sum(probs) - 1) < 1e-4
+    table = pd.read_csv(tmp_path / "inference" / "predictions.csv")
+    classes = list(get_dataset("oct_c8").classes)
+    assert list(table.columns) == ["image", "prediction", *(f"prob_{c}" for c in classes)] and len(table) == 3
+    assert sorted(Path(p).name for p in table["image"]) == sorted(p.name for p in images.iterdir())
+    probs = table[[f"prob_{c}" for c in classes]].to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=1e-4)
+    assert list(table["prediction"]) == [classes[i] for i in probs.argmax(1)]
 
 
 @pytest.mark.parametrize("bundle", ["mhist_adapter", "glas_lora"])

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -30,13 +31,14 @@ import numpy as np
 import pytest
 from conftest import BUNDLES, REPO, bundle_dataset, free_port, run_workflow
 
-from tpp_monai.label import app_conf, environment
+from tpp_monai.label import app_conf, environment, guard
 
 pytestmark = pytest.mark.slow
 
 SEG2D, CLS, SEG3D = "glas_adapter", "mhist_adapter", "lits_conv_adapter"
 MODELS = (SEG2D, CLS, SEG3D)
 STARTUP_S, TRAIN_S, REQUEST_S = 240, 420, 300
+MAX_UPLOAD_MB = 1  # the served fixture's upload limit (every demo image and label is smaller)
 _LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy: loopback traffic only
 
 
@@ -73,6 +75,64 @@ def test_conf_resolves_bundles_models_and_overlays(tmp_path) -> None:
         app_conf.bundle_specs({"models": "no_such_bundle"})
     with pytest.raises(ValueError, match="overlay"):
         app_conf.bundle_specs({"models": SEG2D, "overlays": "no_such_overlay"})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The app's request rules (main environment)
+
+
+def test_guard_refuses_expressions_unknown_and_out_of_range_params() -> None:
+    accepted = {"max_epochs": guard.number(int, 1, 10), "device": guard.DEVICE_PARAM, "flag": guard.BOOL}
+    guard.check_params({"max_epochs": 3, "device": "cuda:1", "flag": False}, accepted, "t")
+    for value in ("$1", " $x", "@network", "%configs/x.json#y"):
+        with pytest.raises(guard.RequestRefused, match=r"'device'.*may not start with"):
+            guard.check_params({"device": value}, accepted, "t")
+    with pytest.raises(guard.RequestRefused, match=r"\[0\]\['k'\]"):  # at any depth
+        guard.refuse_expressions({"a": [{"k": "$x"}]}, "params")
+    with pytest.raises(guard.RequestRefused) as err:  # every bad value named in one message
+        guard.check_params({"max_epochs": 0, "device": "tpu", "flag": 1, "other": 1}, accepted, "t")
+    message = str(err.value)
+    assert all(s in message for s in ("max_epochs=0", 'device="tpu"', "flag=1", "unknown parameter 'other'"))
+    assert not guard.number(int, 1, 10).accepts(True) and not guard.number(float, 0, 1).accepts(float("nan"))
+
+
+def test_guard_names_and_paths_stay_inside(tmp_path) -> None:
+    assert guard.check_name("image", "testA_1.x") == "testA_1.x"
+    for bad in ("../x", "a/b", "/etc/passwd", "..", ".hidden", "a\\b", "", "a\x00b", 3):
+        with pytest.raises(guard.RequestRefused, match="not a plain name"):
+            guard.check_name("image", bad)
+    root = tmp_path / "studies"
+    (root / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(root / "sub")
+    assert guard.confined("p", str(root / "sub" / "x.png"), [str(root)]) == str(root / "sub" / "x.png")
+    assert guard.confined("p", str(tmp_path / "link" / "x"), [str(root)]) == str(root / "sub" / "x")
+    for bad in (root / ".." / "x", tmp_path / "studies2" / "x", Path("/etc/passwd")):
+        with pytest.raises(guard.RequestRefused, match="outside"):
+            guard.confined("p", str(bad), [str(root)])
+
+
+def test_stratified_split_keeps_every_class_in_training() -> None:
+    classes = ["HP", "SSA"]
+    records = [{"image": f"h{i}", "label": 0} for i in range(7)] + [{"image": f"s{i}", "label": 1} for i in range(3)]
+    train, val = guard.stratified_split(records, classes, 0.3)
+    assert sorted(r["image"] for r in train + val) == sorted(r["image"] for r in records)
+    assert {r["label"] for r in train} == {0, 1} and {r["label"] for r in val} == {0, 1}
+    assert sum(r["label"] == 0 for r in val) == round(7 * 0.3) and sum(r["label"] == 1 for r in val) == 1
+    one_each = [{"image": "h", "label": 0}, {"image": "s", "label": 1}]
+    assert guard.stratified_split(one_each, classes, 0.5) == (one_each, [])  # a lone image stays in training
+    with pytest.raises(guard.RequestRefused, match=r"every class.*SSA"):
+        guard.stratified_split(records[:7], classes, 0.2)
+
+
+def test_check_scores_refuses_missing_and_non_finite(tmp_path) -> None:
+    history = tmp_path / "history.csv"
+    with pytest.raises(guard.RequestRefused, match="no validation score"):
+        guard.check_scores(history, "val_score")
+    history.write_text("epoch,train_loss,val_score\n1,0.7,0.25\n2,0.6,0.75\n")
+    assert guard.check_scores(history, "val_score") == 0.75
+    history.write_text("epoch,train_loss,val_score\n1,0.7,0.25\n2,0.6,nan\n")
+    with pytest.raises(guard.RequestRefused, match="epoch 2: nan"):
+        guard.check_scores(history, "val_score")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -131,23 +191,39 @@ class Client:
     def __init__(self, base: str, log: Path) -> None:
         self.base, self.log = base, log
 
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-                timeout: float = REQUEST_S) -> tuple[bytes, str]:  # fmt: skip
+    def send(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+             timeout: float = REQUEST_S) -> tuple[int, bytes, str]:  # fmt: skip
+        """The HTTP status, body and content type of one request."""
         req = urllib.request.Request(self.base + path, data=body, method=method, headers=headers or {})
         try:
             with _LOOPBACK.open(req, timeout=timeout) as resp:
-                return resp.read(), resp.headers.get("content-type", "")
-        except urllib.error.HTTPError as err:  # MONAI Label's answer and the server's last lines say what failed
-            detail = err.read().decode(errors="replace")[-2000:]
-            raise AssertionError(f"{method} {path}: HTTP {err.code} {detail}\n{_log_tail(self.log)}") from None
+                return resp.status, resp.read(), resp.headers.get("content-type", "")
+        except urllib.error.HTTPError as err:
+            return err.code, err.read(), err.headers.get("content-type", "")
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+                timeout: float = REQUEST_S) -> tuple[bytes, str]:  # fmt: skip
+        status, data, ctype = self.send(method, path, body, headers, timeout)
+        if status >= 400:  # MONAI Label's answer and the server's last lines say what failed
+            detail = data.decode(errors="replace")[-2000:]
+            raise AssertionError(f"{method} {path}: HTTP {status} {detail}\n{_log_tail(self.log)}")
+        return data, ctype
+
+    def refused(self, method: str, path: str, body: bytes | None = None,
+                headers: dict | None = None) -> tuple[int, str]:  # fmt: skip
+        """The 4xx status and the ``detail`` sentence of a request the server must refuse."""
+        status, data, _ = self.send(method, path, body, headers)
+        assert 400 <= status < 500, f"{method} {path}: got {status}, not a 4xx: {data[:300]!r}\n{_log_tail(self.log)}"
+        return status, str(json.loads(data).get("detail", "")) if data.startswith(b"{") else data.decode()
 
     def json(self, method: str, path: str, payload: Any = None) -> Any:
         body = None if payload is None else json.dumps(payload).encode()
         data, _ = self.request(method, path, body, {"Content-Type": "application/json"} if body else None)
         return json.loads(data)
 
-    def form(self, method: str, path: str, fields: dict[str, str], files: dict[str, Path] | None = None):
-        """A ``multipart/form-data`` request (how MONAI Label takes params, labels and image info)."""
+    @staticmethod
+    def multipart(fields: dict[str, str], files: dict[str, Path] | None = None) -> tuple[bytes, dict[str, str]]:
+        """A ``multipart/form-data`` body (how MONAI Label takes params, labels and image info) and its header."""
         boundary = uuid.uuid4().hex
         parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
                  for k, v in fields.items()]  # fmt: skip
@@ -155,7 +231,14 @@ class Client:
             head = f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"; filename="{file.name}"\r\n\r\n'
             parts.append(head.encode() + file.read_bytes() + b"\r\n")
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-        return self.request(method, path, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+    def form(self, method: str, path: str, fields: dict[str, str], files: dict[str, Path] | None = None):
+        return self.request(method, path, *self.multipart(fields, files))
+
+    def form_refused(self, method: str, path: str, fields: dict[str, str],
+                     files: dict[str, Path] | None = None) -> tuple[int, str]:  # fmt: skip
+        return self.refused(method, path, *self.multipart(fields, files))
 
     def infer(self, model: str, image: str, output: str, **params: Any) -> tuple[bytes, str]:
         params = {"device": "cpu", **params}
@@ -233,7 +316,8 @@ def served(monailabel_env, demo_roots, tmp_path_factory) -> Iterator[dict[str, A
                 "label": root / label if isinstance(label, str) else label,
                 "class_name": rec.get("class_name"),
             })  # fmt: skip
-    conf = {"models": ",".join(MODELS), "ckpt_dir": str(ckpt), "runs_dir": str(runs), "overlays": "demo"}
+    conf = {"models": ",".join(MODELS), "ckpt_dir": str(ckpt), "runs_dir": str(runs), "overlays": "demo",
+            "max_upload_mb": str(MAX_UPLOAD_MB)}  # fmt: skip
     log = work / "server.log"
     with _server(monailabel_env, studies, conf, log) as client:
         yield {"client": client, "cases": cases, "ckpt": ckpt, "runs": runs, "work": work, "log": log}
@@ -292,8 +376,8 @@ def test_infer_classification_returns_bundle_scores(served, tmp_path) -> None:
     run_workflow(CLS, "run", ("inference", "demo"), input_dir=str(inputs), output_dir=str(tmp_path / "out"),
                  runs_dir=str(tmp_path), ckpt_dir=str(served["ckpt"] / CLS))  # fmt: skip
     with open(tmp_path / "out" / "predictions.csv", newline="") as f:
-        row = next(csv.reader(f))
-    np.testing.assert_allclose(scores, [float(v) for v in row[-2:]], atol=1e-4)
+        row = next(csv.DictReader(f))  # image, prediction, prob_<class> per class
+    np.testing.assert_allclose(scores, [float(v) for k, v in row.items() if k.startswith("prob_")], atol=1e-4)
 
 
 def test_infer_3d_segmentation(served, tmp_path) -> None:
@@ -306,6 +390,129 @@ def test_infer_3d_segmentation(served, tmp_path) -> None:
     assert mask.shape == image.shape
     np.testing.assert_allclose(mask.affine, image.affine, atol=1e-3)
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What the server refuses (issue 18): nothing evaluated, nothing read or written outside the studies folder
+
+
+def _expression(marker: Path) -> str:
+    return f"$__import__('pathlib').Path({str(marker)!r}).touch() or 1"
+
+
+def test_train_and_infer_refuse_expressions_and_unlisted_params(served, tmp_path) -> None:
+    client, marker = served["client"], tmp_path / "marker"
+    bad_train = [{"max_epochs": _expression(marker)}, {"tpp_ckpt": _expression(marker)},
+                 {"backbone_ckpt": _expression(marker)}, {"val_split": _expression(marker)},
+                 {"max_epochs": 1, "run_id": _expression(marker)}, {"pretrained": "@network"},
+                 {"max_epochs": 1, "run_id": "initialize"}, {"bundle_path": str(tmp_path)},
+                 {"tpp_ckpt": "/etc/passwd"}, {"tracking_uri": f"file://{tmp_path}"}, {"max_epochs": "abc"},
+                 {"max_epochs": 0}, {"val_split": 1.5}, {"gpus": "0;1"}]  # fmt: skip
+    for params in bad_train:
+        status, detail = client.refused("POST", f"/train/{SEG2D}", json.dumps({"device": "cpu", **params}).encode(),
+                                        {"Content-Type": "application/json"})  # fmt: skip
+        key = next(k for k in params if k != "max_epochs" or len(params) == 1)
+        assert status == 400 and key in detail, (params, detail)
+    case = served["cases"][SEG2D][0]
+    for params in ({"device": _expression(marker)}, {"result_extension": _expression(marker)},
+                   {"model_filename": _expression(marker)}, {"labels": {"x": "@network"}}):  # fmt: skip
+        status, detail = client.form_refused("POST", f"/infer/{SEG2D}?image={case['id']}&output=image",
+                                             {"params": json.dumps(params)})  # fmt: skip
+        assert status == 400 and next(iter(params)) in detail, (params, detail)
+    assert not marker.exists()
+    assert not (served["runs"] / SEG2D / "monailabel").exists()  # no training run was started
+    with contextlib.suppress(AssertionError):  # 404 when no training task ever ran
+        assert client.json("GET", "/train/")["status"] != "RUNNING"
+
+
+def test_paths_outside_the_studies_folder_are_refused(served, tmp_path) -> None:
+    client, case = served["client"], served["cases"][SEG2D][0]
+    studies = case["image"].parent
+    outside = tmp_path / case["image"].name
+    shutil.copy(case["image"], outside)
+    relative = os.path.relpath(outside, studies)
+    images = [str(outside), relative, urllib.parse.quote(str(outside), safe=""), urllib.parse.quote(relative, safe=""),
+              "/etc/passwd", "../../../../etc/passwd"]  # fmt: skip
+    for image in images:
+        status, detail = client.form_refused("POST", f"/infer/{SEG2D}?image={image}&output=image", {"params": "{}"})
+        assert status == 400 and "not a plain name" in detail, (image, detail)
+    status, detail = client.form_refused("POST", f"/infer/{SEG2D}?image={case['id']}&output=image",
+                                         {"params": json.dumps({"image": str(outside)})})  # fmt: skip
+    assert status == 400 and "unknown parameter 'image'" in detail
+
+    model = served["ckpt"] / SEG2D / app_conf.MODEL_FILE
+    for name in (str(model), f"../{SEG2D}/{app_conf.MODEL_FILE}", str(tmp_path / "x.pt")):
+        status, detail = client.form_refused("POST", f"/infer/{SEG2D}?image={case['id']}&output=image",
+                                             {"params": json.dumps({"model_filename": name})})  # fmt: skip
+        assert status == 400 and "model_filename" in detail, (name, detail)
+
+    escape = "../../escaped_image"
+    status, _ = client.form_refused("PUT", f"/datastore/image?image={escape}", {"params": "{}"}, {"file": outside})
+    assert status == 400 and not Path(os.path.realpath(studies / f"{escape}{outside.suffix}")).exists()
+    label = case["label"]
+    for tag in ("../../../escaped_tag", "/tmp/escaped_tag", urllib.parse.quote("../../escaped_tag", safe="")):
+        status, _ = client.form_refused("PUT", f"/datastore/label?image={case['id']}&tag={tag}", {"params": "{}"},
+                                        {"label": label})  # fmt: skip
+        target = Path(os.path.realpath(studies / "labels" / urllib.parse.unquote(tag) / f"{case['id']}{label.suffix}"))
+        assert status == 400 and not target.exists(), tag
+    status, detail = client.form_refused("PUT", "/datastore/label?image=no_such_image&tag=final", {"params": "{}"},
+                                         {"label": label})  # fmt: skip
+    assert status == 404 and "no_such_image" in detail
+
+
+def test_oversized_upload_and_wrong_shaped_label_are_refused(served, tmp_path) -> None:
+    from PIL import Image
+
+    client, case = served["client"], served["cases"][SEG2D][1]
+    studies = case["image"].parent
+    big = tmp_path / "big_upload.png"
+    big.write_bytes(os.urandom(MAX_UPLOAD_MB * 1024 * 1024 + 1))
+    status, _ = client.form_refused("PUT", "/datastore/image?image=big_upload", {"params": "{}"}, {"file": big})
+    assert status == 413 and not (studies / big.name).exists()
+
+    small = tmp_path / "small_label.png"
+    Image.fromarray(np.ones((10, 10), np.uint8)).save(small)
+    height, width = np.asarray(Image.open(case["label"])).shape[:2]
+    assert (height, width) != (10, 10)
+    status, detail = client.form_refused("PUT", f"/datastore/label?image={case['id']}&tag=final", {"params": "{}"},
+                                         {"label": small})  # fmt: skip
+    assert status == 400 and "(10, 10)" in detail and f"({height}, {width})" in detail
+    assert not (studies / "labels" / "final" / f"{case['id']}.png").exists()
+
+
+def test_jpeg_input_gets_a_png_mask_with_valid_labels(served, tmp_path) -> None:
+    from PIL import Image
+
+    client, case = served["client"], served["cases"][SEG2D][0]
+    jpeg = tmp_path / "glas_as_jpeg.jpg"
+    Image.open(case["image"]).convert("RGB").save(jpeg, quality=75)
+    assert client.form("PUT", "/datastore/image?image=glas_as_jpeg", {"params": "{}"}, {"file": jpeg})
+    data, ctype = client.infer(SEG2D, "glas_as_jpeg", "image")
+    (tmp_path / "mask").write_bytes(data)
+    with Image.open(tmp_path / "mask") as mask:
+        assert ctype.startswith("image/png") and mask.format == "PNG"
+        values = set(np.unique(np.asarray(mask)).tolist())
+        assert mask.size == Image.open(jpeg).size
+    assert values <= set(served["client"].json("GET", "/info/")["models"][SEG2D]["labels"].values()) | {0}
+    status, detail = client.form_refused("POST", f"/infer/{SEG2D}?image=glas_as_jpeg&output=image",
+                                         {"params": json.dumps({"result_extension": ".jpg"})})  # fmt: skip
+    assert status == 400 and "result_extension" in detail
+
+
+def test_wrong_dimension_unknown_model_and_unknown_image_get_a_sentence(served) -> None:
+    client = served["client"]
+    image_2d, image_3d = served["cases"][SEG2D][0]["id"], served["cases"][SEG3D][0]["id"]
+    status, detail = client.form_refused("POST", f"/infer/{SEG3D}?image={image_2d}&output=image", {"params": "{}"})
+    assert status == 400 and f"model {SEG3D} takes 3D images" in detail and image_2d in detail
+    status, detail = client.form_refused("POST", f"/infer/{SEG2D}?image={image_3d}&output=image", {"params": "{}"})
+    assert status == 400 and f"model {SEG2D} takes 2D images" in detail
+    status, detail = client.form_refused("POST", f"/infer/no_such_model?image={image_2d}&output=image",
+                                         {"params": "{}"})  # fmt: skip
+    assert status == 404 and "no model 'no_such_model'" in detail and SEG2D in detail
+    status, detail = client.form_refused("POST", f"/infer/{SEG2D}?image=no_such_image&output=image", {"params": "{}"})
+    assert status == 404 and "'no_such_image' is not in the studies folder" in detail
+    status, detail = client.refused("POST", "/train/no_such_model", b"{}", {"Content-Type": "application/json"})
+    assert status == 404 and "no model 'no_such_model'" in detail
 
 
 def _train(served: dict[str, Any], model: str, params: dict[str, Any], status: str = "DONE") -> dict[str, Any]:
@@ -360,6 +567,20 @@ def test_train_classification_without_classes_says_how_to_set_them(served) -> No
     assert any("no image has a class" in line and "/datastore/image/info" in line for line in task["details"])
     runs = served["runs"] / CLS / "monailabel"
     assert not runs.exists() or not any(runs.iterdir())  # no empty run folder left behind
+
+
+def test_train_classification_refused_unless_every_class_is_labelled(served) -> None:
+    """One class only: the stratified split refuses before training, and the served model stays."""
+    client, cases = served["client"], served["cases"][CLS]
+    for case in cases:
+        client.form("PUT", f"/datastore/image/info?image={case['id']}", {"info": json.dumps({"class": "HP"})})
+    model = served["ckpt"] / CLS / app_conf.MODEL_FILE
+    before = _sha(model)
+    task = _train(served, CLS, {"max_epochs": 1, "val_split": 0.5}, status="ERROR")
+    assert any("must hold every class" in line and "SSA" in line for line in task["details"]), task["details"]
+    assert _sha(model) == before
+    runs = served["runs"] / CLS / "monailabel"
+    assert not runs.exists() or not any(runs.iterdir())
 
 
 def test_train_classification_on_image_info_classes(served) -> None:

@@ -110,7 +110,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch) -> 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("tpp_monai.io.torch.save", full_disk)
-    with pytest.raises(CheckpointError, match=r"disk is full.*previous checkpoint, if any, is intact"):
+    with pytest.raises(CheckpointError, match=r"disk is full\); checkpoint.pt keeps its previous content"):
         atomic_save({"epoch": 2, "w": torch.zeros(3)}, path)
     assert load_verified(path)["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"], "no temporary file left behind"
@@ -276,5 +276,8 @@ def test_model_of_another_method_is_refused_on_the_command_line_without_a_traceb
 def test_resume_past_the_epoch_count_says_to_raise_it(tmp_path, demo_roots) -> None:
     common = {"runs_dir": str(tmp_path), "dataset_dir": str(demo_roots("mhist"))}
     run_workflow("mhist_bitfit", "pretrain_tpp", tpp_epochs=2, **common)
+    message = _error("mhist_bitfit", "pretrain_tpp", tpp_epochs=1, resume=True, **common)
+    assert "tpp_epochs was 2 and is 1 now" in message and "only epochs, iterations, tpp_epochs may be raised" in message
+    (tmp_path / "pretrain_tpp" / "settings.json").unlink()  # a run without a settings record: the checkpoint says it
     message = _error("mhist_bitfit", "pretrain_tpp", tpp_epochs=1, resume=True, **common)
     assert "is at epoch 2, past this run's 1 epochs; raise --epochs" in message

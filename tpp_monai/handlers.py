@@ -3,7 +3,8 @@
 * :class:`OptimizerScheduleHandler` / :class:`ValueScheduleHandler`: precomputed per-iteration schedules (learning
   rate, weight decay, teacher temperature), indexed by the engine's iteration so a resumed run continues them.
 * :class:`TeacherEMAHandler`: the DINO teacher's momentum update after every optimizer step.
-* :class:`GradientClipHandler`, :class:`FreezeLastLayerHandler`: DINO's gradient clipping and first-epoch freeze.
+* :class:`GradientClipHandler`: global-norm (fine-tuning) or DINO's per-tensor gradient clipping.
+* :class:`FreezeLastLayerHandler`: DINO's first-epoch freeze of the head's last layer.
 * :class:`TargetStateSaver`: writes the target-parameter file (target tensors only) atomically every epoch.
 * :class:`SafeCheckpointSaver`: MONAI's ``CheckpointSaver`` whose files are written atomically (temporary file,
   fsync, rename) with a content digest; MONAI's saver writes in place (``atomic=False``).
@@ -16,6 +17,8 @@ import csv
 import json
 import logging
 import math
+import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -33,7 +36,7 @@ from monai.utils import is_scalar
 from torch import nn
 
 from tpp_monai.errors import CheckpointError, TrainingDiverged
-from tpp_monai.io import atomic_save, load_verified
+from tpp_monai.io import atomic_save, fault_point, load_verified
 from tpp_monai.peft import target_state
 
 logger = logging.getLogger(__name__)
@@ -116,10 +119,18 @@ class TeacherEMAHandler(_IterationHandler):
 
 
 class GradientClipHandler:
-    """Clip the gradient norm of ``params`` between backward and optimizer step (unscaling first under AMP)."""
+    """Clip gradients of ``params`` between backward and optimizer step (unscaling first under AMP).
 
-    def __init__(self, params: Callable[[], Sequence[torch.Tensor]] | Sequence[torch.Tensor], max_norm: float) -> None:
-        self.params, self.max_norm = params, max_norm
+    ``per_tensor=False``: one global norm over all tensors (``clip_grad_norm_``, MedCoSS fine-tuning's rule).
+    ``per_tensor=True``: DINO's ``utils.clip_gradients``: every tensor whose own gradient norm ``n`` exceeds
+    ``max_norm`` is scaled by ``max_norm / (n + 1e-6)``; the others are left as they are.
+    """
+
+    def __init__(
+        self, params: Callable[[], Sequence[torch.Tensor]] | Sequence[torch.Tensor], max_norm: float,
+        per_tensor: bool = False,
+    ) -> None:  # fmt: skip
+        self.params, self.max_norm, self.per_tensor = params, max_norm, bool(per_tensor)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
@@ -128,7 +139,23 @@ class GradientClipHandler:
         if getattr(engine, "amp", False) and getattr(engine, "scaler", None) is not None:
             engine.scaler.unscale_(engine.optimizer)
         params = self.params() if callable(self.params) else self.params
-        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.max_norm)
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        if self.per_tensor:
+            clip_each_gradient_(grads, self.max_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.max_norm)
+
+
+@torch.no_grad()
+def clip_each_gradient_(grads: Sequence[torch.Tensor], max_norm: float) -> None:
+    """DINO's per-tensor clipping, in place: ``g *= min(1, max_norm / (||g|| + 1e-6))`` for every tensor ``g``
+    (norms computed in one fused call, no host synchronisation)."""
+    norms = torch.stack([n.float() for n in torch._foreach_norm(list(grads))])
+    coefs = (max_norm / (norms + 1e-6)).clamp_(max=1.0)
+    for grad, coef in zip(grads, coefs.unbind()):
+        grad.mul_(coef.to(grad.dtype))
 
 
 class FreezeLastLayerHandler:
@@ -170,6 +197,9 @@ class _AtomicDiskSaver(BaseSaveHandler):
     Ignite flattens a single-object checkpoint to that object's state dict; it is written back under its key
     (``{"model": state_dict}``, the layout MONAI Label and ``ckpt_export --key_in_ckpt model`` read), so the
     digest and the ``run_info`` never mix with the weights.
+
+    Ignite's ``Checkpoint`` asks to remove the file a save replaces *before* it writes the new one, so a kill or a
+    full disk in between would leave no checkpoint; the removal is deferred here until the new file is complete.
     """
 
     def __init__(
@@ -178,17 +208,28 @@ class _AtomicDiskSaver(BaseSaveHandler):
     ) -> None:  # fmt: skip
         self.dirname, self.filename = Path(dirname), filename
         self.single_key, self.run_info = single_key, run_info
+        self._replaced: list[Path] = []
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        if is_rank0():
-            payload = {self.single_key: checkpoint} if self.single_key else dict(checkpoint)
-            if self.run_info:
-                payload["run_info"] = dict(self.run_info)
-            atomic_save(payload, self.dirname / (self.filename or filename))
+        if not is_rank0():
+            return
+        payload = {self.single_key: checkpoint} if self.single_key else dict(checkpoint)
+        if self.run_info:
+            payload["run_info"] = dict(self.run_info)
+        path = self.dirname / (self.filename or filename)
+        kept = [p for p in self._replaced if p != path and p.is_file()]
+        try:
+            atomic_save(payload, path)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}{f'; {kept[-1]} is kept' if kept else ''}") from None
+        fault_point(path.name, "replaced")
+        for old in kept:
+            old.unlink(missing_ok=True)
+        self._replaced.clear()
 
     def remove(self, filename: str) -> None:
         if is_rank0():
-            (self.dirname / (self.filename or filename)).unlink(missing_ok=True)
+            self._replaced.append(self.dirname / (self.filename or filename))
 
 
 class SafeCheckpointSaver(CheckpointSaver):
@@ -241,6 +282,10 @@ class SafeCheckpointSaver(CheckpointSaver):
                                   "raise --epochs (--tpp_epochs for pretrain_tpp) to continue it")  # fmt: skip
         if self._interval_checkpoint is not None:  # rotate the resumed file out like any other (n_saved)
             self._interval_checkpoint.load_state_dict({"_saved": [(engine.state.epoch, path.name)]})
+            if self._interval_checkpoint.n_saved == 1 and is_rank0():  # older files a kill left before their removal
+                for older in Path(self.save_dir).glob("*.pt"):
+                    if older != path and not older.name.startswith("."):
+                        older.unlink(missing_ok=True)
         logger.info("resumed from %s at epoch %d, iteration %d", path, engine.state.epoch, engine.state.iteration)
 
     def state_dict(self) -> dict:
@@ -368,7 +413,7 @@ class NonFiniteLossGuard:
         keep = f"the last good checkpoint is {saved} (resume with --resume true)" if saved else "no checkpoint yet"
         hint = f"lower the learning rate (now {self.lr:g})" if self.lr else "lower the learning rate"
         if self.amp:
-            hint += " or turn mixed precision off (--amp false)"
+            hint += " or turn mixed precision off (--amp False)"
         raise TrainingDiverged(
             f"the loss became {loss} at iteration {engine.state.iteration} (epoch {engine.state.epoch}); "
             f"training stopped; {keep}; {hint}"
@@ -395,7 +440,7 @@ class VerifiedCheckpointLoader(CheckpointLoader):
         if len(self.load_dict) == 1 and key not in checkpoint:
             checkpoint = {key: checkpoint}
         restore_objects(self.load_path, self.load_dict, checkpoint, strict=self.strict, run_info=self.run_info)
-        self.logger.info(f"restored {', '.join(self.load_dict)} from {self.load_path}")
+        logger.info("restored %s from %s", ", ".join(self.load_dict), self.load_path)
 
 
 class ValidationHandler(_ValidationHandler):
@@ -412,43 +457,119 @@ class ValidationHandler(_ValidationHandler):
 
 
 class HistoryWriter:
-    """Append one CSV row per epoch: mean training loss, learning rate and the validator's metrics."""
+    """``history.csv``: one row per epoch (epoch, iteration, mean training loss, learning rate, then every validation
+    metric, empty where validation did not run), and one log line per epoch and per validation.
 
-    def __init__(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None,
-                 validator: Engine | None = None) -> None:  # fmt: skip
-        self.path, self.optimizer, self.validator = Path(path), optimizer, validator
+    The header names every column from the first row; the file is rewritten atomically after each change, so it is
+    always well-formed, and a validation that runs after its epoch's row (the final one, on ``COMPLETED``) fills that
+    row. On a resumed run the rows past the restored epoch are dropped (:meth:`truncate`), so the history matches the
+    checkpoint. Only rank 0 writes.
+    """
+
+    def __init__(
+        self, path: str | Path, optimizer: torch.optim.Optimizer | None = None, validator: Engine | None = None,
+        metrics: Sequence[Mapping] | Sequence[str] = (), loss_key: str = "loss",
+    ) -> None:  # fmt: skip
+        self.path, self.optimizer, self.validator, self.loss_key = Path(path), optimizer, validator, loss_key
+        names = [n for m in metrics for n in (m if isinstance(m, Mapping) else [m])]
+        self.columns = ["epoch", "iteration", "train_loss", *(["lr"] if optimizer is not None else []), *names]
+        self.rows: list[dict] = []
         self._losses: list[float] = []
+        self._started = False
+        self._validation_line: str | None = None  # logged after its epoch's line
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        if self.validator is not None:
+            self.validator.add_event_handler(Events.EPOCH_COMPLETED, self._validated)
+
+    def _start(self, engine: Engine) -> None:
+        """On the first epoch of this process (after any resume restored the engine): keep the rows up to the
+        restored epoch, so rows a killed run wrote after its last checkpoint go (none on a fresh run). Ignite has
+        already counted the starting epoch when ``EPOCH_STARTED`` fires, hence ``epoch - 1``."""
+        if self._started:
+            return
+        self._started = True
+        restored = engine.state.epoch - 1
+        self.rows = self.read(self.path) if restored > 0 else []
+        self.truncate(restored)
+
+    @staticmethod
+    def read(path: str | Path) -> list[dict]:
+        """The rows of an existing history file (none when it does not exist)."""
+        path = Path(path)
+        if not path.is_file():
+            return []
+        with open(path, newline="") as f:
+            return [dict(row) for row in csv.DictReader(f)]
+
+    def truncate(self, epoch: int) -> None:
+        """Drop the rows after ``epoch`` (a resumed run restarts from its checkpoint's epoch) and rewrite the file."""
+        self.rows = [r for r in self.rows if int(r["epoch"]) <= int(epoch)]
+        self._flush()
 
     def _collect(self, engine: Engine) -> None:
         out = engine.state.output
         out = out[0] if isinstance(out, list) else out
-        self._losses.append(float(torch.as_tensor(out["loss"]).detach()))
+        self._losses.append(float(torch.as_tensor(out[self.loss_key]).detach()))
 
-    def _write(self, engine: Engine) -> None:
-        row = {"epoch": engine.state.epoch, "iteration": engine.state.iteration,
-               "train_loss": sum(self._losses) / max(1, len(self._losses))}  # fmt: skip
+    def _epoch_completed(self, engine: Engine) -> None:
+        loss = sum(self._losses) / max(1, len(self._losses))
         self._losses.clear()
+        row = {"epoch": engine.state.epoch, "iteration": engine.state.iteration, "train_loss": loss}
         if self.optimizer is not None:
             row["lr"] = self.optimizer.param_groups[0]["lr"]
         if self.validator is not None and self.validator.state.epoch == engine.state.epoch:
-            row.update({k: float(v) for k, v in self.validator.state.metrics.items() if is_scalar(v)})
+            row.update(self._metrics(self.validator))
+        self.rows.append(row)
+        self._flush()
+        lr = f", lr {row['lr']:.3g}" if "lr" in row else ""
+        logger.info("epoch %d/%d: mean loss %.4f%s", engine.state.epoch, engine.state.max_epochs, loss, lr)
+        if self._validation_line:
+            logger.info(self._validation_line)
+            self._validation_line = None
+
+    def _metrics(self, validator: Engine) -> dict:
+        return {k: float(v) for k, v in validator.state.metrics.items() if k in self.columns and is_scalar(v)}
+
+    def _validated(self, validator: Engine) -> None:
+        """Fill the row of the epoch just validated (written already when the validation ran after it)."""
+        metrics = self._metrics(validator)
+        epoch = validator.state.epoch
+        key = getattr(validator.state, "key_metric_name", None)
+        best = (f" (best {key} {validator.state.best_metric:.4f} at epoch {validator.state.best_metric_epoch})"
+                if key and getattr(validator.state, "best_metric_epoch", -1) > 0 else "")  # fmt: skip
+        line = f"epoch {epoch} validation: {', '.join(f'{k} {v:.4f}' for k, v in metrics.items())}{best}"
+        written = [row for row in self.rows if int(row["epoch"]) == epoch]
+        for row in written:
+            row.update(metrics)
+        if written:  # the final validation, after its epoch's row
+            self._flush()
+            logger.info(line)
+        else:
+            self._validation_line = line
+
+    def _flush(self) -> None:
         if not is_rank0():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.exists()
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(self.path)
+
+
+#: metrics that are distances (in pixels for the 2D images), never percentages
+DISTANCE_METRICS = {"hd95": "pixels"}
 
 
 class EvaluationWriter:
-    """After evaluation write ``metrics.json`` (metrics as fractions and percent, with the run's provenance read from
+    """After evaluation write ``metrics.json`` (``metrics``: fractions, and distances in their units; ``percent``: the
+    fractions times 100; ``units`` per metric; with the run's provenance read from
     the model file) next to the CSV files MONAI's ``MetricsSaver`` writes."""
 
     def __init__(self, output_dir: str | Path, loader: VerifiedCheckpointLoader | None = None,
@@ -464,7 +585,8 @@ class EvaluationWriter:
         metrics = {k: float(v) for k, v in engine.state.metrics.items() if is_scalar(v)}
         result = {
             "metrics": metrics,
-            "percent": as_percent(metrics),
+            "percent": {k: v for k, v in as_percent(metrics).items() if k not in DISTANCE_METRICS},
+            "units": {k: DISTANCE_METRICS.get(k, "fraction") for k in metrics},
             "num_images": len(engine.data_loader.dataset) if hasattr(engine.data_loader, "dataset") else None,
             "run_info": {**(self.loader.run_info if self.loader else {}), **self.info},
         }
@@ -475,19 +597,37 @@ class EvaluationWriter:
 
 
 class ProgressBar:
-    """A tqdm bar per epoch showing the iteration loss (ignite's ``ProgressBar``)."""
+    """Progress within an epoch on rank 0: ignite's tqdm bar on a terminal (it disappears when the epoch ends; the
+    epoch's line is :class:`HistoryWriter`'s), and otherwise (a log file, a batch job) a plain line at most every
+    ``interval_s`` seconds, so a redirected log holds no carriage-return updates."""
 
-    def __init__(self, loss_key: str = "loss") -> None:
-        self.loss_key = loss_key
+    def __init__(self, loss_key: str = "loss", interval_s: float = 60.0, stream: object = None) -> None:
+        self.loss_key, self.interval_s, self.stream = loss_key, float(interval_s), stream
+
+    def _loss(self, output: object) -> dict:
+        out = output[0] if isinstance(output, list) else output
+        value = out.get(self.loss_key) if isinstance(out, Mapping) else None
+        return {} if value is None else {self.loss_key: float(torch.as_tensor(value).detach())}
 
     def attach(self, engine: Engine) -> None:
         if not is_rank0():
             return
-        bar = _IgniteProgressBar(persist=True, bar_format=None)
+        stream = self.stream or sys.stderr
+        if getattr(stream, "isatty", lambda: False)():
+            _IgniteProgressBar(persist=False, file=stream).attach(engine, output_transform=self._loss)
+            return
+        last = [time.monotonic()]
 
-        def loss(output: object) -> dict:
-            out = output[0] if isinstance(output, list) else output
-            value = out.get(self.loss_key) if isinstance(out, Mapping) else None
-            return {} if value is None else {self.loss_key: float(torch.as_tensor(value).detach())}
+        def plain(engine: Engine) -> None:
+            now = time.monotonic()
+            if now - last[0] < self.interval_s:
+                return
+            last[0] = now
+            length = engine.state.epoch_length or 0
+            step = (engine.state.iteration - 1) % length + 1 if length else engine.state.iteration
+            loss = self._loss(engine.state.output).get(self.loss_key)
+            logger.info("epoch %d: iteration %d/%d%s", engine.state.epoch, step, length,
+                        "" if loss is None else f", loss {loss:.4f}")  # fmt: skip
 
-        bar.attach(engine, output_transform=loss)
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: last.__setitem__(0, time.monotonic()))
+        engine.add_event_handler(Events.ITERATION_COMPLETED, plain)

@@ -1,15 +1,18 @@
 """Checkpoint files that are never half-written and are checked when read.
 
-:func:`atomic_save` writes to a temporary file in the same folder, flushes it to disk and renames it over the
-target, so a crash or a full disk leaves the previous file intact. Each file carries a SHA-256 digest of its tensors
-and values; :func:`load_verified` recomputes it and refuses a file whose content does not match.
+:func:`atomic_save` writes to a temporary file in the same folder, flushes it to disk, reads it back and renames it
+over the target, so a crash or a full disk leaves the previous file intact. Each file carries a SHA-256 digest of its
+tensors and values; :func:`load_verified` recomputes it and refuses a file whose content does not match.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
+import re
+import signal
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from tpp_monai.backbones.checkpoint import read_file
 from tpp_monai.errors import CheckpointError
 
 DIGEST_KEY = "__sha256__"
+FAULT_ENV = "TPP_MONAI_FAULT"
+_FAULT_PASSES: dict[str, int] = {}
 
 
 def content_digest(obj: object) -> str:
@@ -47,30 +52,53 @@ def content_digest(obj: object) -> str:
     return digest.hexdigest()
 
 
+def fault_point(filename: str, point: str) -> None:
+    """Test hook for kills inside a save: ``TPP_MONAI_FAULT=<file name>:<point>[:<n>]`` sends this process SIGKILL
+    the n-th time (default 1) the save of that file reaches ``point`` (``written``: the temporary file is complete
+    and synced, nothing renamed yet; ``replaced``: the new file is in place, the file it replaces not yet removed)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    name, where, *count = spec.split(":")
+    if (name, where) != (filename, point):
+        return
+    _FAULT_PASSES[spec] = _FAULT_PASSES.get(spec, 0) + 1
+    if _FAULT_PASSES[spec] == int(count[0] if count else 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_save(obj: Mapping, path: str | Path) -> Path:
     """Write ``obj`` (a dict) to ``path`` atomically, with a content digest.
 
+    The bytes go to a temporary file in the same folder, are synced, read back and compared with what was meant to
+    be written, and only then renamed over ``path``; a file ``path`` replaces is untouched until that rename.
+
     Raises:
-        CheckpointError: the file could not be written (e.g. the disk is full); the previous file is untouched.
+        CheckpointError: the file could not be written or verified (e.g. the disk is full); ``path`` is unchanged.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(obj)
     payload[DIGEST_KEY] = content_digest(obj)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    existed = path.is_file()
     try:
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        data = buffer.getbuffer()
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fault_point(path.name, "written")
+        if hashlib.sha256(tmp.read_bytes()).digest() != hashlib.sha256(data).digest():
+            raise OSError(errno.EIO, "the bytes read back differ from the bytes written")
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         hint = " (the disk is full)" if err.errno == errno.ENOSPC else ""
-        raise CheckpointError(
-            f"could not write checkpoint {path}: {err.strerror or err}{hint}; "
-            "the previous checkpoint, if any, is intact"
-        ) from None
+        kept = f"{path.name} keeps its previous content" if existed else f"{path.name} was not created"
+        raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}{hint}; {kept}") from None
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -80,6 +108,37 @@ def atomic_save(obj: Mapping, path: str | Path) -> Path:
     except OSError:
         pass
     return path
+
+
+_TEMP_NAME = re.compile(r"^\..+\.tmp(\d+)$")
+
+
+def remove_stale_temp_files(*folders: str | Path) -> list[Path]:
+    """Delete the temporary files that writes killed before their rename left in ``folders`` (``.<name>.tmp<pid>``
+    of processes that no longer run); returns what was deleted."""
+    removed = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            match = _TEMP_NAME.match(path.name)
+            if match and path.is_file() and not _process_alive(int(match.group(1))):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process writes no file before it cleans up
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load_verified(path: str | Path) -> dict:

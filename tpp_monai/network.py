@@ -27,6 +27,11 @@ def is_none(value: object) -> bool:
     return value is None or (isinstance(value, str) and value in NONE_VALUES)
 
 
+#: ``backbone_ckpt`` of a network whose every weight is then loaded from a fine-tuned model file (evaluate, inference,
+#: MONAI Label continuing from the served model): built with random weights, and nothing to warn about.
+FROM_MODEL_FILE = "from_model_file"
+
+
 def build_network(
     backbone: str,
     task: str,
@@ -49,8 +54,9 @@ def build_network(
         num_classes: classifier outputs (``cls``).
         out_channels: segmentation output channels (``seg``).
         method_options: overrides of the method's defaults.
-        backbone_ckpt: pre-trained backbone weights; ``"none"`` starts from random weights on purpose. ``None`` (not
-            given) is an error that says where to get the weights.
+        backbone_ckpt: pre-trained backbone weights; ``"none"`` starts from random weights on purpose;
+            :data:`FROM_MODEL_FILE` when a fine-tuned model file is loaded afterwards. ``None`` (not given) is an
+            error that says where to get the weights.
         tpp_ckpt: target parameters from a ``pretrain_tpp`` run to start from; ``None``/``"none"`` = random init
             (the paper's PEFT baseline).
         stage: ``"finetune"`` trains targets + head, ``"tpp"`` trains targets only.
@@ -67,7 +73,9 @@ def build_network(
         backbone, task=task, num_classes=num_classes, out_channels=out_channels, **dict(backbone_options or {})
     )
     model.mae_checkpoint = {}
-    if not is_none(backbone_ckpt):
+    if str(backbone_ckpt) == FROM_MODEL_FILE:
+        logger.debug("backbone %s built for weights from a model file", backbone)
+    elif not is_none(backbone_ckpt):
         report = load_backbone_checkpoint(model, backbone_ckpt, keep_mae_decoder=keep_mae_decoder)
         model.mae_checkpoint = report.extras
         logger.info(report.summary())

@@ -31,9 +31,9 @@ _MEDCOSS_UNUSED = {
     "task head of the checkpoint (a fresh head is trained)": ("fc_norm.", "head.", *(m + "." for m in UNETR_MODULES)),
     "class token (the segmentation model has none)": ("cls_token",),
 }
-_TIMM_UNUSED = {
-    "task head of the checkpoint (a fresh head is trained)": ("head.", "fc_norm."),
+_TIMM_UNUSED = {  # the first matching reason names a key: the DINO head before the wider task-head prefix
     "DINO projection head": ("head.mlp.", "head.last_layer."),
+    "task head of the checkpoint (a fresh head is trained)": ("head.", "fc_norm."),
 }
 MAE_DECODER_PREFIXES = (
     "decoder_embed.",

@@ -1,8 +1,9 @@
 """Reading backbone checkpoints in their public formats, with strict key checks and a report of unused keys.
 
 A checkpoint file may be a flat state dict or a container (``{"model": ...}`` for MedCoSS, ``{"state_dict": ...}``
-for nnU-Net v1, ``{"network_weights": ...}`` for nnU-Net v2, ``{"teacher"|"student": ...}`` for DINO training runs);
-keys may carry ``module.`` (DDP) or ``backbone.`` (DINO) prefixes. Every key the model expects must be present with
+for nnU-Net v1 and PyTorch Lightning, ``{"network_weights": ...}`` for nnU-Net v2, ``{"teacher"|"student": ...}`` for
+DINO training runs); keys may carry ``module.`` (DDP), ``model.`` (a Lightning module's attribute) or ``backbone.``
+(DINO) prefixes. Every key the model expects must be present with
 the right shape; checkpoint keys that a backbone declares as known-unused are reported; anything else is an error
 that names the file and lists the missing, unexpected and mismatched keys.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import pickle
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,12 @@ from torch import Tensor, nn
 from tpp_monai.errors import CheckpointError
 
 CONTAINER_KEYS = ("model", "state_dict", "network_weights", "teacher", "student", "module")
-STRIP_PREFIXES = ("module.", "backbone.")
+STRIP_PREFIXES = ("module.", "model.", "backbone.")  # stripped in this order (DDP, Lightning, DINO)
+# Which container entry holds the weights, by checkpoint source (for the re-save hint of pickled files).
+CONTAINER_SOURCES = (
+    ("model", "MedCoSS"), ("state_dict", "nnU-Net v1 / STU-Net, Lightning"), ("network_weights", "nnU-Net v2"),
+    ("teacher", "DINO training runs"),
+)  # fmt: skip
 
 # Objects found in the public containers next to the weights (MedCoSS stores its argparse namespace, nnU-Net numpy
 # scalars); allow-listed so that files load with torch.load(weights_only=True).
@@ -42,18 +47,29 @@ def read_file(path: str | Path) -> object:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): not a PyTorch checkpoint; write or download it again")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
-            f"{path} holds pickled objects that are not plain weights ({str(err).splitlines()[0]}); "
-            "re-save only the state dict: torch.save(ckpt['model'], 'weights.pt')"
+            f"{path} holds pickled objects that are not plain weights ({_first_line(err)}); "
+            "re-save only the state dict: torch.save(ckpt[KEY], 'weights.pt') with KEY the entry that holds the "
+            f"weights ({', '.join(f'{k!r} for {src}' for k, src in CONTAINER_SOURCES)})"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+    except Exception as err:  # torch.load raises many types for foreign files (EOFError, KeyError, zipfile, ...)
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {str(err).splitlines()[0]}"
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(err)}"
         ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an error's message, or its type when the message is empty (``EOFError()``)."""
+    lines = str(err).strip().splitlines()
+    if not lines or isinstance(err, KeyError):
+        return f"{type(err).__name__} {lines[0] if lines else ''}".strip()
+    return lines[0]
 
 
 def extract_state_dict(obj: object, path: str | Path = "<memory>", container_key: str | None = None) -> dict:

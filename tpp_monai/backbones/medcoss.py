@@ -161,7 +161,7 @@ class MedCoSSViT(ViTBase):
     def patch_embedding_conv(self) -> nn.Conv2d:
         return self.video_embed.embeddings
 
-    def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    def project_patches(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         if x.ndim != 4:
             raise ConfigError(f"the 2D MedCoSS model expects [B, C, H, W] images, got shape {tuple(x.shape)}")
         if x.shape[-1] % self.patch_size or x.shape[-2] % self.patch_size:
@@ -169,12 +169,12 @@ class MedCoSSViT(ViTBase):
                 f"image size {tuple(x.shape[-2:])} is not divisible by the patch size {self.patch_size}; "
                 "resize the images to a multiple of it (the paper uses 224x224, GlaS 512x512)"
             )
+        tokens = self.video_embed.embeddings(x)  # [B, D, H/p, W/p]
+        return tokens.flatten(2).transpose(1, 2), (int(tokens.shape[-2]), int(tokens.shape[-1]))
+
+    def add_positions(self, patches: Tensor, grid: tuple[int, int]) -> Tensor:
         emb = self.video_embed
-        tokens = emb.embeddings(x)  # [B, D, H/p, W/p]
-        grid = (int(tokens.shape[-2]), int(tokens.shape[-1]))
-        tokens = self._embed_site("patch", tokens.flatten(2).transpose(1, 2))
-        tokens = emb.embeddings_norm(tokens + emb.embeddings_st_pos_2D(tokens.shape[1]))
-        return self._embed_site("embed", tokens), grid
+        return emb.embeddings_norm(patches + emb.embeddings_st_pos_2D(patches.shape[1]))
 
     def prefix_tokens(self, batch: int) -> Tensor | None:
         # MedCoSS prepends the class token after the tokenizer, without a position embedding.

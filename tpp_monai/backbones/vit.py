@@ -45,6 +45,8 @@ class TokenLayout:
         keep_idx: ``[B, n]`` indices of the visible patches when the input is masked (MAE), else ``None``.
         num_prompts: prompt tokens currently inserted after the prefix (set by prompt methods).
         image: the input image, for methods that derive prompts from pixels (EVP).
+        patch_embedding: ``[B, N, D]`` raw patch projection of all patches (before position embeddings, the
+            tokenizer's norm and masking), for methods that read it (EVP's embedding tune).
     """
 
     grid: tuple[int, int]
@@ -52,6 +54,7 @@ class TokenLayout:
     keep_idx: Tensor | None = None
     num_prompts: int = 0
     image: Tensor | None = None
+    patch_embedding: Tensor | None = None
     cache: dict = field(default_factory=dict)
 
     @property
@@ -246,8 +249,12 @@ class ViTBase(nn.Module):
         """LayerNorm applied after the last block (timm/DINO), or ``None`` (MedCoSS has none)."""
         return None
 
-    def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Patch tokens with position information, ``[B, N, D]``, and the patch grid."""
+    def project_patches(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """The raw patch projection ``[B, N, D]`` (patch conv, flattened) and the patch grid."""
+        raise NotImplementedError
+
+    def add_positions(self, patches: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Patch tokens with position information (and the tokenizer's norm, if any) from the raw projection."""
         raise NotImplementedError
 
     def prefix_tokens(self, batch: int) -> Tensor | None:
@@ -261,6 +268,14 @@ class ViTBase(nn.Module):
     def unused_parameter_names(self) -> set[str]:
         """Parameters that a 2D forward pass never touches (they exist only for checkpoint compatibility)."""
         return set()
+
+    def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Patch tokens with position information, ``[B, N, D]``, and the patch grid."""
+        patches, grid = self.project_patches(x)
+        return self._tokens_from_patches(patches, grid), grid
+
+    def _tokens_from_patches(self, patches: Tensor, grid: tuple[int, int]) -> Tensor:
+        return self._embed_site("embed", self.add_positions(self._embed_site("patch", patches), grid))
 
     # ----- heads ----------------------------------------------------------------------------------------------------
     def _build_head(self, task: str, num_classes: int, out_channels: int, feature_size: int = 16) -> None:
@@ -291,7 +306,8 @@ class ViTBase(nn.Module):
     ) -> EncoderOutput:
         """Run the encoder. ``keep_idx`` (``[B, n]``) keeps only those patches (MAE); ``taps`` are 1-indexed layers
         whose patch tokens are returned. ``with_prefix`` overrides whether the class token is prepended."""
-        tokens, grid = self.embed(x)
+        patches, grid = self.project_patches(x)
+        tokens = self._tokens_from_patches(patches, grid)
         if keep_idx is not None:
             tokens = torch.gather(tokens, 1, keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         prefix = self.prefix_tokens(tokens.shape[0]) if with_prefix is not False else None
@@ -300,7 +316,7 @@ class ViTBase(nn.Module):
         num_prefix = 0 if prefix is None else prefix.shape[1]
         if prefix is not None:
             tokens = torch.cat([prefix, tokens], dim=1)
-        layout = TokenLayout(grid=grid, num_prefix=num_prefix, keep_idx=keep_idx, image=x)
+        layout = TokenLayout(grid=grid, num_prefix=num_prefix, keep_idx=keep_idx, image=x, patch_embedding=patches)
         tuner = self.peft_encoder
         if tuner is not None:
             tokens = tuner.begin(tokens, layout)
@@ -449,8 +465,8 @@ class _PatchEmbed(nn.Module):
 class TimmViT(ViTBase):
     """The timm/DINO ViT (``vit_small_patch16_224`` layout): the Path_DINO checkpoint of Kang et al. 2023 loads into it.
 
-    Position embeddings are learned for a 14x14 grid (+ class token) and bicubically resized for other input sizes,
-    as DINO and timm do.
+    Position embeddings are learned for a 14x14 grid (+ class token) and bicubically resized for other input sizes
+    by DINO's rule (:meth:`_pos_for_grid`).
     """
 
     family = "timm_vit"
@@ -493,19 +509,24 @@ class TimmViT(ViTBase):
         return self.patch_embed.proj
 
     def _pos_for_grid(self, grid: tuple[int, int]) -> Tensor:
+        """The patch position table for ``grid``: DINO's ``interpolate_pos_encoding`` rule (the Path_DINO
+        checkpoint's own code): unchanged on the trained square grid, else bicubic (no anti-aliasing) with the scale
+        factor ``(g + 0.1) / side`` per axis, which sets the sampling positions (not ``size=grid``)."""
         pos = self.pos_embed[:, 1:]
         side = math.isqrt(pos.shape[1])
         if grid == (side, side):
             return pos
         pos = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        pos = F.interpolate(pos, size=grid, mode="bicubic", align_corners=False)
+        scale = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
+        pos = F.interpolate(pos, scale_factor=scale, mode="bicubic", align_corners=False)
         return pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
 
-    def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    def project_patches(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         tokens = self.patch_embed.proj(x)  # [B, D, H/p, W/p]
-        grid = (tokens.shape[-2], tokens.shape[-1])
-        tokens = self._embed_site("patch", tokens.flatten(2).transpose(1, 2))
-        return self._embed_site("embed", tokens + self._pos_for_grid(grid)), grid
+        return tokens.flatten(2).transpose(1, 2), (tokens.shape[-2], tokens.shape[-1])
+
+    def add_positions(self, patches: Tensor, grid: tuple[int, int]) -> Tensor:
+        return patches + self._pos_for_grid(grid)
 
     def prefix_tokens(self, batch: int) -> Tensor | None:
         return (self.cls_token + self.pos_embed[:, :1]).expand(batch, -1, -1)

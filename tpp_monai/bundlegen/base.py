@@ -9,6 +9,7 @@ from tpp_monai.bundlegen import docs, parts
 from tpp_monai.bundlegen.parts import comp
 from tpp_monai.data.info import DatasetInfo
 from tpp_monai.data.recipes import BASELINES, recipe_for
+from tpp_monai.network import FROM_MODEL_FILE
 from tpp_monai.peft import get_method
 
 # workflow -> the config files it runs with, in order (evaluate.json is an overlay on finetune.json)
@@ -69,15 +70,21 @@ class BundleKind(ABC):
     def workflows(self) -> list[str]:
         return [w for w in WORKFLOW_FILES if not (w == "pretrain_tpp" and self.baseline)]
 
+    def configs(self) -> dict[str, dict]:
+        """Workflow -> its config file's content (``evaluate``: the overlay), with the input checks."""
+        finetune = self.finetune()
+        out = {} if self.baseline else {"pretrain_tpp": parts.with_input_checks(self.pretrain_tpp(), "pretrain_tpp")}
+        evaluate = self.evaluate()
+        out["finetune"] = parts.with_input_checks(finetune, "finetune")
+        out["evaluate"] = parts.with_input_checks(evaluate, "evaluate", merged={**finetune, **evaluate})
+        out["inference"] = parts.with_input_checks(self.inference(), "inference")
+        return out
+
     def files(self) -> dict[str, object]:
         """Relative path -> content (dict for JSON, str for text) of the bundle."""
         files: dict[str, object] = {"configs/metadata.json": self.metadata()}
-        if not self.baseline:
-            files["configs/pretrain_tpp.json"] = self.pretrain_tpp()
+        files.update({f"configs/{name}.json": cfg for name, cfg in self.configs().items()})
         files.update({
-            "configs/finetune.json": self.finetune(),
-            "configs/evaluate.json": self.evaluate(),
-            "configs/inference.json": self.inference(),
             "configs/demo.json": self.demo(),
             "configs/multi_gpu.json": parts.MULTI_GPU,
             "configs/logging.conf": parts.LOGGING_CONF,
@@ -109,7 +116,8 @@ class BundleKind(ABC):
                 "_target_": "torch.optim.AdamW",
                 "params": comp("tpp_monai.handlers.param_groups", model="@pretext_net", weight_decay="@weight_decay"),
                 "lr": "@lr",
-                "betas": [0.9, 0.95],
+                # MAE (0.9, 0.95), DINO PyTorch's (0.9, 0.999)
+                "betas": comp("tpp_monai.pretext.adamw_betas", pretext="@pretext"),
                 # one fused kernel per step (CPU and CUDA) instead of a Python loop over the tensors: 55 -> 10 ms
                 # per TPP-MAE step of ViT-B/16 with adapters on 2 CPU cores
                 "fused": True,
@@ -122,12 +130,16 @@ class BundleKind(ABC):
                 "inferer": {"_target_": "SimpleInferer"},
                 "handlers": [
                     {"_target_": "tpp_monai.handlers.OptimizerScheduleHandler", "optimizer": "@optimizer",
-                     "lr": comp("lr_schedule", base="@lr", epochs="@epochs", iters_per_epoch="@train#iters_per_epoch",
-                                warmup_epochs="@warmup_epochs"),
+                     "lr": comp("tpp_monai.pretext.lr_schedule", pretext="@pretext", base="@lr", epochs="@epochs",
+                                iters_per_epoch="@train#iters_per_epoch", warmup_epochs="@warmup_epochs",
+                                dino="@dino"),
                      "weight_decay": comp("wd_schedule", start="@weight_decay", end="@weight_decay_end",
                                           epochs="@epochs", iters_per_epoch="@train#iters_per_epoch")},
                     {"_target_": "tpp_monai.pretext.PretextHandlers", "net": "@pretext_net", "loss": "@loss",
                      "epochs": "@epochs", "iters_per_epoch": "@train#iters_per_epoch", "dino": "@dino"},
+                    {"_target_": "tpp_monai.handlers.HistoryWriter", "path": "$@output_dir + '/history.csv'",
+                     "optimizer": "@optimizer"},
+                    parts.run_tracker("pretrain_tpp"),
                     {"_target_": "tpp_monai.handlers.TargetStateSaver",
                      "model": comp("tpp_monai.pretext.export_backbone", net="@pretext_net"),
                      "path": "$@output_dir + '/tpp_target.pt'",
@@ -191,7 +203,9 @@ class BundleKind(ABC):
                     {"_target_": "tpp_monai.handlers.ValidationHandler", "validator": "@validate#evaluator",
                      "interval": "@val_interval", "epoch_level": True},
                     {"_target_": "tpp_monai.handlers.HistoryWriter", "path": "$@output_dir + '/history.csv'",
-                     "optimizer": "@optimizer", "validator": "@validate#evaluator"},
+                     "optimizer": "@optimizer", "validator": "@validate#evaluator",
+                     "metrics": ["@validate#key_metric", "@validate#additional_metrics"]},
+                    parts.run_tracker("finetune", validator="@validate#evaluator"),
                     *parts.training_tail({
                         "trainable": comp("trainable_state", model="@network_def"),
                         "optimizer": "@optimizer",
@@ -215,7 +229,9 @@ class BundleKind(ABC):
                                      backbone_ckpt="@backbone_ckpt", tpp_ckpt="@tpp_ckpt", seed="@seed", lr="@lr",
                                      label_fraction="@label_fraction", finetune_dir="@output_dir", **run_info_extra),
                 },
-                "handlers": [{"_target_": "StatsHandler", "iteration_log": False}, "@validate#best_model"],
+                # errors only: the history writer logs one line per validation
+                "handlers": [{"_target_": "StatsHandler", "iteration_log": False, "epoch_log": False},
+                             "@validate#best_model"],
                 "evaluator": parts.validator(),
             },
             "initialize": parts.training_initialize([
@@ -234,9 +250,11 @@ class BundleKind(ABC):
             "run_name": comp("run_name", workflow="evaluate"),
             "backbone_ckpt": "none",
             "tpp_ckpt": "none",
+            "network_def#backbone_ckpt": FROM_MODEL_FILE,  # the whole network comes from model.pt
             "test": {
                 "datalist": parts.records("test"),
-                "dataset": {"_target_": "Dataset", "data": "@test#datalist", "transform": "@validate#preprocessing"},
+                "preprocessing": "@validate#preprocessing",
+                "dataset": {"_target_": "Dataset", "data": "@test#datalist", "transform": "@test#preprocessing"},
                 "dataloader": parts.loader("test", "@val_batch_size", False),
                 **test,
             },
@@ -246,6 +264,7 @@ class BundleKind(ABC):
                 {"_target_": "StatsHandler", "iteration_log": False},
                 *writers,
                 parts.EVALUATION_WRITER,
+                parts.run_tracker("evaluate", loader="@checkpoint_loader"),
             ],
             "evaluator": parts.evaluator(
                 "@test#dataloader",
@@ -283,8 +302,8 @@ class BundleKind(ABC):
             "ckpt_dir": "$@bundle_root + '/models'",
             "model_file": "$@ckpt_dir + '/model.pt'",
             "input_dir": "$@bundle_root + '/data/images'",
-            "network_def": comp("ExportableNetwork", network=network_def, in_channels=self.info.in_channels,
-                                image_size="@image_size"),
+            "network_def": comp("ExportableNetwork", network={**network_def, "backbone_ckpt": FROM_MODEL_FILE},
+                                in_channels=self.info.in_channels, image_size="@image_size"),
             "network": parts.network("@network_def"),
             "datalist": comp("image_files", folder="@input_dir"),
             "preprocessing": {"_target_": "Compose", "transforms": transforms},

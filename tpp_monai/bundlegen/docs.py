@@ -95,6 +95,11 @@ KEY_DOCS = {
     "num_classes": "classifier outputs",
     "momentum": "SGD momentum (Nesterov)",
     "input_dir": "folder of images for inference",
+    "skip_bad_files": "leave unreadable inference inputs out (named) instead of stopping",
+    "tensorboard": "write TensorBoard event files into output_dir",
+    "run_tags": "MLflow tags of the run",
+    "parent_run_id": "MLflow parent run (the experiment layer sets it)",
+    "save_execute_config": "log the executed config as an MLflow artifact",
 }
 
 
@@ -218,12 +223,13 @@ def _default(value: object) -> str:
 
 def key_table(kind: BundleKind) -> str:
     """Every overridable key of the bundle's workflows, its default per workflow and its meaning."""
-    configs = {"pretrain_tpp": None if kind.baseline else kind.pretrain_tpp(), "finetune": kind.finetune(),
-               "evaluate": {**kind.finetune(), **kind.evaluate()}, "inference": kind.inference()}  # fmt: skip
+    configs = kind.configs()
+    configs["evaluate"] = {**configs["finetune"], **configs["evaluate"]}
+
     rows: dict[str, dict[str, str]] = {}
     for workflow, cfg in configs.items():
         for key, value in (cfg or {}).items():
-            if key in NOT_SETTINGS or key.startswith("_"):
+            if key in NOT_SETTINGS or key.startswith("_") or "#" in key:
                 continue
             if key not in KEY_DOCS:
                 raise KeyError(

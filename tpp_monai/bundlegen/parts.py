@@ -3,6 +3,8 @@ for paths joined to a folder and for running an engine."""
 
 from __future__ import annotations
 
+import json
+
 W = "tpp_monai.workflows."  # the components the configs call
 
 
@@ -33,6 +35,26 @@ def common(name: str, dataset: str, method: str, workflow: str, backbone: str, i
         "num_workers": comp("cpu_workers"),
         "seed": 0,
         "image_size": list(image_size),
+        "tensorboard": True,
+        "run_tags": {},
+        "parent_run_id": None,
+        "save_execute_config": True,
+    }
+
+
+def run_tracker(stage: str, **refs: str) -> dict:
+    """The :class:`tpp_monai.tracking.RunTracker` of a workflow (TensorBoard, MLflow params/tags/artifacts, plots);
+    ``refs``: ``validator`` (training) or ``loader`` (evaluation)."""
+    return {
+        "_target_": "tpp_monai.tracking.RunTracker",
+        "output_dir": "@output_dir",
+        "stage": stage,
+        "bundle": "@bundle_root",
+        "run_tags": "@run_tags",
+        "parent_run_id": "@parent_run_id",
+        "config_path": "@save_execute_config",
+        "tensorboard": "@tensorboard" if stage != "evaluate" else False,
+        **refs,
     }
 
 
@@ -54,7 +76,7 @@ def data_section(section: str, datalist: dict, transforms: dict, batch_size: str
     dataset = {"_target_": "CacheDataset" if cache else "Dataset", "data": f"@{section}#datalist",
                "transform": f"@{section}#preprocessing"}  # fmt: skip
     if cache:
-        dataset.update({"cache_rate": cache_rate, "num_workers": "@num_workers"})
+        dataset.update({"cache_rate": cache_rate, "num_workers": "@num_workers", "progress": comp("progress_bars")})
     return {"datalist": datalist, "preprocessing": transforms, "dataset": dataset,
             "dataloader": loader(section, batch_size, shuffle)}  # fmt: skip
 
@@ -181,15 +203,17 @@ MULTI_GPU = {
         "_target_": "torch.nn.parallel.DistributedDataParallel",
         "module": network(),
         "device_ids": comp("ddp_device_ids", device="@device"),
-        # frozen tensors and unused ones (MedCoSS's 3D embedding, BitFit's 3D bias) must not block the reduction
-        "find_unused_parameters": True,
+        # trainable tensors the forward pass never uses (MedCoSS's 3D embedding under BitFit or full fine-tuning)
+        # must not block the reduction; searching for them when there are none costs a pass and a warning
+        "find_unused_parameters": comp("has_unused_trainable", model="@network_module"),
     },
     "distributed": True,
     "finalize": [comp("assert_replicas_agree", model="@network_module"), comp("finish_distributed")],
 }
 
+# ignite's engines log every start, epoch and checkpoint at INFO; the runs log one line per epoch and validation
 LOGGING_CONF = """[loggers]
-keys=root
+keys=root,ignite
 
 [handlers]
 keys=consoleHandler
@@ -201,6 +225,12 @@ keys=fullFormatter
 level=INFO
 handlers=consoleHandler
 
+[logger_ignite]
+level=WARNING
+handlers=
+qualname=ignite
+propagate=1
+
 [handler_consoleHandler]
 class=StreamHandler
 level=INFO
@@ -210,3 +240,50 @@ args=(sys.stdout,)
 [formatter_fullFormatter]
 format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 """
+
+
+PREFLIGHT_SPLITS = {"pretrain_tpp": (["training"], False), "finetune": (["training", "validation"], True),
+                    "evaluate": (["test"], True)}  # fmt: skip
+
+
+def _plain(value: object) -> bool:
+    """A setting resolvable before anything is built (it refers to no section such as ``@train#...``)."""
+    return "#" not in json.dumps(value)
+
+
+def _index_of(items: list, target: str) -> int | None:
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and str(item.get("_target_", "")).endswith(target):
+            return i
+    return None
+
+
+def with_input_checks(cfg: dict, workflow: str, merged: dict | None = None) -> dict:
+    """Checks before anything is built (:mod:`tpp_monai.checks`): the user's settings and input files right after
+    the error hook; a resume's settings against the recorded ones after ``check_output`` (which locked the folder);
+    the data preflight after ``check_settings`` (which found the datalist); for inference, the folder read through
+    ``preflight_inference`` (``--skip_bad_files``). ``merged``: the whole config of an overlay (``evaluate.json``
+    over ``finetune.json``). Settings computed from the data are checked from the command line only, since
+    resolving them would build the data pipeline."""
+    from tpp_monai.checks import INPUT_FILES, SETTINGS
+
+    whole = merged if merged is not None else cfg
+    settings = {k: f"@{k}" for k in SETTINGS if k in whole and _plain(whole[k])}
+    files = {k: f"@{k}" for k in INPUT_FILES if k in whole and whole[k] != "none"}
+    init = cfg["initialize"] = list(cfg["initialize"])
+    init.insert(1, comp("tpp_monai.checks.validate_settings", settings=settings, files=files))
+    at = _index_of(init, ".check_output")
+    if "resume" in whole and at is not None:  # resume only with the recorded settings, before any model is built
+        recorded = {k: f"@{k}" for k in whole if k not in NOT_SETTINGS and _plain(whole[k])}
+        init.insert(at + 1, comp("tpp_monai.run_folder.check_resume_settings", output_dir="@output_dir",
+                                 settings=recorded, resume="@resume"))  # fmt: skip
+    if workflow in PREFLIGHT_SPLITS:
+        keys, labels = PREFLIGHT_SPLITS[workflow]
+        at = _index_of(init, ".check_settings")
+        init.insert(at + 1, comp("tpp_monai.checks.preflight_data", datalist="@datalist", dataset_dir="@dataset_dir",
+                                 dataset="@dataset_name", keys=keys, labels=labels))  # fmt: skip
+    elif workflow == "inference":
+        cfg["skip_bad_files"] = False
+        cfg["datalist"] = comp("tpp_monai.checks.preflight_inference", files=cfg["datalist"], dataset="@dataset_name",
+                               skip_bad_files="@skip_bad_files")  # fmt: skip
+    return cfg

@@ -32,15 +32,25 @@ class ViTBundle(BundleKind):
         return {"_target_": "tpp_monai.inferers.SegmentationInferer", "roi_size": "@image_size", "overlap": 0.5,
                 "flips": [[2], [3], [2, 3]] if flips else []}  # fmt: skip
 
-    def _postprocessing(self, saver: dict | None = None) -> dict:
-        """Softmax probabilities (classification) or masks thresholded at 0.5 (segmentation), optionally saved."""
+    def _postprocessing(self, save_masks: bool = False) -> dict:
+        """Softmax probabilities (classification) or masks thresholded at 0.5 (segmentation); ``save_masks`` also
+        writes a copy back at the input image's size and geometry, thresholded (the metrics read the network-size
+        prediction as before)."""
         if self.cls:
             return {
                 "_target_": "Compose",
                 "transforms": [{"_target_": "Activationsd", "keys": "pred", "softmax": True}],
             }
         steps: list = [{"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5}]
-        return {"_target_": "Compose", "transforms": steps + ([saver] if saver else [])}
+        if save_masks:
+            steps[:0] = [
+                {"_target_": "CopyItemsd", "keys": "pred", "names": "mask"},
+                {**parts.INVERT_PRED, "keys": "mask", "transform": "@test#preprocessing"},
+                {"_target_": "AsDiscreted", "keys": "mask", "threshold": 0.5},
+                comp("mask_saver", output_dir="@output_dir", key="mask", folder="predictions"),
+                {"_target_": "DeleteItemsd", "keys": "mask"},
+            ]
+        return {"_target_": "Compose", "transforms": steps}
 
     def _metrics(self, prefix: str, test: bool) -> dict:
         """Key and additional metrics: MedCoSS selects by ACC+AUC+F1 (classification) or Dice (segmentation)."""
@@ -116,15 +126,13 @@ class ViTBundle(BundleKind):
                               (self._transforms("train"), self._transforms("eval")), validate, [check], {})  # fmt: skip
 
     def _classification_saver(self) -> dict:
-        return {"_target_": "ClassificationSaver", "output_dir": "@output_dir", "filename": "predictions.csv",
-                "batch_transform": parts.IMAGE_META,
-                "output_transform": comp("monai.handlers.from_engine", keys=["pred"])}  # fmt: skip
+        return {"_target_": "tpp_monai.writers.ClassificationWriter", "output_dir": "@output_dir",
+                "dataset": "@dataset_name"}  # fmt: skip
 
     def evaluate(self) -> dict:
-        saver = comp("mask_saver", output_dir="@output_dir", folder="predictions")
         test = {
             "inferer": self._inferer(flips=self.info.name == "glas"),
-            "postprocessing": self._postprocessing(None if self.cls else saver),
+            "postprocessing": self._postprocessing(save_masks=not self.cls),
             **self._metrics("", True),
         }
         writers = [{"_target_": "MetricsSaver", "save_dir": "@output_dir", "metrics": "*", "metric_details": "*",

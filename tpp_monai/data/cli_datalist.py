@@ -26,8 +26,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tpp_monai.checks import check_writable_file
     from tpp_monai.data.datalist import build, format_counts, write_datalist
 
+    check_writable_file(args.out, "--out")  # before the (possibly long) build
     datalist, layout_root = build(args.dataset, args.root, args.seed, args.label_fraction, args.skip_bad)
     out = write_datalist(datalist, args.out)
     print(format_counts(datalist))

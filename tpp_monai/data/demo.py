@@ -36,7 +36,9 @@ MIN_N = {"mhist": 10, "oct_c8": 24, "chest_xray_pa": 15, "glas": 8, "qata": 8, "
 Rng = np.random.Generator
 
 
-def make_demo_dataset(dataset: str, out: str | Path, n: int | None = None, seed: int = 0) -> Path:
+def make_demo_dataset(
+    dataset: str, out: str | Path, n: int | None = None, seed: int = 0, appearance: str | None = None
+) -> Path:
     """Write a synthetic ``dataset`` under ``out`` in its official layout; returns the layout root.
 
     The returned folder is what :func:`~tpp_monai.data.build_datalist` takes as ``root`` and what the datalist's
@@ -48,8 +50,13 @@ def make_demo_dataset(dataset: str, out: str | Path, n: int | None = None, seed:
             is created in it and replaced if it holds an earlier demo.
         n: number of images (2D) or cases (3D); default :data:`DEFAULT_N`.
         seed: seed of the synthetic content (same seed, same bytes).
+        appearance: a look other than the dataset's usual one, from :data:`APPEARANCES` (GlaS: ``"ihc"``, the
+            TPP demo's target domain).
     """
     info = get_dataset(dataset)
+    if appearance is not None and appearance not in APPEARANCES.get(info.name, {}):
+        valid = ", ".join(APPEARANCES.get(info.name, {})) or "none"
+        raise ConfigError(f"demo {info.name}: unknown appearance {appearance!r}; valid: {valid}")
     n = DEFAULT_N[info.name] if n is None else int(n)
     if n < MIN_N[info.name]:
         raise ConfigError(
@@ -63,8 +70,9 @@ def make_demo_dataset(dataset: str, out: str | Path, n: int | None = None, seed:
         shutil.rmtree(top)
     root = top / inner
     root.mkdir(parents=True)
-    writer(root, n, np.random.default_rng(seed))
-    (top / MARKER).write_text(json.dumps({"dataset": info.name, "n": n, "seed": seed}) + "\n")
+    rng = np.random.default_rng(seed)
+    writer(root, n, rng) if appearance is None else APPEARANCES[info.name][appearance](root, n, rng)
+    (top / MARKER).write_text(json.dumps({"dataset": info.name, "n": n, "seed": seed, "appearance": appearance}) + "\n")
     return root
 
 
@@ -245,6 +253,15 @@ def _write_chest_xray_pa(root: Path, n: int, rng: Rng) -> None:
 # 2D segmentation
 
 
+# The TPP demo's target: colonic mucosa cut along its crypts (parallel tubular glands at an angle, spacing and phase
+# drawn per image), in an immunohistochemistry-like stain (blue haematoxylin stroma, brown DAB epithelium, pale mucin)
+# that none of the other demo datasets (the upstream stand-in's data) has, with smooth shading and little pixel noise.
+# A masked-patch model can continue the crypts from the visible 16 px patches into the hidden ones. (Scattered round
+# glands in flat, noisy stroma, the H&E look below, leave the per-patch-normalised targets of the hidden patches
+# unpredictable at 64 px: the MAE loss stays at the ~1.0 of predicting each patch's mean.)
+IHC_STROMA, IHC_EPITHELIUM, IHC_LUMEN = [205, 215, 240], [150, 85, 40], [250, 248, 235]
+
+
 def _glands(rng: Rng, malignant: bool, width: int = 96, height: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """H&E-like colon tissue with glands; returns RGB image and instance mask (0 background, 1..k glands)."""
     shape = (height, width)
@@ -261,7 +278,33 @@ def _glands(rng: Rng, malignant: bool, width: int = 96, height: int = 64) -> tup
     return _to_uint8(img + 7 * rng.standard_normal(img.shape)), mask
 
 
-def _write_glas(root: Path, n: int, rng: Rng) -> None:
+def _crypts_ihc(rng: Rng, malignant: bool, width: int = 96, height: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """IHC-like mucosa with parallel tubular crypts (malignant: crooked, uneven, broken); image and instance mask."""
+    shape = (height, width)
+    img = np.array(IHC_STROMA, np.float32) + 12 * _texture(rng, shape, 4.0)[..., None]
+    mask = np.zeros(shape, np.uint8)
+    angle, spacing = rng.uniform(0, np.pi), rng.uniform(18.0, 24.0)
+    along, across = np.array([np.cos(angle), np.sin(angle)]), np.array([-np.sin(angle), np.cos(angle)])
+    phase, reach = rng.uniform(0, spacing), int(np.hypot(*shape) / spacing) + 2
+    for k, step in enumerate(range(-reach, reach + 1), start=1):
+        offset = phase + step * spacing + (rng.normal(0, 0.12 * spacing) if malignant else 0.0)
+        shift = rng.uniform(-20, 20) if malignant else 0.0
+        cx, cy = np.array([width / 2, height / 2]) + offset * across + shift * along
+        length = rng.uniform(14, 30) if malignant else 80.0
+        half_width = spacing * (rng.uniform(0.22, 0.36) if malignant else 0.3)
+        wobble = [(4, 0.1, rng.uniform(0, 6)), (7, 0.08, rng.uniform(0, 6))] if malignant else None
+        dist = _ellipse(shape, cy, cx, half_width, length, angle, wobble)
+        crypt = (dist <= 1.0) & (mask == 0)
+        if not crypt.any():
+            continue
+        mask[crypt] = k
+        inner = crypt & (dist <= 0.55)
+        img[crypt & (dist > 0.55)] = IHC_EPITHELIUM
+        img[inner] = np.array(IHC_LUMEN, np.float32) - (50 * (dist[inner] / 0.55) ** 2)[:, None]  # mucin, darker at rim
+    return _to_uint8(img + 2 * rng.standard_normal(img.shape)), mask
+
+
+def _write_glas(root: Path, n: int, rng: Rng, draw: Callable = _glands) -> None:
     sizes = dict(zip(("train", "testA", "testB"), _split_sizes(n, (85 / 165, 60 / 165, 20 / 165))))
     rows = []
     for prefix, count in sizes.items():
@@ -269,7 +312,7 @@ def _write_glas(root: Path, n: int, rng: Rng) -> None:
         grades = ["benign", "malignant"] * 2 + list(rng.choice(["benign", "malignant"], max(0, count - 4)))
         for i, grade in enumerate(rng.permutation(grades[:count]), start=1):
             name = f"{prefix}_{i}"
-            img, mask = _glands(rng, grade == "malignant")
+            img, mask = draw(rng, grade == "malignant")
             _save(root / f"{name}.bmp", img)
             _save(root / f"{name}_anno.bmp", mask)
             detail = "moderately differentiated" if grade == "malignant" else "healthy"
@@ -379,4 +422,8 @@ _WRITERS: dict[str, tuple[str, str, Callable[[Path, int, Rng], None]]] = {
     "qata": ("QaTa-COV19", "QaTa-COV19-v2", _write_qata),
     "lits": ("LiTS", ".", _write_lits),
     "kits": ("kits19", "data", _write_kits),
+}
+# Other looks of a dataset (``make_demo_dataset(..., appearance=...)``), each written in the same official layout.
+APPEARANCES: dict[str, dict[str, Callable[[Path, int, Rng], None]]] = {
+    "glas": {"ihc": lambda root, n, rng: _write_glas(root, n, rng, draw=_crypts_ihc)},
 }

@@ -8,6 +8,7 @@
 ``--conf overlays a,b``       extra config files merged after ``inference.json`` / ``finetune.json``, e.g. ``demo``
                               (``configs/demo.json``: the synthetic-data overlay with its tiny backbone); a name is
                               looked up in the bundle's ``configs/``, a path is used as is
+``--conf max_upload_mb N``    largest request body (an uploaded image or label) the server accepts; default 256
 
 Bundles are local folders only: nothing is looked up in or downloaded from the model zoo.
 """

@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Hashable, Mapping, Sequence
@@ -22,14 +23,31 @@ from typing import Any
 import monai.bundle
 import numpy as np
 from monai.bundle import ConfigParser
-from monai.transforms import MapTransform
+from monai.transforms import LoadImage, MapTransform
 from monai.utils import convert_to_numpy
 
 from tpp_monai.label.app_conf import MODEL_FILE, BundleSpec, class_names, output_kind, spatial_dims
+from tpp_monai.label.guard import (
+    BOOL,
+    DEVICE_PARAM,
+    NAME_PARAM,
+    Param,
+    RequestRefused,
+    check_params,
+    check_scores,
+    choice,
+    confined,
+    missing_classes,
+    number,
+    refuse_expressions,
+    stratified_split,
+)
 from tpp_monai.label.torchvision_compat import import_torchvision
+from tpp_monai.network import FROM_MODEL_FILE
 
 import_torchvision()  # before monailabel.tasks.infer.bundle imports torchvision.utils (see torchvision_compat)
 
+from monailabel.config import settings  # noqa: E402
 from monailabel.interfaces.datastore import Datastore  # noqa: E402
 from monailabel.tasks.infer.bundle import BundleConstants as InferConstants  # noqa: E402
 from monailabel.tasks.infer.bundle import BundleInferTask  # noqa: E402
@@ -41,7 +59,12 @@ logger = logging.getLogger(__name__)
 CLASS_INFO_KEY = "class"  # image info key holding an image's class (name or index) for classification training
 IMAGE_2D = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGE_3D = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd", ".dcm")
+Records = list[dict[str, Any]]
+GPUS = re.compile(r"all|\d{1,2}(,\d{1,2})*")
 RUN_ID = "finetune"  # our training workflow's run id (model-zoo bundles use "run")
+MASK_2D = ".png"  # 2D masks are written losslessly whatever the input's format (a JPEG mask would invent labels)
+MASKS_3D = (".nii.gz", ".nii", ".nrrd")
+DTYPES = ("uint8", "uint16", "int16", "int32", "float32")
 
 
 def _load_config(spec: BundleSpec, config_path: str) -> ConfigParser:
@@ -111,6 +134,38 @@ class TppInferTask(BundleInferTask):
         models = sorted(p.name for p in Path(spec.ckpt_dir).glob("*.pt"))
         self._config["model_filename"] = sorted(models, key=lambda n: (n != MODEL_FILE, n))
 
+    def accepted_params(self) -> dict[str, Param]:
+        """The ``/infer`` parameters a client may send, with their types and ranges."""
+        masks = () if self.kind == "classification" else (MASK_2D,) if self.dims == 2 else MASKS_3D
+        return {
+            "device": DEVICE_PARAM,
+            "model_filename": choice(self._config["model_filename"], "a model file this server lists in /info/"),
+            "result_extension": choice(masks, f"one of {list(masks)} (lossless masks)"),
+            "result_dtype": choice(DTYPES),
+            "result_compress": BOOL,
+            "logging": choice(("DEBUG", "INFO", "WARNING", "ERROR")),
+            "client_id": NAME_PARAM,
+        }
+
+    def check_params(self, params: Mapping[str, Any]) -> None:
+        check_params(params, self.accepted_params(), f"/infer/{self.spec.name} params")
+
+    def check_model_filename(self, value: Any) -> None:
+        """``model_filename`` (if given) names one of the app's own model files, never a path."""
+        if value is not None and not self.accepted_params()["model_filename"].accepts(value):
+            raise RequestRefused(
+                f"model_filename {value!r} is not one of this model's files {self._config['model_filename']}"
+            )
+
+    def check_image(self, path: str, image: str) -> None:
+        """Refuse an image whose file type does not have this model's spatial dimension."""
+        suffixes = IMAGE_2D if self.dims == 2 else IMAGE_3D
+        if not path.lower().endswith(suffixes):
+            raise RequestRefused(
+                f"model {self.spec.name} takes {self.dims}D images ({', '.join(suffixes)}); image {image!r} is "
+                f"{os.path.basename(path)!r}: pick a model of that image's dimension"
+            )
+
     def _load_bundle_config(self, path: str, config: str) -> ConfigParser:
         return _load_config(self.spec, config)
 
@@ -128,6 +183,11 @@ class TppInferTask(BundleInferTask):
         if self.kind == "segmentation" and self.dims == 2:
             post.append(ToWriterLayout2Dd(keys=self.key_pred))
         return post
+
+    def writer(self, data: dict[str, Any], extension: str | None = None, dtype: str | None = None) -> Any:
+        if self.kind == "segmentation" and self.dims == 2:  # MONAI Label would reuse the input's format (JPEG)
+            extension, dtype = MASK_2D, "uint8"
+        return super().writer(data, extension, dtype)
 
 
 class FinetuneConstants(TrainConstants):
@@ -153,8 +213,10 @@ class TppTrainTask(BundleTrainTask):
     checks run as on the command line. Segmentation takes the final labels of MONAI Label's label store (2D
     bundles the 2D images, 3D bundles the volumes); classification takes the class in each image's info
     (``PUT /datastore/image/info`` with ``{"class": "<name or index>"}``). The run continues from the served model
-    when ``pretrained`` (the default) and it exists; when it ends, its best model replaces the served one
-    (atomically), and inference reloads it on its next request.
+    when ``pretrained`` (the default) and it exists; it validates every epoch, and when it ends its best model
+    replaces the served one (atomically; inference reloads it on its next request) only if every validation score
+    is finite. Its training set must hold every class (classification: split per class; segmentation: some
+    training mask shows each class).
     """
 
     def __init__(self, spec: BundleSpec, conf: Mapping[str, str]) -> None:
@@ -175,6 +237,49 @@ class TppTrainTask(BundleTrainTask):
         options["model_filename"] = [MODEL_FILE]
         return options
 
+    def accepted_params(self) -> dict[str, Param]:
+        """The ``/train`` parameters a client may send, with their types and ranges. Checkpoint paths must be
+        ``none`` or files inside this bundle's own folders (bundle, fine-tuned models, runs)."""
+        own = Param((str,), "'none' or a file inside this bundle's folders", self._own_checkpoint)
+        return {
+            "device": DEVICE_PARAM,
+            "pretrained": BOOL,
+            "max_epochs": number(int, 1, 10000),
+            "val_split": number(float, 0, 1, high_open=True),
+            "multi_gpu": BOOL,
+            "force_multi_gpu": BOOL,
+            "gpus": Param((str,), "'all' or comma-separated GPU indices", lambda v: bool(GPUS.fullmatch(v))),
+            "tracking": choice(("None", "none", "mlflow", "")),
+            "tracking_uri": choice(("", settings.MONAI_LABEL_TRACKING_URI), "this server's MLflow URI (or empty)"),
+            "tracking_experiment_name": NAME_PARAM,
+            "tracking_run_name": NAME_PARAM,
+            "run_id": choice(("", RUN_ID)),
+            "model_filename": choice((MODEL_FILE,)),
+            "backbone_ckpt": own,
+            "tpp_ckpt": own,
+        }
+
+    def _own_checkpoint(self, value: str) -> bool:
+        if value.lower() == "none":
+            return True
+        try:
+            confined("checkpoint", value, [self.spec.path, self.spec.ckpt_dir, self.spec.runs_root()])
+        except RequestRefused:
+            return False
+        return os.path.isfile(value)
+
+    def check_params(self, params: Mapping[str, Any]) -> None:
+        """A client's ``/train`` parameters (as the endpoint receives them)."""
+        check_params(params, self.accepted_params(), f"/train/{self.spec.name} params")
+
+    def check_request(self, request: Mapping[str, Any]) -> None:
+        """The whole request MONAI Label hands the task: the client's parameters plus what its server adds (the
+        model, its bundle folder, the process's ``local_rank``)."""
+        if request.get("model") != self.spec.name or request.get("bundle_path", self.spec.path) != self.spec.path:
+            raise RequestRefused(f"/train/{self.spec.name}: the request names another model or bundle folder")
+        check_params({"local_rank": request.get("local_rank", 0)}, {"local_rank": number(int, 0, 1024)}, "request")
+        self.check_params({k: v for k, v in request.items() if k not in ("model", "bundle_path", "local_rank")})
+
     def stats(self) -> dict[str, Any]:
         """The last epoch of the latest ``/train`` run (``history.csv``) and the served model's time stamp."""
         out: dict[str, Any] = {}
@@ -191,6 +296,7 @@ class TppTrainTask(BundleTrainTask):
         return out
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        self.check_request(request)
         request = dict(request)
         request["run_id"] = request.get("run_id") or RUN_ID
         name = request.get("model_filename") or MODEL_FILE
@@ -216,9 +322,13 @@ class TppTrainTask(BundleTrainTask):
         return path
 
     def _publish(self, model: str) -> None:
-        """Replace the served model by the run's best one (copy + rename: inference never reads a partial file)."""
+        """Replace the served model by the run's best one (copy + rename: inference never reads a partial file),
+        provided every validation score of the run is finite."""
         if not os.path.isfile(model):
             raise RuntimeError(f"{self.spec.name}: the run in {self.run_dir} finished without a best model ({model})")
+        key = next(iter(self.bundle_config.get("validate#key_metric")))
+        score = check_scores(os.path.join(self.run_dir, "history.csv"), key)
+        logger.info("%s: best %s %.4f", self.spec.name, key, score)
         os.makedirs(self.spec.ckpt_dir, exist_ok=True)
         partial = self.spec.model_path + ".partial"
         shutil.copyfile(model, partial)
@@ -256,6 +366,26 @@ class TppTrainTask(BundleTrainTask):
             )
         return records
 
+    def _partition_datalist(self, datalist: Records, request: Mapping[str, Any],
+                            shuffle: bool = False) -> tuple[Records, Records | None]:  # fmt: skip
+        """Classification: a split per class (:func:`~tpp_monai.label.guard.stratified_split`). Segmentation:
+        MONAI Label's split, refused unless the training masks hold every foreground class."""
+        val_split = float(request.get("val_split", 0.2))
+        if self.kind == "classification":
+            return stratified_split(datalist, self.classes, val_split)
+        train, val = super()._partition_datalist(datalist, request, shuffle)
+        foreground = self.classes if len(self.classes) == 1 else self.classes[1:]
+        values = set()
+        for rec in train:
+            values |= {int(v) for v in np.unique(convert_to_numpy(LoadImage(image_only=True)(rec["label"])))}
+        missing = missing_classes({v - 1 for v in values if v > 0}, foreground)
+        if missing:
+            raise RequestRefused(
+                f"{self.spec.name}: no training mask holds class {', '.join(missing)} (values found: "
+                f"{sorted(values)}); label images showing every class before training"
+            )
+        return train, val
+
     def _update_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
         train = overrides.pop(self.const.key_train_dataset_data())
         val = overrides.pop(self.const.key_validate_dataset_data(), None)
@@ -271,16 +401,19 @@ class TppTrainTask(BundleTrainTask):
             dataset_dir=self.run_dir,
             output_dir=self.run_dir,
             ckpt_dir=os.path.join(self.run_dir, "models"),
+            val_interval=1,  # every epoch's score in history.csv: _publish checks them before the model is served
         )
         continues = bool(self._request.get("pretrained", True)) and os.path.isfile(self._request["model_filename"])
         if continues:  # the served model holds every weight: no backbone or TPP file is needed to build it
-            overrides.update(backbone_ckpt="none", tpp_ckpt="none")
+            overrides.update(backbone_ckpt=FROM_MODEL_FILE, tpp_ckpt="none")
         for key in ("backbone_ckpt", "tpp_ckpt"):  # or as the request says
             if self._request.get(key):
                 overrides[key] = self._request[key]
         return overrides
 
     def run_single_gpu(self, request: Mapping[str, Any], overrides: dict[str, Any]) -> None:
+        # The last gate before the config parser: only MONAI Label's own handler list may hold expressions.
+        refuse_expressions({k: v for k, v in overrides.items() if k != self.const.key_train_handlers()}, "overrides")
         monai.bundle.run(
             run_id=request.get("run_id") or RUN_ID,
             init_id=None,

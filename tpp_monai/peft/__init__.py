@@ -5,6 +5,12 @@ for BitFit the biases it selects. :func:`target_parameter_names` applies that ru
 it: :func:`mark_trainable` (requires_grad and the optimizer's parameters), :func:`target_state` (what the TPP stage
 saves: target tensors only, with the method, options and backbone recorded), :func:`load_target_state` (what
 fine-tuning loads, refusing another method, options or backbone) and the parameter counts of ``params``.
+Frozen backbone in train mode, for every method and both stages: the backbone's DropPath (0.1 in MedCoSS) and
+MedCoSS's random temporal position row stay active while the target parameters train, because the framework TPP
+follows, MedCoSS fine-tuning, trains its model in train mode with DropPath 0.1, and the official recipes of
+AdaptFormer, SSF, EVP and DTL keep their frozen ViT in train mode (DropPath at the rate they configure: SSF 0-0.2,
+DTL 0.1). Only official VPT overrides ``train()`` to hold its frozen encoder in eval mode; one rule for all methods
+keeps the methods comparable, as the paper's tables compare them.
 """
 
 from __future__ import annotations

@@ -4,9 +4,11 @@ The module follows the released ``ConvAdapter`` ("Design 2 v4", Hhhhhhao/Conv-Ad
 ``models/tuning_modules/conv_adapter.py``; ``shared/reference/stunet.md`` §2.1) in 3D: a grouped k x k x k conv
 ``C_in -> C_in/gamma`` with ``groups = C_in/gamma`` (each output channel filters gamma input channels), an activation,
 a 1x1x1 conv to ``C_out`` and a learnable per-channel scale. Released names ``conv1/act/conv2/se`` are called
-``down/act/up/scale`` here. As released, the convs keep PyTorch's default init and the scale starts at 1.0, so the
-adapted network differs from the pre-trained one before training (``identity_at_init=False``); ``scale_init=0``
-gives an exact identity at the start instead.
+``down/act/up/scale`` here. Initialisation as released: the released ResNet's init loop runs after the adapters are
+built and re-initialises every conv, theirs included (``models/backbones/resnet.py``: Kaiming normal, ``fan_out``,
+ReLU gain, zero bias), so both adapter convs get ``N(0, 2 / fan_out)`` weights and zero biases here too; the scale
+starts at 1.0, so the adapted network differs from the pre-trained one before training (``identity_at_init=False``);
+``scale_init=0`` gives an exact identity at the start instead.
 
 Placement (``stunet.md`` §2.4; TPP does not say which it used): default ``"conv2"``, Conv-Parallel on the second conv
 of every residual block, in the encoder and the decoder. It is the 3D analogue of the released ResNet-Bottleneck
@@ -79,6 +81,9 @@ class ConvAdapter3d(nn.Module):
         self.act = _ACTIVATIONS[activation]()
         self.up = nn.Conv3d(width, out_ch, 1)
         self.scale = nn.Parameter(torch.full((1, out_ch, 1, 1, 1), float(scale_init)))
+        for conv in (self.down, self.up):  # the released init (module docstring)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.up(self.act(self.down(x))) * self.scale

@@ -1,9 +1,10 @@
 """Explicit Visual Prompting (Liu et al. 2023), ViT variant.
 
-Per-patch prompts built from two frozen-backbone-independent features: a linear "embedding tune" of the patch tokens
-and a new patch embedding of the image's high-frequency component (FFT, zero a centred low-frequency square of side
-``2*floor(sqrt(H*W*freq_nums)/2)``, inverse FFT, magnitude). Block i adds ``shared_up(mlp_i(F_pe + F_hfc))`` to the
-patch tokens. The Ratio column fits scale factor 4 (``methods.md`` §2.8).
+Per-patch prompts built from two frozen-backbone-independent features: a linear "embedding tune" of the raw patch
+projection (the patch conv's output, before position embeddings and MedCoSS's tokenizer LayerNorm, as official EVP's
+``init_embeddings(self.patch_embed(x))``) and a new patch embedding of the image's high-frequency component (FFT,
+zero a centred low-frequency square of side ``2*floor(sqrt(H*W*freq_nums)/2)``, inverse FFT, magnitude). Block i
+adds ``shared_up(mlp_i(F_pe + F_hfc))`` to the patch tokens. The Ratio column fits scale factor 4 (``methods.md`` §2.8).
 
 Under MAE masking the prompts are gathered with the same kept indices as the tokens, and the high-frequency
 component is computed on the image with the masked patches zeroed, so no masked content leaks into the encoder.
@@ -80,7 +81,8 @@ class ExplicitPrompts(EncoderTuner):
     def begin(self, x: Tensor, layout: TokenLayout) -> Tensor:
         hfc = high_frequency(_zero_masked_patches(layout.image, layout, self.patch), self.freq_nums)
         hfc_tokens = self.prompt_generator(hfc).flatten(2).transpose(1, 2)  # [B, N, hidden], all patches
-        features = self.embedding_generator(x[:, layout.num_prefix :]) + layout.gather_patches(hfc_tokens)
+        embedding = self.embedding_generator(layout.gather_patches(layout.patch_embedding))  # visible patches
+        features = embedding + layout.gather_patches(hfc_tokens)
         layout.cache["evp"] = features
         return x
 

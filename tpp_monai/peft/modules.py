@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from tpp_monai.errors import ConfigError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+HOULSBY_STD = 1e-3  # adapter-bert's adapter_init_scale
 
 
 def activation(name: str) -> nn.Module:
@@ -23,7 +24,9 @@ def activation(name: str) -> nn.Module:
 class Bottleneck(nn.Module):
     """``up(dropout(act(down(x))))``; ``up`` starts at zero (LoRA-style init) so the module starts as zero output.
 
-    ``init="houlsby"`` draws both projections from N(0, 1e-2) instead (near-identity, Houlsby et al. 2019).
+    ``init="houlsby"`` draws both projections from adapter-bert's near-identity init instead (Houlsby et al. 2019,
+    ``feedforward_adapter``: TensorFlow's ``truncated_normal_initializer(stddev=1e-3)``, i.e. N(0, 1e-3) truncated
+    at two standard deviations), biases zero.
     """
 
     def __init__(self, dim: int, hidden: int, act: str = "relu", dropout: float = 0.0, init: str = "lora") -> None:
@@ -36,8 +39,8 @@ class Bottleneck(nn.Module):
             nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
             nn.init.zeros_(self.up.weight)
         elif init == "houlsby":
-            nn.init.normal_(self.down.weight, std=1e-2)
-            nn.init.normal_(self.up.weight, std=1e-2)
+            for linear in (self.down, self.up):
+                nn.init.trunc_normal_(linear.weight, std=HOULSBY_STD, a=-2 * HOULSBY_STD, b=2 * HOULSBY_STD)
         else:
             raise ConfigError(f"unknown adapter init {init!r}; valid: lora, houlsby")
         nn.init.zeros_(self.down.bias)

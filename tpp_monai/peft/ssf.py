@@ -4,6 +4,12 @@ Placement (the paper's Ratio implies 204 vectors of width 768 on ViT-B/16, fewer
 ``methods.md`` §2.4 leaves the exact sites open): in every block after ``norm1``, the attention output projection,
 ``norm2``, ``fc1`` (4x wide) and ``fc2`` (8 units of 768, 96 pairs); plus six global pairs after the patch
 projection, at the tokenizer output and on the outputs of the four feature-tap layers (4, 7, 10, 12).
+
+The tap pairs scale and shift the residual stream itself, so blocks after layers 4, 7 and 10 read the transformed
+tokens. Official SSF has no such site (its global pair sits after the final norm and feeds only the head); kept on
+purpose: the Ratio column counts these pairs in classification and segmentation alike, and the TPP stage's pretext
+reads only the encoder output, so pairs that transformed only the UNETR skips would never be pre-trained (and in
+classification never trained); on the stream every pair trains in every task and stage.
 """
 
 from __future__ import annotations

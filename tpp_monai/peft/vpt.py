@@ -3,6 +3,10 @@
 The token sequence is ``[class token?, prompts, patches]``; before block i the previous prompt outputs are replaced
 by block i's prompts. Prompts never reach a head or decoder: the encoder removes them before returning, and feature
 taps (UNETR skips) carry patch tokens only. The Ratio column fits 10 prompts per layer (``methods.md`` §2.3).
+
+Prompt dropout draws a mask per sample (official VPT). Unlike official VPT, whose ``train()`` keeps the frozen
+encoder in eval mode, the frozen backbone trains in train mode with MedCoSS's DropPath 0.1 active, as for every
+method here (the project-wide rule, :mod:`tpp_monai.peft`).
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ class DeepPrompts(EncoderTuner):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def _prompt(self, index: int, batch: int) -> Tensor:
-        return self.dropout(self.prompts[index]).unsqueeze(0).expand(batch, -1, -1)
+        # dropout after the batch expansion, as official VPT: every sample draws its own mask
+        return self.dropout(self.prompts[index].unsqueeze(0).expand(batch, -1, -1))
 
     def begin(self, x: Tensor, layout: TokenLayout) -> Tensor:
         p = layout.num_prefix

@@ -10,21 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from tpp_monai.engines import plain_tensor
 from tpp_monai.errors import ConfigError, unknown_choice
 from tpp_monai.peft import load_target_state, target_state
-from tpp_monai.pretext.dino import DINOLoss, DINOPretext
+from tpp_monai.pretext.dino import DINOLoss, DINOPretext, dino_cosine_schedule, teacher_temp_schedule
 from tpp_monai.pretext.mae import MAEPretext, MaskedPatchLoss
 
 PRETEXTS = ("mae", "dino")
-# DINO's defaults (main_dino.py): head geometry, multi-crop, teacher momentum and temperatures, clipping.
+# DINO's defaults (main_dino.py): head geometry, multi-crop, teacher momentum and temperatures, per-tensor gradient
+# clipping, the learning rate's end value.
 DINO_DEFAULTS = {
     "out_dim": 65536, "hidden_dim": 2048, "bottleneck_dim": 256, "global_size": 224, "local_size": 96, "num_local": 8,
     "momentum_teacher": 0.996, "teacher_temp": 0.04, "warmup_teacher_temp": 0.04, "warmup_teacher_temp_epochs": 0,
-    "student_temp": 0.1, "clip_grad": 3.0, "freeze_last_layer": 1,
+    "student_temp": 0.1, "clip_grad": 3.0, "freeze_last_layer": 1, "min_lr": 1e-6,
     # DeSD-style student heads on the further feature levels (STU-Net's decoder levels; ViTs have none)
     "level_heads": True,
 }  # fmt: skip
@@ -59,6 +61,32 @@ def _dino(options: Mapping | None) -> dict:
     if unknown:
         raise unknown_choice("DINO option", sorted(unknown)[0], DINO_DEFAULTS, "dino")
     return {**DINO_DEFAULTS, **options}
+
+
+# AdamW betas of each pretext's official recipe: MAE's (MedCoSS pre-training) and PyTorch's defaults (main_dino.py
+# builds ``torch.optim.AdamW(params_groups)`` without betas).
+ADAMW_BETAS = {"mae": (0.9, 0.95), "dino": (0.9, 0.999)}
+
+
+def adamw_betas(pretext: str) -> list[float]:
+    """The AdamW betas of ``pretext``'s official recipe (MAE (0.9, 0.95); DINO PyTorch's (0.9, 0.999))."""
+    return list(ADAMW_BETAS[check_pretext(pretext)])
+
+
+def lr_schedule(
+    pretext: str, base: float, epochs: int, iters_per_epoch: int, warmup_epochs: float, dino: Mapping | None = None
+) -> np.ndarray:
+    """Per-iteration learning rates by the pretext's official rule.
+
+    MAE (MedCoSS ``util/lr_sched.py``): ``lr = base * t / warmup`` for the fractional epoch ``t`` in the warm-up (so
+    its last warm-up step is one step short of ``base``), then half-cosine to 0. DINO (``utils.cosine_scheduler``):
+    a linear warm-up that reaches ``base`` on its last step, then half-cosine to ``min_lr`` (1e-6).
+    """
+    from tpp_monai.handlers import cosine_schedule
+
+    if check_pretext(pretext) == "mae":
+        return cosine_schedule(base, 0.0, int(epochs), int(iters_per_epoch), warmup_epochs)
+    return dino_cosine_schedule(base, _dino(dino)["min_lr"], int(epochs), int(iters_per_epoch), int(warmup_epochs))
 
 
 def build_pretext(
@@ -156,13 +184,12 @@ class PretextHandlers:
 
         d = self.dino
         momentum = cosine_schedule(d["momentum_teacher"], 1.0, self.epochs, self.iters)
-        warm = min(self.epochs, int(d["warmup_teacher_temp_epochs"]))
-        temps = cosine_schedule(d["teacher_temp"], d["teacher_temp"], self.epochs, self.iters, warm,
-                                d["warmup_teacher_temp"])  # fmt: skip
+        temps = teacher_temp_schedule(d["warmup_teacher_temp"], d["teacher_temp"], int(d["warmup_teacher_temp_epochs"]),
+                                      self.epochs, self.iters)  # fmt: skip
         trainable = [p for p in self.net.student.parameters() if p.requires_grad]
         handlers = [TeacherEMAHandler(self.net, momentum), ValueScheduleHandler(self.loss, "teacher_temp", temps)]
-        if d["clip_grad"]:
-            handlers.append(GradientClipHandler(trainable, d["clip_grad"]))
+        if d["clip_grad"]:  # DINO clips each tensor's gradient norm (utils.clip_gradients), not their global norm
+            handlers.append(GradientClipHandler(trainable, d["clip_grad"], per_tensor=True))
         if d["freeze_last_layer"]:
             last_layers = nn.ModuleList(head.last_layer for head in self.net.heads())  # every student head's
             handlers.append(FreezeLastLayerHandler(last_layers, d["freeze_last_layer"]))
@@ -221,8 +248,10 @@ __all__ = [
     "PretextBatch",
     "PretextHandlers",
     "TargetStateView",
+    "adamw_betas",
     "build_pretext",
     "export_backbone",
+    "lr_schedule",
     "pretext_loss",
     "pretext_transforms",
     "resume_state",

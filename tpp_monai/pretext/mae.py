@@ -44,6 +44,22 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, device: torc
     return ids_shuffle[:, :keep], ids_restore, torch.gather(mask, 1, ids_restore)
 
 
+def sincos_2d(dim: int, grid: int) -> Tensor:
+    """MAE's 2D sine-cosine position table ``[grid * grid, dim]`` (half the channels for rows, half for columns).
+
+    A decoder whose position table starts at zeros, as MedCoSS's, sees every mask token alike until that table
+    has been learnt: a short pre-training (the demo's upstream stand-in) or a new decoder then predicts each hidden
+    patch's mean and its normalised-pixel loss stays at ~1.0.
+    """
+    if dim % 4:
+        raise ConfigError(f"MAE decoder width {dim} must be a multiple of 4 for the 2D sin-cos position table")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")  # fmt: skip
+    parts = [f(pos.reshape(-1, 1) * omega) for pos in (rows, cols) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, dim=1).float()
+
+
 class MAEDecoder(nn.Module):
     """The MedCoSS MAE decoder (2D path), with its checkpoint parameter names."""
 
@@ -62,6 +78,8 @@ class MAEDecoder(nn.Module):
         self.decoder_norm = nn.LayerNorm(dim, eps=1e-6)
         self.decoder_pred_2D = nn.Linear(dim, patch * patch * in_chans)
         nn.init.normal_(self.mask_token, std=0.02)
+        with torch.no_grad():  # MAE's fixed 2D sin-cos table as the start of MedCoSS's learned one (zeros there)
+            self.decoder_pos_embed_2D[0, 1:] = sincos_2d(dim, round(num_patches**0.5))
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)

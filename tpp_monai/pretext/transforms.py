@@ -1,19 +1,21 @@
 """Random views for the pretext stages, on top of each dataset's deterministic loading chain.
 
-* MAE: a random resized crop (area 0.2-1, bicubic) to the pretext size and a horizontal flip, as MedCoSS's MAE.
+* MAE: a random resized crop (area 0.2-1, anti-aliased bicubic) to the pretext size and a horizontal flip, as
+  MedCoSS's MAE.
 * DINO: two global crops (area 0.4-1) and ``num_local`` local crops (0.05-0.4), each flipped, colour-jittered
-  (0.4, 0.4, 0.2, 0.1; p 0.8), greyscaled (p 0.2), blurred (p 1.0 / 0.1 / 0.5) and, for the second global crop,
-  solarised (p 0.2), as DINO's ``DataAugmentationDINO``. Colour operations run on [0, 1] intensities; datasets
-  whose fine-tuning input is z-scored (2D segmentation) are z-scored per crop afterwards, so every crop has the
-  intensity statistics the fine-tuning stage feeds the backbone.
+  (0.4, 0.4, 0.2, 0.1; p 0.8), greyscaled (p 0.2), blurred (one sigma in 0.1-2 for both axes; p 1.0 / 0.1 / 0.5)
+  and, for the second global crop, solarised (p 0.2), as DINO's ``DataAugmentationDINO``. Colour operations run on
+  [0, 1] intensities; datasets whose fine-tuning input is z-scored (2D segmentation) are z-scored per crop
+  afterwards, so every crop has the intensity statistics the fine-tuning stage feeds the backbone.
 * DINO on 3D CT (:func:`dino_transforms_3d`; the STU-Net arm, paper §5.4): after the fine-tuning loading chain
   (RAS, 0.8 x 0.8 x 1.5 mm, per-volume z-score: the intensities STU-Net's frozen weights saw) the volume is cropped
   to its body (voxels above the volume mean), and one region of 1.5x the global crop in-plane is drawn; every view
   comes from that region, so global and local views overlap (DeSD draws all crops from one pre-crop). Each view is
   a random box with in-plane scale jitter (the slice axis is never rescaled), resized to the view size (sizes
   respecting STU-Net's divisibility and bottleneck rules, checked by the pretext network), flipped on every axis,
-  and given DeSD's intensity set: Gaussian noise, blur (DINO's p 1.0 / 0.1 / 0.5 for global 1 / global 2 / local),
-  multiplicative brightness 0.75-1.25, additive shift and gamma contrast.
+  and given DeSD's intensity set: Gaussian noise, blur (one sigma for all axes as batchgenerators' default; DINO's
+  p 1.0 / 0.1 / 0.5 for global 1 / global 2 / local), multiplicative brightness 0.75-1.25, additive shift and gamma
+  contrast.
 """
 
 from __future__ import annotations
@@ -23,16 +25,17 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
     CropForegroundd,
+    GaussianSmooth,
     MapTransform,
     NormalizeIntensity,
     RandAdjustContrastd,
     RandFlipd,
     RandGaussianNoised,
-    RandGaussianSmoothd,
     Randomizable,
     RandomizableTransform,
     RandScaleIntensityd,
@@ -52,8 +55,11 @@ from tpp_monai.errors import ConfigError
 class RandResizedCropd(Randomizable, MapTransform):
     """Crop a random area fraction and aspect ratio, then resize to ``size`` (torchvision's RandomResizedCrop).
 
-    MONAI's ``RandSpatialCrop`` draws each side independently and has no area/aspect parametrisation, which the MAE
-    and DINO recipes specify, hence this transform.
+    The box follows torchvision's ``get_params`` (10 draws; else its fallback, a central crop of the whole image
+    clamped to the aspect-ratio range). The resize is bicubic with anti-aliasing (PyTorch's ``antialias=True``, the
+    PIL filter that torchvision applies to PIL images), so a downscaled crop is low-pass filtered as in MAE and DINO.
+    MONAI's ``RandSpatialCrop`` draws each side independently and has no area/aspect parametrisation, and MONAI's
+    ``Resize`` has no PIL-style anti-aliased bicubic, hence this transform.
     """
 
     def __init__(
@@ -61,8 +67,7 @@ class RandResizedCropd(Randomizable, MapTransform):
         ratio: tuple[float, float] = (3 / 4, 4 / 3), mode: str = "bicubic",
     ) -> None:  # fmt: skip
         super().__init__(keys)
-        self.scale, self.ratio = scale, ratio
-        self.resize = Resize(spatial_size=tuple(size), mode=mode)
+        self.size, self.scale, self.ratio, self.mode = tuple(int(v) for v in size), scale, ratio, mode
         self._box = (0, 0, 1, 1)
 
     def randomize(self, shape: Sequence[int]) -> None:
@@ -75,8 +80,7 @@ class RandResizedCropd(Randomizable, MapTransform):
             if 0 < cw <= w and 0 < ch <= h:
                 self._box = (int(self.R.randint(0, h - ch + 1)), int(self.R.randint(0, w - cw + 1)), ch, cw)
                 return
-        side = min(h, w)  # fall back to a central crop, as torchvision does
-        self._box = ((h - side) // 2, (w - side) // 2, side, side)
+        self._box = central_crop_box(h, w, self.ratio)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
@@ -84,7 +88,45 @@ class RandResizedCropd(Randomizable, MapTransform):
         self.randomize(first.shape[-2:])
         top, left, ch, cw = self._box
         for key in self.key_iterator(d):
-            d[key] = self.resize(d[key][..., top : top + ch, left : left + cw])
+            crop = torch.as_tensor(d[key][..., top : top + ch, left : left + cw]).float()
+            d[key] = F.interpolate(crop[None], size=self.size, mode=self.mode, antialias=True, align_corners=False)[0]
+        return d
+
+
+def central_crop_box(h: int, w: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop fallback ``(top, left, height, width)``: the whole image, clamped to the
+    aspect-ratio range (width / height) by cropping the longer side, centred."""
+    aspect = w / h
+    if aspect < min(ratio):
+        cw, ch = w, round(w / min(ratio))
+    elif aspect > max(ratio):
+        cw, ch = round(h * max(ratio)), h
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+class RandIsotropicGaussianSmoothd(RandomizableTransform, MapTransform):
+    """Gaussian blur with one sigma drawn from ``sigma`` for all spatial axes (DINO's ``GaussianBlur``: one PIL
+    radius per image). MONAI's ``RandGaussianSmoothd`` draws a sigma per axis independently, hence this transform."""
+
+    def __init__(self, keys: KeysCollection, sigma: tuple[float, float] = (0.1, 2.0), prob: float = 0.5) -> None:
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys)
+        self.sigma_range = sigma
+        self.sigma = float(sigma[0])
+
+    def randomize(self, data: object = None) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            self.sigma = float(self.R.uniform(*self.sigma_range))
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        self.randomize()
+        if self._do_transform:
+            for key in self.key_iterator(d):
+                d[key] = GaussianSmooth(sigma=self.sigma)(d[key])
         return d
 
 
@@ -168,7 +210,7 @@ def dino_transforms(
             RandFlipd(keys="image", spatial_axis=W_AXIS, prob=0.5),
             RandColorJitterd(keys="image", prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1),
             RandGrayscaled(keys="image", prob=0.2),
-            RandGaussianSmoothd(keys="image", sigma_x=(0.1, 2.0), sigma_y=(0.1, 2.0), prob=blur),
+            RandIsotropicGaussianSmoothd(keys="image", sigma=(0.1, 2.0), prob=blur),
         ]
         if solarize:
             steps.append(RandSolarized(keys="image", prob=solarize))
@@ -230,9 +272,7 @@ def dino_transforms_3d(
                 RandInPlaneScaledCropd(keys="image", size=size, scale=scale),
                 *(RandFlipd(keys="image", spatial_axis=a, prob=0.5) for a in range(3)),
                 RandGaussianNoised(keys="image", prob=0.1, std=0.1),
-                RandGaussianSmoothd(
-                    keys="image", sigma_x=(0.1, 2.0), sigma_y=(0.1, 2.0), sigma_z=(0.1, 2.0), prob=blur
-                ),
+                RandIsotropicGaussianSmoothd(keys="image", sigma=(0.1, 2.0), prob=blur),
                 RandScaleIntensityd(keys="image", factors=0.25, prob=0.8),
                 RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
                 RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),

@@ -72,7 +72,11 @@ def check_settings(
 
 def check_output(output_dir: str, resume: bool, ckpt_dir: str | None = None) -> None:
     """Refuse to overwrite an earlier run silently: its checkpoints (and, for fine-tuning, its best model) stay
-    unless the run is resumed; a resume without checkpoints starts from the beginning."""
+    unless the run is resumed; a resume without checkpoints starts from the beginning. The folders are locked for
+    this run first (:func:`tpp_monai.run_folder.claim_folders`)."""
+    from tpp_monai.run_folder import claim_folders
+
+    claim_folders(output_dir, ckpt_dir)
     if resume:
         return
     earlier = sorted((Path(output_dir) / "checkpoints").glob("*.pt"))

@@ -115,3 +115,10 @@ def image_meta(batch: list) -> list:
     """The image metadata of every item of a decollated batch (the file names in ``metrics.csv`` and
     ``predictions.csv``)."""
     return [item["image"].meta for item in batch]
+
+
+def progress_bars() -> bool:
+    """Whether to draw progress bars: on a terminal, on rank 0 (a log file would collect every carriage return)."""
+    import sys
+
+    return sys.stderr.isatty() and int(os.environ.get("RANK", "0")) == 0

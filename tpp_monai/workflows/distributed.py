@@ -39,6 +39,41 @@ def init_distributed(enabled: bool = True) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     idist.get_rank()
+    quiet_other_ranks()
+
+
+def quiet_other_ranks() -> None:
+    """Under torchrun only rank 0 logs below WARNING (every rank runs the same steps, so its INFO lines would
+    repeat rank 0's); the warnings and errors of the other ranks name their rank."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        return
+    logging.disable(logging.INFO)
+    make_record = logging.getLogRecordFactory()
+    if getattr(make_record, "_tpp_rank", False):
+        return
+
+    def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        record.msg = f"[rank {rank}] {record.msg}"
+        return record
+
+    factory._tpp_rank = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
+
+
+def has_unused_trainable(model: object) -> bool:
+    """Whether a trainable tensor of ``model`` is never used by its forward pass (the backbones name theirs, e.g.
+    MedCoSS's 3D patch embedding, trained by BitFit and full fine-tuning): DDP must then search for unused
+    parameters every step (``find_unused_parameters``), and otherwise it only warns that the search found none."""
+    unused = set()
+    for prefix, module in model.named_modules():
+        names = getattr(module, "unused_parameter_names", None)
+        if callable(names):
+            unused |= {f"{prefix}.{n}" if prefix else n for n in names()}
+    return any(p.requires_grad for n, p in model.named_parameters() if n in unused)
 
 
 def assert_replicas_agree(model: object, names: list[str] | None = None) -> None:

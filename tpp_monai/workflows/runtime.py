@@ -96,7 +96,7 @@ def activation_checkpointing(model: object, enabled: bool) -> int:
     if enabled and not count:
         raise ConfigError(
             f"activation checkpointing is available for the ViT backbones, not {type(model).__name__}; "
-            "leave --activation_checkpointing false"
+            "leave --activation_checkpointing False"
         )
     return count
 

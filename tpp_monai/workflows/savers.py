@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 from ignite.engine import Engine, Events
@@ -13,14 +14,19 @@ from tpp_monai.handlers import is_rank0
 
 
 def record_settings(output_dir: str, settings: dict) -> None:
-    """Write the run's resolved settings (seed included) to ``<output_dir>/settings.json`` (rank 0)."""
+    """Write the run's resolved settings (seed included) to ``<output_dir>/settings.json`` (rank 0); a resumed run
+    must match the recorded ones first (:func:`tpp_monai.run_folder.check_resume_settings`)."""
     from tpp_monai.handlers import is_rank0
+    from tpp_monai.run_folder import check_resume_settings
 
     if not is_rank0():
         return
+    check_resume_settings(output_dir, settings, settings.get("resume"))
     path = Path(output_dir)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
+    tmp = path / f".settings.json.tmp{os.getpid()}"  # renamed into place: a kill never leaves half a record
+    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path / "settings.json")
 
 
 def run_info(**settings: object) -> dict:
@@ -48,7 +54,7 @@ def trainable_state(model: object) -> object:
     return PartialState(model, [n for n, p in model.named_parameters() if p.requires_grad])
 
 
-def mask_saver(output_dir: str, folder: str = "") -> object:
+def mask_saver(output_dir: str, key: str = "pred", folder: str = "") -> object:
     """``SaveImaged`` writing binary masks as 8-bit PNGs ``<name>_mask.png`` in the input's own orientation.
 
     The 2D chains read images as ``(C, H, W)`` arrays without MONAI's default axis swap (``reverse_indexing=False``,
@@ -57,7 +63,7 @@ def mask_saver(output_dir: str, folder: str = "") -> object:
     import numpy
     from monai.transforms import SaveImaged
 
-    saver = SaveImaged(keys="pred", output_dir=str(Path(output_dir) / folder), output_postfix="mask",
+    saver = SaveImaged(keys=key, output_dir=str(Path(output_dir) / folder), output_postfix="mask",
                        output_ext=".png", separate_folder=False, resample=False, scale=255, output_dtype=numpy.uint8,
                        writer="PILWriter", print_log=False)  # fmt: skip
     return saver.set_options(write_kwargs={"reverse_indexing": False})
@@ -65,12 +71,16 @@ def mask_saver(output_dir: str, folder: str = "") -> object:
 
 def nifti_saver(output_dir: str) -> object:
     """``SaveImaged`` writing label maps ``<name>_seg.nii.gz`` (uint8) with the metadata the prediction carries: after
-    ``Invertd`` that is the input's own affine and shape, so no resampling happens here."""
+    ``Invertd`` that is the input's own affine and shape, so no resampling happens here; the input's qform and
+    sform codes are kept."""
     import numpy
     from monai.transforms import SaveImaged
 
+    from tpp_monai.writers import HeaderKeepingNiftiWriter
+
     return SaveImaged(keys="pred", output_dir=output_dir, output_postfix="seg", output_ext=".nii.gz",
-                      output_dtype=numpy.uint8, resample=False, separate_folder=False, print_log=False)  # fmt: skip
+                      output_dtype=numpy.uint8, resample=False, separate_folder=False, print_log=False,
+                      writer=HeaderKeepingNiftiWriter)  # fmt: skip
 
 
 class PerCaseWriter:

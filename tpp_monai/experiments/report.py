@@ -1,0 +1,665 @@
+"""``experiment report``: an experiment folder -> the paper's table layout, the TPP gain with its interval, plots.
+
+Reads ``<exp_dir>/plan.json`` and every ``runs/<stage>/<run_key>/run.json`` (the layout of
+``experiments-contract.md``). Evaluated runs (status ``done`` with a readable ``metrics.json``) are grouped by
+(dataset, method, init, label fraction); each group gives mean ± sample std over its seeds. Every non-random
+initialisation is paired with ``random`` on the same (dataset, method, label fraction, seed) and summarised by
+:mod:`tpp_monai.experiments.stats` (gain, paired bootstrap 95 % interval, wins, a verdict in words). When the plan's
+``paper`` field names a transcribed table, the paper's numbers stand under ours. Runs that are missing, unfinished,
+failed or unreadable are listed, never fatal.
+
+Writes ``<exp_dir>/report/`` (or ``out_dir``): ``report.md``, ``report.json``, ``gain_<method>.png``,
+``fractions_<dataset>_<method>.png`` when several label fractions exist, and ``tpp_loss.png`` from the TPP stage's
+``history.csv``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from tpp_monai.errors import UserError
+from tpp_monai.experiments import paper, stats
+from tpp_monai.report import HIGHER_IS_BETTER, METRICS, load_runs, markdown_table
+
+STAGES = ("pretrain_tpp", "finetune", "evaluate")
+STANDARD_SETTINGS = ("dataset", "method", "init", "pretext", "source", "label_fraction", "seed", "backbone")
+STATUS_REASONS = {
+    "failed": "failed; see its log",
+    "running": "running, or interrupted (the same `experiment run` resumes it)",
+    "pending": "waiting for its inputs",
+}
+PLOT_PATTERNS = ("gain_*.png", "fractions_*.png", "tpp_loss.png")
+MAX_LISTED = 40  # report.md lists this many missing runs; report.json lists all
+LOSS_COLUMNS = ("pretext_loss", "loss", "train_loss")  # first one present in a TPP history.csv is plotted
+GroupKey = tuple  # (dataset, method, init, label_fraction, variant) with variant a sorted tuple of (key, value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the experiment folder
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_plan(exp_dir: Path) -> dict:
+    if not exp_dir.is_dir():
+        raise UserError(f"experiment folder {exp_dir} not found; pass the folder `experiment run` wrote (--out/NAME)")
+    plan = _read_json(exp_dir / "plan.json")
+    return plan if plan is not None else {"name": exp_dir.name, "paper": None}
+
+
+def _variant(settings: dict) -> tuple:
+    """The settings beyond the standard axes (e.g. a sub-grid's ``variant`` name), as a sortable key."""
+    return tuple(sorted((k, v) for k, v in settings.items() if k not in STANDARD_SETTINGS and v is not None))
+
+
+def _tpp_index(tpp_runs: list[dict]) -> dict[tuple, dict]:
+    """TPP stages by (dataset of their images, method, pretext, seed, backbone, variant): how the graph shares them."""
+    return {_tpp_key(r["settings"], r["settings"].get("dataset")): r for r in tpp_runs}
+
+
+def _tpp_key(settings: dict, images: str | None) -> tuple:
+    keys = ("method", "pretext", "seed", "backbone")
+    return (images, *(settings.get(k) for k in keys), _variant(settings))
+
+
+def _paper_variant(record: dict, settings: dict, tpp_index: dict[tuple, dict]) -> dict:
+    """Values of the settings that tell a paper table's rows apart (``mae_decoder``): from the overrides of the
+    evaluate run and of the TPP stage it used."""
+    overrides = dict(record.get("overrides") or {})
+    tpp = tpp_index.get(_tpp_key(settings, settings.get("source") or settings.get("dataset")))
+    if tpp is not None and str(settings.get("init", "")).startswith(("tpp-", "transfer:")):
+        overrides.update(tpp.get("overrides") or {})
+    return {k: overrides[k] for k in sorted(paper.variant_keys()) if k in overrides}
+
+
+def _problem(stage: str, folder: Path, status: str, reason: str, record: dict | None = None) -> dict:
+    log = (record or {}).get("log") or (str(folder / "log.txt") if (folder / "log.txt").exists() else None)
+    return {
+        "stage": stage,
+        "run_key": folder.name,
+        "status": status,
+        "reason": reason,
+        "log": log,
+        "attempts": (record or {}).get("attempts"),
+    }
+
+
+def collect(exp_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """(evaluated runs, TPP-stage runs, problems). An evaluated run is ``{"key", "folder", "settings", "variant",
+    "paper_variant", "metrics"}``; a TPP run ``{"key", "folder", "settings", "overrides", "status"}``."""
+    evaluated, tpp_runs, problems, done_evaluations = [], [], [], []
+    for stage in STAGES:
+        for folder in sorted((exp_dir / "runs" / stage).glob("*/")):
+            record = _read_json(folder / "run.json")
+            if record is None:
+                problems.append(_problem(stage, folder, "unreadable", "run.json missing or not JSON"))
+                continue
+            status = record.get("status", "?")
+            if stage == "pretrain_tpp":
+                tpp_runs.append({"key": folder.name, "folder": folder, "settings": record.get("settings") or {},
+                                 "overrides": record.get("overrides") or {}, "status": status})  # fmt: skip
+            if status != "done":
+                reason = STATUS_REASONS.get(status, f"recorded status {status!r}")
+                problems.append(_problem(stage, folder, status, reason, record))
+            elif stage == "evaluate":
+                done_evaluations.append((folder, record))
+    tpp_index = _tpp_index(tpp_runs)
+    for folder, record in done_evaluations:
+        try:
+            (run,) = load_runs([folder])
+        except UserError as exc:
+            problems.append(_problem("evaluate", folder, "unreadable", str(exc), record))
+            continue
+        metrics = {k: float(v) for k, v in run["metrics"].items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}  # fmt: skip
+        settings = record.get("settings") or {}
+        paper_variant = _paper_variant(record, settings, tpp_index)
+        evaluated.append({"key": folder.name, "folder": folder, "settings": settings, "variant": _variant(settings),
+                          "paper_variant": paper_variant, "metrics": metrics})  # fmt: skip
+    return evaluated, tpp_runs, problems
+
+
+def _not_started(plan: dict, exp_dir: Path) -> list[dict] | None:
+    """Runs of the plan's graph (``plan.json``'s ``graph``: key -> stage, folder) without a ``run.json``; None when
+    the plan does not list its graph."""
+    graph = plan.get("graph")
+    if not isinstance(graph, dict):
+        return None
+    missing = []
+    for key, node in graph.items():
+        stage = node.get("stage") if isinstance(node, dict) else None
+        if stage not in STAGES:
+            continue
+        folder = exp_dir / "runs" / stage / Path(str(node.get("folder") or key)).name  # the folder may have moved
+        if not (folder / "run.json").is_file():
+            missing.append({"stage": stage, "run_key": folder.name, "status": "not started", "log": None,
+                            "attempts": None, "reason": "no run folder yet"})  # fmt: skip
+    return missing
+
+
+def _fraction_order(fraction: float | None) -> tuple:
+    return (fraction is None, fraction or 0.0)
+
+
+def _fraction(value: object) -> float | None:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def _ordered(values: Iterable, preferred: list | None) -> list:
+    values = list(dict.fromkeys(values))
+    order = {v: i for i, v in enumerate(preferred or [])}
+    return sorted(values, key=lambda v: (order.get(v, len(order)), str(v)))
+
+
+# names a plan may use for a metric -> the key the evaluate workflow writes into metrics.json
+METRIC_ALIASES = {"accuracy": "acc", "hd": "hd95", "dice_mean": "mean_dice", "dice_organ": "organ_dice",
+                  "dice_tumour": "tumour_dice", "dice_tumor": "tumour_dice", "tumor_dice": "tumour_dice"}  # fmt: skip
+
+
+def _columns(runs: list[dict], plan: dict, notes: list[str]) -> list[tuple[str, str]]:
+    """(dataset, metric) pairs in the paper's order: the plan's datasets, each with the plan's metrics that its task
+    has (all of the task's metrics when the plan names none of them)."""
+    from tpp_monai.data.info import DATASETS
+
+    wanted = [METRIC_ALIASES.get(m, m) for m in plan.get("metrics") or []]
+    known = {m for ms in METRICS.values() for m in ms}
+    unknown = [m for m, w in zip(plan.get("metrics") or [], wanted) if w not in known]
+    if unknown:
+        notes.append(f"plan metrics {', '.join(unknown)} are not keys of metrics.json ({', '.join(sorted(known))}); "
+                     "ignored")  # fmt: skip
+    columns = []
+    for dataset in _ordered((r["settings"].get("dataset") for r in runs), plan.get("datasets")):
+        present = {m for r in runs if r["settings"].get("dataset") == dataset for m in r["metrics"]}
+        task_metrics = list(METRICS[DATASETS[dataset].task]) if dataset in DATASETS else sorted(present)
+        chosen = [m for m in task_metrics if m in wanted] or task_metrics
+        columns += [(dataset, m) for m in chosen if m in present]
+    return columns
+
+
+def _seed_order(seed: object) -> tuple:
+    return (0, seed, "") if isinstance(seed, (int, float)) else (1, 0, str(seed))
+
+
+def _groups(runs: list[dict]) -> dict[GroupKey, dict]:
+    """Group key -> {"by_seed": {seed: metrics}, "paper_variant": {...}}."""
+    groups: dict[GroupKey, dict] = {}
+    for r in runs:
+        s = r["settings"]
+        key = (s.get("dataset"), s.get("method"), s.get("init"), _fraction(s.get("label_fraction")), r["variant"])
+        group = groups.setdefault(key, {"by_seed": {}, "paper_variant": r["paper_variant"]})
+        group["by_seed"][s.get("seed")] = r["metrics"]
+    return groups
+
+
+def _group_stats(groups: dict[GroupKey, dict], columns: list[tuple[str, str]], tables: list[str]) -> list[dict]:
+    out = []
+    for (dataset, method, init, fraction, variant), group in groups.items():
+        by_seed = group["by_seed"]
+        for d, metric in columns:
+            if d != dataset:
+                continue
+            seeds = sorted((s for s in by_seed if metric in by_seed[s]), key=_seed_order)
+            if not seeds:
+                continue
+            values = [by_seed[s][metric] for s in seeds]
+            mean, std = stats.mean_std(values)
+            cell = None
+            if fraction == 1.0:  # the paper's tables are all at full labels
+                cell = paper.paper_cell(tables, dataset, metric, method, init, group["paper_variant"])
+            out.append({"dataset": dataset, "method": method, "init": init, "label_fraction": fraction,
+                        "variant": dict(variant), "paper_variant": group["paper_variant"], "metric": metric,
+                        "n": len(values), "mean": mean, "std": std, "seeds": seeds, "values": values,
+                        "paper": cell})  # fmt: skip
+    return out
+
+
+def _random_partner(groups: dict[GroupKey, dict], key: GroupKey) -> dict | None:
+    """The random-initialisation group a TPP group is paired with: the same variant, else the one without a variant
+    (a variant of the TPP stage, e.g. its MAE decoder, does not change a run without TPP)."""
+    dataset, method, _, fraction, variant = key
+    return groups.get((dataset, method, "random", fraction, variant)) or groups.get(
+        (dataset, method, "random", fraction, ())
+    )
+
+
+def _gains(groups: dict[GroupKey, dict], columns: list[tuple[str, str]], plan: dict) -> list[dict]:
+    out = []
+    for key, group in groups.items():
+        dataset, method, init, fraction, variant = key
+        partner = _random_partner(groups, key) if init != "random" else None
+        if partner is None:
+            continue
+        tpp_by_seed, random_by_seed = group["by_seed"], partner["by_seed"]
+        for d, metric in columns:
+            if d != dataset:
+                continue
+            seeds = sorted(
+                (s for s in tpp_by_seed if metric in tpp_by_seed[s] and metric in random_by_seed.get(s, {})),
+                key=_seed_order,
+            )
+            if not seeds:
+                continue
+            summary = stats.summarise_gain(metric, seeds, [tpp_by_seed[s][metric] for s in seeds],
+                                           [random_by_seed[s][metric] for s in seeds],
+                                           HIGHER_IS_BETTER.get(metric, True))  # fmt: skip
+            out.append({"dataset": dataset, "method": method, "init": init, "label_fraction": fraction,
+                        "variant": dict(variant), **summary.as_dict()})  # fmt: skip
+    column_order = {c: i for i, c in enumerate(columns)}
+    methods = _ordered((g["method"] for g in out), plan.get("methods"))
+    inits = _ordered((g["init"] for g in out), plan.get("init"))
+    datasets = list(dict.fromkeys(d for d, _ in columns))
+    out.sort(
+        key=lambda g: (
+            datasets.index(g["dataset"]),
+            methods.index(g["method"]),
+            inits.index(g["init"]),
+            str(g["variant"]),
+            _fraction_order(g["label_fraction"]),
+            column_order[(g["dataset"], g["metric"])],
+        )
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text
+
+
+def _fmt(mean: float, std: float | None, n: int) -> str:
+    return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "") + f" (n={n})"
+
+
+def _row_label(init: str, variant: dict) -> str:
+    return init + "".join(f", {k}={v}" for k, v in variant.items())
+
+
+def _results_tables(records: list[dict], columns: list[tuple[str, str]], plan: dict) -> list[str]:
+    lines = []
+    header = ["method", "init", *[f"{d} {stats.metric_name(m)}" for d, m in columns]]
+    fractions = sorted({r["label_fraction"] for r in records}, key=_fraction_order)
+    for fraction in fractions:
+        at = [r for r in records if r["label_fraction"] == fraction]
+        cells = {(r["method"], r["init"], tuple(r["variant"].items()), r["dataset"], r["metric"]): r for r in at}
+        rows_keys = _ordered(((r["method"], r["init"], tuple(r["variant"].items())) for r in at), None)
+        method_order, init_order = plan.get("methods") or [], plan.get("init") or []
+        rows_keys.sort(
+            key=lambda k: (
+                method_order.index(k[0]) if k[0] in method_order else len(method_order),
+                k[0],
+                init_order.index(k[1]) if k[1] in init_order else len(init_order),
+                k[1],
+                k[2],
+            )
+        )
+        rows = []
+        for method, init, variant in rows_keys:
+            got = [cells.get((method, init, variant, d, m)) for d, m in columns]
+            rows.append(
+                [
+                    method,
+                    _row_label(init, dict(variant)),
+                    *[_fmt(c["mean"], c["std"], c["n"]) if c else "-" for c in got],
+                ]
+            )
+            papers = [c["paper"] if c else None for c in got]
+            if any(papers):
+                tables = ", ".join(dict.fromkeys(p["table"] for p in papers if p))
+                labels = " / ".join(dict.fromkeys(p["label"] for p in papers if p))
+                rows.append([f"↳ paper, {tables}", labels, *[f"{p['value']:.2f}" if p else "-" for p in papers]])
+        lines += [f"### Label fraction {fraction}", "", markdown_table(header, rows), ""]
+    return lines
+
+
+def _markdown(result: dict, columns: list[tuple[str, str]], plan: dict) -> str:
+    lines = [f"# Experiment `{result['experiment']}`", ""]
+    if result["paper"]:
+        lines += [f"Reproduces: {result['paper']}.", ""]
+    lines += [f"Test-set metrics in percent (HD95 in pixels): mean ± {stats.STD_KIND}, n = number of seeds.", ""]
+    for note in result["notes"]:
+        lines += [f"- {note}"]
+    lines += ["", "## Results (the paper's layout: rows = method x initialisation, columns = dataset x metric)", ""]
+    if result["groups"]:
+        lines += _results_tables(result["groups"], columns, plan)
+    else:
+        lines += ["No evaluated run yet.", ""]
+    lines += [
+        "## TPP gain per method (paired over seeds)",
+        "",
+        f"Gain per seed = TPP minus random on the same seed (random minus TPP for HD95), so positive means TPP "
+        f"did better. 95 % interval: paired bootstrap over seeds, {stats.BOOTSTRAP_RESAMPLES} resamples, "
+        f"percentile method, RNG seed {stats.BOOTSTRAP_SEED} (scipy.stats.bootstrap). With few seeds the "
+        f"interval cannot extend beyond the observed per-seed gains.",
+        "",
+    ]
+    if result["gain"]:
+        rows = [
+            [
+                g["dataset"],
+                g["method"],
+                _row_label(g["init"], g["variant"]),
+                str(g["label_fraction"]),
+                stats.metric_name(g["metric"]),
+                _fmt(g["mean_random"], g["std_random"], g["n_seeds"]),
+                _fmt(g["mean_tpp"], g["std_tpp"], g["n_seeds"]),
+                g["verdict"],
+            ]
+            for g in result["gain"]
+        ]
+        lines += [
+            markdown_table(
+                ["dataset", "method", "TPP init", "label fraction", "metric", "random", "TPP", "verdict"], rows
+            ),
+            "",
+        ]
+    else:
+        lines += ["No pair of TPP and random runs on the same seed yet.", ""]
+    plots = result["plots"]
+    for title, prefix in (("Gain plots", "gain_"), ("Label-fraction curves", "fractions_")):
+        mine = [p for p in plots if Path(p).name.startswith(prefix)]
+        if mine:
+            lines += [f"## {title}", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in mine] + [""]
+    lines += ["## TPP stage: pretext loss", ""]
+    if result["tpp_loss_curves"]:
+        rows = [
+            [
+                c["run_key"],
+                str(c["epochs"]),
+                f"{c['first']:.4f}",
+                f"{c['last']:.4f}",
+                f"{c['min']:.4f}",
+                "falls" if c["falls"] else "does not fall",
+            ]
+            for c in result["tpp_loss_curves"]
+        ]
+        lines += [
+            markdown_table(["TPP run", "epochs", "first", "last", "min", "last vs first"], rows),
+            "",
+            "![tpp_loss](tpp_loss.png)",
+            "",
+        ]
+    else:
+        lines += ["No TPP stage history.csv found.", ""]
+    lines += ["## Missing, unfinished or failed runs", ""]
+    if result["missing"]:
+        shown = result["missing"][:MAX_LISTED]
+        lines += [
+            f"- {p['stage']} `{p['run_key']}`: {p['status']}: {p['reason']}"
+            + (f" (log: {p['log']})" if p["log"] else "")
+            for p in shown
+        ]
+        if len(result["missing"]) > len(shown):
+            lines.append(f"- ... and {len(result['missing']) - len(shown)} more (report.json lists every one)")
+    else:
+        lines += ["None: every run of the plan finished."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _interval_colour(ci95: list | None) -> str:
+    if not ci95:
+        return "tab:gray"
+    return "tab:green" if ci95[0] > 0 else "tab:red" if ci95[1] < 0 else "tab:gray"
+
+
+def _plot_gains(gains: list[dict], out: Path) -> list[Path]:
+    """One figure per method, one axis per metric: mean gain with its 95 % interval, and each seed's gain."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    written = []
+    for method in dict.fromkeys(g["method"] for g in gains):
+        mine = [g for g in gains if g["method"] == method]
+        metrics = list(dict.fromkeys(g["metric"] for g in mine))
+        several_inits = len({(g["init"], tuple(g["variant"].items())) for g in mine}) > 1
+        several_fractions = len({g["label_fraction"] for g in mine}) > 1
+        widest = max(sum(g["metric"] == m for g in mine) for m in metrics)
+        width = max(3.4, 1.2 * widest + 1.4) * len(metrics)
+        ncol = 4 if width >= 10 else 2  # legend entries per row below the axes
+        fig, axes = plt.subplots(1, len(metrics), figsize=(max(width, 5.5), 4.4 if ncol == 4 else 4.8))
+        for ax, metric in zip(np.atleast_1d(axes), metrics):
+            entries = [g for g in mine if g["metric"] == metric]
+            for x, g in enumerate(entries):
+                if g["ci95"]:
+                    low, high = g["ci95"]
+                    yerr = [[g["gain_mean"] - low], [high - g["gain_mean"]]]
+                    colour = _interval_colour(g["ci95"])
+                    ax.errorbar([x], [g["gain_mean"]], yerr=yerr, fmt="o", color=colour, capsize=5, ms=7)
+                else:
+                    ax.plot([x], [g["gain_mean"]], "o", color="tab:gray", markerfacecolor="white", ms=7)
+                offsets = np.linspace(-0.3, -0.14, len(g["seed_gains"]))  # the seeds left of the mean, never under it
+                ax.plot(x + offsets, g["seed_gains"], "x", color="black", alpha=0.6, ms=5)
+            labels = [
+                g["dataset"]
+                + (f"\n{_row_label(g['init'], g['variant'])}" if several_inits else "")
+                + (f"\nfraction {g['label_fraction']}" if several_fractions else "")
+                for g in entries
+            ]
+            ax.set_xticks(range(len(entries)), labels, fontsize=8)
+            ax.set_xlim(-0.6, len(entries) - 0.4)
+            ax.axhline(0, color="black", lw=0.8)
+            unit = "px, random − TPP" if metric == "hd95" else "points, TPP − random"
+            ax.set_title(f"{stats.metric_name(metric)} gain ({unit})", fontsize=9)
+            ax.grid(axis="y", alpha=0.3)
+        np.atleast_1d(axes)[0].set_ylabel("gain (positive = TPP better)")
+        handles = [
+            Line2D([], [], marker="x", color="black", alpha=0.6, linestyle="", label="one seed"),
+            *[
+                Line2D([], [], marker="o", color=c, linestyle="-", label=f"mean, 95 % CI {w}")
+                for c, w in (("tab:green", "above 0"), ("tab:gray", "contains 0"), ("tab:red", "below 0"))
+            ],
+        ]
+        if any(g["ci95"] is None for g in mine):
+            handles.append(Line2D([], [], marker="o", color="tab:gray", markerfacecolor="white", linestyle="",
+                                  label="mean of 1 seed (no interval)"))  # fmt: skip
+        fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+        fig.suptitle(f"{method}: TPP gain over random initialisation", fontsize=11)
+        fig.tight_layout(rect=(0, 0.07 if ncol == 4 else 0.13, 1, 1))
+        path = out / f"gain_{method}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _plot_fractions(records: list[dict], out: Path) -> list[Path]:
+    """Per (dataset, method) with several label fractions: metric vs fraction, one line per initialisation."""
+    import matplotlib.pyplot as plt
+
+    written = []
+    for dataset, method in dict.fromkeys((r["dataset"], r["method"]) for r in records):
+        mine = [r for r in records if r["dataset"] == dataset and r["method"] == method]
+        if len({r["label_fraction"] for r in mine}) < 2:
+            continue
+        metrics = list(dict.fromkeys(r["metric"] for r in mine))
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
+            for init, variant in dict.fromkeys((r["init"], tuple(r["variant"].items())) for r in mine):
+                line = sorted(
+                    (
+                        r
+                        for r in mine
+                        if r["metric"] == metric and r["init"] == init and tuple(r["variant"].items()) == variant
+                    ),
+                    key=lambda r: r["label_fraction"],
+                )
+                ax.errorbar(
+                    [r["label_fraction"] for r in line],
+                    [r["mean"] for r in line],
+                    yerr=[r["std"] or 0.0 for r in line],
+                    marker="o",
+                    capsize=4,
+                    linestyle="--" if init == "random" else "-",
+                    label=_row_label(init, dict(variant)),
+                )
+            ax.set(xlabel="label fraction", title=f"{dataset} {stats.metric_name(metric)}")
+            ax.set_ylabel(stats.metric_name(metric) + (" (px)" if metric == "hd95" else " (%)"))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{method}: mean ± std over seeds vs label fraction", fontsize=11)
+        fig.tight_layout()
+        path = out / f"fractions_{dataset}_{method}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _tpp_histories(tpp_runs: list[dict]) -> list[tuple[dict, list[float], list[float]]]:
+    """(run, epochs, losses) of every TPP stage whose ``history.csv`` has an epoch and a loss column."""
+    import pandas as pd
+
+    out = []
+    for run in tpp_runs:
+        path = run["folder"] / "history.csv"
+        path = path if path.is_file() else next(iter(sorted(run["folder"].rglob("history.csv"))), None)
+        if path is None:
+            continue
+        try:
+            frame = pd.read_csv(path)
+        except (OSError, ValueError):
+            continue
+        column = next((c for c in LOSS_COLUMNS if c in frame.columns), None)
+        if column is None or frame.empty:
+            continue
+        frame = frame.dropna(subset=[column])
+        epochs = frame["epoch"].tolist() if "epoch" in frame.columns else list(range(1, len(frame) + 1))
+        if epochs:
+            out.append((run, [float(e) for e in epochs], [float(v) for v in frame[column]]))
+    return out
+
+
+def _tpp_loss(tpp_runs: list[dict], out: Path) -> tuple[list[dict], Path | None]:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    histories = _tpp_histories(tpp_runs)
+    if not histories:
+        return [], None
+    summary = []
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for run, epochs, losses in histories:
+        s = run["settings"]
+        name = " ".join(str(s[k]) for k in ("dataset", "method", "pretext", "variant") if s.get(k))
+        name += f" seed {s.get('seed')}"
+        ax.plot(epochs, losses, marker="." if len(epochs) < 30 else None, label=name)
+        summary.append(
+            {
+                "run_key": run["key"],
+                "settings": s,
+                "epochs": len(epochs),
+                "first": losses[0],
+                "last": losses[-1],
+                "min": min(losses),
+                "falls": losses[-1] < losses[0],
+                "epoch": epochs,
+                "loss": losses,
+            }
+        )
+    ax.set(xlabel="epoch", ylabel="pretext loss", title="TPP stage: pretext loss per epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(histories) > 8 else 1)
+    fig.tight_layout()
+    path = out / "tpp_loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return summary, path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_report(exp_dir: str | Path, out_dir: str | Path | None = None) -> dict:
+    """Write ``report.md``, ``report.json`` and the plots of an experiment folder; returns what report.json holds
+    plus the written paths (``markdown``, ``json``, ``plots``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    exp_dir = Path(exp_dir)
+    plan = _read_plan(exp_dir)
+    notes = [] if (exp_dir / "plan.json").is_file() else [f"{exp_dir} has no plan.json: no paper table, no run order"]
+    out = Path(out_dir) if out_dir is not None else exp_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    for pattern in PLOT_PATTERNS:  # plots of an earlier report whose runs may be gone
+        for stale in out.glob(pattern):
+            stale.unlink()
+    refs = paper.paper_refs(plan.get("paper"))
+    tables = paper.load_paper()["tables"]
+    notes += [f"{r} is not in the transcription of the paper (paper_results.json)" for r in refs if r not in tables]
+    notes += [f"{r}: {tables[r]['note']}" for r in refs if r in tables and tables[r].get("note")]
+    if [r for r in refs if r in tables and tables[r]["rows"]]:
+        notes.append("paper numbers (rows marked ↳ paper) are shown for label fraction 1.0, as the paper reports them")
+
+    runs, tpp_runs, problems = collect(exp_dir)
+    not_started = _not_started(plan, exp_dir)
+    if not_started is None:
+        notes.append("plan.json lists no graph, so runs that never started are not listed")
+    problems += not_started or []
+    columns = _columns(runs, plan, notes)
+    groups = _groups(runs)
+    records = _group_stats(groups, columns, refs)
+    gains = _gains(groups, columns, plan)
+    tpp_loss, loss_plot = _tpp_loss(tpp_runs, out)
+    plots = _plot_gains(gains, out) + _plot_fractions(records, out) + ([loss_plot] if loss_plot else [])
+
+    result = {
+        "experiment": plan.get("name", exp_dir.name),
+        "paper": plan.get("paper"),
+        "paper_tables": refs,
+        "notes": notes,
+        "exp_dir": str(exp_dir),
+        "std": stats.STD_KIND,
+        "bootstrap": {
+            "method": "percentile, paired over seeds (scipy.stats.bootstrap, paired=True)",
+            "n_resamples": stats.BOOTSTRAP_RESAMPLES,
+            "rng_seed": stats.BOOTSTRAP_SEED,
+            "confidence": stats.CONFIDENCE,
+        },
+        "gain_definition": "TPP minus random on the same seed; random minus TPP for HD95 (positive = TPP better)",
+        "columns": [list(c) for c in columns],
+        "groups": records,
+        "gain": gains,
+        "tpp_loss_curves": tpp_loss,
+        "missing": problems,
+        "plots": [str(p) for p in plots],
+    }
+    (out / "report.md").write_text(_markdown(result, columns, plan))
+    (out / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return {**result, "markdown": str(out / "report.md"), "json": str(out / "report.json")}
+
+
+def summary_text(result: dict) -> str:
+    """The lines a command prints after :func:`write_report`: each arm's mean ± std and every gain's verdict."""
+    lines = []
+    for g in result["gain"]:
+        where = f"{g['dataset']} {g['method']} (label fraction {g['label_fraction']})"
+        arms = (f"random {_fmt(g['mean_random'], g['std_random'], g['n_seeds'])}, "
+                f"{_row_label(g['init'], g['variant'])} {_fmt(g['mean_tpp'], g['std_tpp'], g['n_seeds'])}")  # fmt: skip
+        lines.append(f"{where} {stats.metric_name(g['metric'])}: {arms}\n    {g['verdict']}")
+    if not lines:
+        lines.append("no pair of TPP and random runs on the same seed yet")
+    if result["missing"]:
+        lines.append(f"{len(result['missing'])} run(s) missing, unfinished or failed: see {result['markdown']}")
+    lines.append(f"report: {result['markdown']}")
+    return "\n".join(lines)
