@@ -138,7 +138,9 @@ def test_commands_keep_every_output_in_the_run_folder(tmp_path):
         argv, values = command(node, graph)
         assert argv[1:5] == ["-m", "monai.bundle", "run", node.stage]
         configs = json.loads(argv[argv.index("--config_file") + 1])
-        assert configs == [str(REPO / "bundles" / node.bundle / "configs" / f"{c}.json") for c in (node.stage, "demo")]
+        # evaluate.json is an overlay on finetune.json
+        files = ("finetune", "evaluate") if node.stage == "evaluate" else (node.stage,)
+        assert configs == [str(REPO / "bundles" / node.bundle / "configs" / f"{c}.json") for c in (*files, "demo")]
         assert values["runs_dir"] == values["output_dir"] == str(node.folder)
         assert Path(values["ckpt_dir"]).is_relative_to(graph.exp_dir)
         assert node.folder.is_relative_to(graph.exp_dir / "runs" / node.stage)
