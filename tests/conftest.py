@@ -83,7 +83,7 @@ def run_workflow(bundle: str, run_id: str, configs: tuple[str, ...] | None = Non
     return wf
 
 
-def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path = REPO, timeout: float | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m <args>`` in a subprocess and return the completed process (stdout+stderr captured)."""
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False

@@ -69,7 +69,7 @@ def demo_run(tmp_path_factory) -> tuple[Path, str, dict]:
     from tpp_monai.demo import load_demo_plan
 
     out = tmp_path_factory.mktemp("demo")
-    proc = run_cli("tpp_monai", "demo", "--out", str(out), timeout=3600)
+    proc = run_cli("tpp_monai", "demo", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     plan = load_demo_plan()
     return out / plan["name"], proc.stdout, plan

@@ -29,7 +29,7 @@ def _configs(bundle: str, *names: str, extra: tuple[Path, ...] = ()) -> str:
 def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
            "-m", "monai.bundle", "run", *args]  # fmt: skip
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, check=False)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
 
 
 def _assert_rank0_logs_once(proc: subprocess.CompletedProcess, out: Path) -> None:
