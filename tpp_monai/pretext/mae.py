@@ -48,8 +48,9 @@ def sincos_2d(dim: int, grid: int) -> Tensor:
     """MAE's 2D sine-cosine position table ``[grid * grid, dim]`` (half the channels for rows, half for columns).
 
     A decoder whose position table starts at zeros, as MedCoSS's, sees every mask token alike until that table
-    has been learnt: a short pre-training (the demo's upstream stand-in) or a new decoder then predicts each hidden
-    patch's mean and its normalised-pixel loss stays at ~1.0.
+    has been learnt; this start gives the hidden positions distinct queries from the first step. (It did not move the
+    demo's flat TPP loss: there the hidden patches' normalised pixels are not predicted at the demo's budget, see
+    ``tpp_monai.data.demo``.)
     """
     if dim % 4:
         raise ConfigError(f"MAE decoder width {dim} must be a multiple of 4 for the 2D sin-cos position table")
