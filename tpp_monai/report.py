@@ -125,7 +125,8 @@ def plot_history(history_csv: str | Path, path: str | Path, title: str | None = 
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False, sharex=True)
     axes = list(axes[0])
     ax = axes.pop(0)
-    ax.plot(history["epoch"], history["train_loss"], color="tab:blue")
+    few = "o" if len(history["epoch"]) < 30 else None  # a marker keeps a one-epoch run visible
+    ax.plot(history["epoch"], history["train_loss"], color="tab:blue", marker=few, ms=3)
     ax.set(title="training loss (epoch mean)", xlabel="epoch", ylabel="loss")
     if val:
         ax = axes.pop(0)
@@ -135,11 +136,13 @@ def plot_history(history_csv: str | Path, path: str | Path, title: str | None = 
         ax.legend(fontsize=8)
     if "lr" in history:
         ax = axes.pop(0)
-        ax.plot(history["epoch"], history["lr"], color="tab:gray")
+        ax.plot(history["epoch"], history["lr"], color="tab:gray", marker=few, ms=3)
         ax.set(title="learning rate (end of epoch)", xlabel="epoch", yscale="log")
     for ax in fig.axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(history["epoch"]) == 1:
+            ax.set_xticks(history["epoch"])
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
