@@ -77,7 +77,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path, demo_roots) -> None:
                      *common, "--epochs", "2", "--ckpt_dir", str(tmp_path / "models"), cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     _assert_rank0_logs_once(proc, tmp_path / "finetune")
-    assert [p.name for p in (tmp_path / "models").iterdir()] == ["model.pt"]
+    # the folder holds the best model and the run-folder lock (`.lock`, released when the run ended)
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [".lock", "model.pt"]
     ranks = [torch.load(tmp_path / "finetune" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in ranks[0])
     from mlflow.tracking import MlflowClient
