@@ -79,15 +79,11 @@ RECIPE_KEYS = ("backbone", "backbone_ckpt", "method_options", "lr", "batch_size"
 
 
 def _sha256(path: object) -> str | None:
-    import hashlib
+    """The file's digest as the bundles log it (:func:`tpp_monai.tracking.file_sha256`), ``None`` for no file."""
+    from tpp_monai.tracking import file_sha256  # imported here: it brings torch, which `plan` and `status` skip
 
-    if not isinstance(path, str) or not Path(path).is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    digest = file_sha256(path) if isinstance(path, str) else "none"
+    return None if digest == "none" else digest
 
 
 def _params(node: Node, graph: Graph) -> dict[str, object]:
