@@ -124,7 +124,7 @@ def command_line_settings(argv: Sequence[str] | None = None) -> dict:
 def validate_settings(settings: Mapping[str, object], files: Mapping[str, object] | None = None) -> None:
     """Check ``settings`` (and the command line's values of the other known settings) against :data:`SETTINGS`,
     and that every input file in ``files`` exists (``none`` = not used); one :class:`ConfigError` lists all."""
-    from tpp_monai.network import is_none
+    from tpp_monai.network import FROM_MODEL_FILE, is_none
 
     values = {**{k: v for k, v in command_line_settings().items() if k in SETTINGS}, **settings}
     problems = []
@@ -135,7 +135,7 @@ def validate_settings(settings: Mapping[str, object], files: Mapping[str, object
         fix = "; a 'false' on the command line is read as the text 'false', write False" if value == "false" else ""
         problems.append(f"{key} {value!r}: expected {rule.describe()}{fix}")
     for key, value in (files or {}).items():
-        if value is None or is_none(value):
+        if value is None or is_none(value) or value == FROM_MODEL_FILE:  # no file, or every weight from model.pt
             continue
         path = Path(str(value)).expanduser()
         if not path.is_file():
