@@ -314,6 +314,14 @@ class TppTrainTask(BundleTrainTask):
         self._publish(os.path.join(self.run_dir, "models", MODEL_FILE))
         return result
 
+    def _load_checkpoint(self, model_pytorch, pretrained, train_handlers) -> None:
+        """MONAI Label's loader of the served model, given a logger of its own: unnamed, it logs through the engine's
+        ``ignite`` logger, which the bundles' logging.conf keeps at WARNING, and "Restored all variables" is lost."""
+        super()._load_checkpoint(model_pytorch, pretrained, train_handlers)
+        for handler in train_handlers:
+            if isinstance(handler, dict) and handler.get("_target_") == "CheckpointLoader":
+                handler.setdefault("name", "CheckpointLoader")
+
     def _new_run_dir(self) -> str:
         stamp, n = time.strftime("%Y%m%d_%H%M%S"), 0
         while os.path.exists(path := os.path.join(self.runs_root, stamp + (f"_{n}" if n else ""))):
