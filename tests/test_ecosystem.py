@@ -3,6 +3,7 @@ and the model-zoo checks (metadata schema, TorchScript export)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ from conftest import BUNDLES, REPO, free_port, run_cli, run_workflow
 from tpp_monai.bundlegen import workflow_config_files
 from tpp_monai.io import load_verified
 
-SCHEMA = REPO / "tpp_monai" / "schemas" / "meta_schema.json"
+SCHEMA = REPO / "tpp_monai" / "schemas" / "meta_schema_20240725.json"  # the official file, shipped
 
 
 def _configs(bundle: str, *names: str, extra: tuple[Path, ...] = ()) -> str:
@@ -149,19 +150,30 @@ def test_mlflow_tracking_server(tmp_path, demo_roots) -> None:
         server.wait(timeout=30)
 
 
-def test_every_bundle_metadata_validates_offline() -> None:
+def test_every_bundle_metadata_validates_offline_against_the_official_schema(monkeypatch) -> None:
     from monai.bundle import verify_metadata
 
+    digest = hashlib.sha256(SCHEMA.read_bytes()).hexdigest()
+    assert digest in (SCHEMA.parent / "README.md").read_text(), "the schema README must state the shipped file's hash"
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"verify_metadata tried to download: {args}")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(urllib.request, "urlretrieve", no_network)
     bundles = sorted(p for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file())
     assert len(bundles) >= 50
     for bundle in bundles:
-        verify_metadata(meta_file=str(bundle / "configs" / "metadata.json"), filepath=str(SCHEMA))
+        meta = bundle / "configs" / "metadata.json"
+        assert json.loads(meta.read_text())["schema"].endswith("/" + SCHEMA.name), meta
+        verify_metadata(meta_file=str(meta), filepath=str(SCHEMA), hash_val=digest, hash_type="sha256")
     broken = json.loads((BUNDLES / "glas_adapter" / "configs" / "metadata.json").read_text())
     del broken["network_data_format"]["outputs"]["pred"]["dtype"]
+    del broken["copyright"]
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"broken_meta_{os.getpid()}.json"
     path.write_text(json.dumps(broken))
-    with pytest.raises(Exception, match="dtype"):
-        verify_metadata(meta_file=str(path), filepath=str(SCHEMA))
+    with pytest.raises(ValueError, match="copyright"):
+        verify_metadata(meta_file=str(path), filepath=str(SCHEMA), hash_val=digest, hash_type="sha256")
     path.unlink()
 
 
