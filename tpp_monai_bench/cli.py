@@ -61,9 +61,39 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-dino", action="store_true", help="skip the TPP-DINO step")
     parser.add_argument("--no-checkpointing", action="store_true", help="skip the activation-checkpointing rows")
     parser.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
+    parser.add_argument(
+        "--suite", default="cpu", choices=("cpu", "gpu"),
+        help="cpu: the sections above (default); gpu: every workflow at the bundles' real sizes (gpu_suite)",
+    )  # fmt: skip
+    parser.add_argument("--smoke", action="store_true", help="gpu suite: tiny sizes (checks the code paths on CPU)")
+    parser.add_argument(
+        "--suite-parts", default="steps,workflows", help="gpu suite: comma list from steps, workflows (both)"
+    )
+    parser.add_argument("--out", default=None, help="gpu suite: JSON path (default tpp_monai_bench/results/...)")
+
+def run_gpu_suite(args: argparse.Namespace) -> int:
+    from tpp_monai_bench.gpu_suite import format_suite, run_suite
+
+    parts = [p.strip() for p in args.suite_parts.split(",") if p.strip()]
+    if not parts or set(parts) - {"steps", "workflows"}:
+        raise ConfigError(f"--suite-parts {args.suite_parts!r}: a comma list from steps, workflows")
+    args.suite_parts = parts
+    device = Device(args.device)
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[gpu suite {time.perf_counter() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    result = run_suite(args, device, log)
+    print(json.dumps(result, indent=2, default=float) if args.json else format_suite(result))
+    return 0
+
 
 def run(args: argparse.Namespace) -> int:
     from tpp_monai.peft import get_method
+
+    if args.suite == "gpu":
+        return run_gpu_suite(args)
 
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)

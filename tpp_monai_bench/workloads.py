@@ -341,25 +341,25 @@ def stunet_step_workloads(
     method: str,
     device: Device,
     batch: int,
-    patch: int,
+    patch: int | Sequence[int],
     which: Sequence[str],
     suffix: str = "",
     tpp_method: str | None = None,
 ) -> list[Workload]:
     """STU-Net: full / PEFT (``method``) fine-tuning (deep supervision, Dice+CE), TPP-DINO of ``tpp_method``'s
-    target parameters (default ``method``), inference, at ``patch``^3."""
+    target parameters (default ``method``), inference, at ``patch``^3 (or the 3 edges ``patch``)."""
     from monai.losses import DeepSupervisionLoss, DiceCELoss
 
     from tpp_monai.network import build_network
 
     dev = device.torch
-    size = (patch, patch, patch)
+    size = (patch,) * 3 if isinstance(patch, int) else tuple(patch)
     x = _random_images(device, batch, 1, size)
     # Float labels: DeepSupervisionLoss resizes them to every head's scale (nearest), which needs floats.
     label = torch.randint(0, 3, (batch, 1, *size), generator=torch.Generator().manual_seed(1)).float().to(dev)
     seg_loss = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True))
     out: list[Workload] = []
-    tag = f"{patch}^3"
+    tag = f"{patch}^3" if isinstance(patch, int) else "x".join(map(str, size))
     with _quiet_logs():
         for kind in which:
             if kind in ("full_ft", "peft_ft", "inference"):
@@ -387,27 +387,35 @@ def stunet_step_workloads(
     return out
 
 def stunet_dino_workload(
-    backbone: str, method: str, device: Device, batch: int, patch: int, suffix: str = ""
+    backbone: str, method: str, device: Device, batch: int, patch: int, suffix: str = "", dino: dict | None = None
 ) -> Workload:
-    """TPP-DINO on STU-Net through the library's DINO pretext (the 3D bundles' TPP stage)."""
+    """TPP-DINO on STU-Net through the library's DINO pretext (the 3D bundles' TPP stage): crops of ``patch``^3 and
+    ``max(32, patch / 2)``^3 (2 local), or the crop sizes and count of ``dino`` (a bundle's ``dino`` settings)."""
     from tpp_monai.handlers import param_groups
     from tpp_monai.network import build_network
     from tpp_monai.pretext import DINO_DEFAULTS, build_pretext, pretext_loss
 
     local = max(32, patch // 2)
-    d = {**DINO_DEFAULTS, "global_size": patch, "local_size": local, "num_local": 2}
+    d = {**DINO_DEFAULTS, "global_size": patch, "local_size": local, "num_local": 2, **(dino or {})}
+
+    def edges(size: int | Sequence[int]) -> tuple[int, ...]:
+        return (size,) * 3 if isinstance(size, int) else tuple(size)
+
+    g, loc = edges(d["global_size"]), edges(d["local_size"])
     enc = build_network(backbone, "features", method, backbone_ckpt="none", stage="tpp")
-    dino = build_pretext("dino", enc, patch, dino=d).to(device.torch).train()
-    dloss = pretext_loss("dino", dino, d).to(device.torch)
-    crops = [_random_images(device, batch, 1, (patch,) * 3, seed=i) for i in range(2)]
-    crops += [_random_images(device, batch, 1, (local,) * 3, seed=10 + i) for i in range(2)]
+    dino_net = build_pretext("dino", enc, dino=d).to(device.torch).train()
+    dloss = pretext_loss("dino", dino_net, d).to(device.torch)
+    crops = [_random_images(device, batch, 1, g, seed=i) for i in range(2)]
+    crops += [_random_images(device, batch, 1, loc, seed=10 + i) for i in range(d["num_local"])]
     r = tpp_recipe(f"lits_{method}", "dino", batch)  # the 3D pretrain_tpp bundle's own DINO recipe
-    opt = make_adamw(param_groups(dino, r.weight_decay), device, lr=r.lr, betas=r.betas)
+    opt = make_adamw(param_groups(dino_net, r.weight_decay), device, lr=r.lr, betas=r.betas)
+    tag = "x".join(map(str, g))
     return train_workload(
-        f"tpp_dino{suffix}", f"TPP-DINO {patch}^3 (2 global + 2 local {local}^3)", device, dino,
-        lambda: dloss(dino(crops)), opt, batch, crops, clip=r.grad_clip,
-        after_step=lambda: dino.update_teacher(0.996), extra=[dloss],
+        f"tpp_dino{suffix}", f"TPP-DINO {tag} (2 global + {d['num_local']} local {'x'.join(map(str, loc))})",
+        device, dino_net, lambda: dloss(dino_net(crops)), opt, batch, crops, clip=r.grad_clip,
+        after_step=lambda: dino_net.update_teacher(0.996), extra=[dloss],
     )  # fmt: skip
+
 
 def _family(backbone: str) -> str:
     from tpp_monai.backbones import get_backbone_spec
