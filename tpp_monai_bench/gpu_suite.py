@@ -100,7 +100,7 @@ def full_sizes() -> SuiteSizes:
         ft_batch_224=int(ft_224), ft_batch_512=int(ft_512), tpp_batch=int(tpp_batch),
         lits_patch=tuple(int(x) for x in lits_patch), lits_batch=int(lits_batch), lits_tpp_batch=int(lits_tpp_batch),
         lits_dino=dict(lits_dino or {}), glas_image=GLAS_SIZE, lits_volume=LITS_VOLUME, glas_images=200,
-        lits_cases=6, tpp_epochs=3, ft_iterations=8,
+        lits_cases=4, tpp_epochs=3, ft_iterations=8,
     )  # fmt: skip
 
 
@@ -109,13 +109,13 @@ def smoke_sizes() -> SuiteSizes:
     return SuiteSizes(
         vit="medcoss_vit_tiny", stunet="stunet_tiny",
         vit_224=VitCase("medcoss_vit_tiny", 32, "cls", "mhist", 32),
-        vit_512=VitCase("medcoss_vit_tiny", 64, "seg", "glas", 32),
-        ft_batch_224=2, ft_batch_512=1, tpp_batch=2, lits_patch=(32, 32, 32), lits_batch=1, lits_tpp_batch=1,
-        lits_dino={"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "global_size": [32, 32, 32],
+        vit_512=VitCase("medcoss_vit_tiny", 48, "seg", "glas", 32),
+        ft_batch_224=2, ft_batch_512=1, tpp_batch=2, lits_patch=(16, 32, 32), lits_batch=1, lits_tpp_batch=1,
+        lits_dino={"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "global_size": [16, 32, 32],
                    "local_size": [16, 32, 32], "num_local": 1},
         glas_image=(72, 48), lits_volume=(40, 40, 24), glas_images=8, lits_cases=3, tpp_epochs=1, ft_iterations=2,
         overlay=("demo",), workflow_overrides={"glas": {"image_size": [32, 32], "pretext_size": 32}},
-        gemm_size=512, steps=2, warmup=1,
+        gemm_size=512, steps=1, warmup=0,
     )  # fmt: skip
 
 
@@ -279,13 +279,13 @@ def _resize_volume(path: Path, shape: tuple[int, int, int], order: int) -> None:
     data = np.asarray(img.dataobj)
     factors = [t / s for t, s in zip(shape, data.shape, strict=True)]
     out = zoom(data, factors, order=order, grid_mode=True, mode="nearest").astype(data.dtype)
-    affine = img.affine.copy()
-    affine[:3, :3] = affine[:3, :3] / np.asarray(factors)[None, :]  # same field of view: spacing / factor
-    nib.save(nib.Nifti1Image(out, affine), path)
+    # the voxel spacing stays the demo's (LiTS-like, ~0.8 mm in-plane): a larger field of view, so the bundle's
+    # resampling to its target spacing keeps the volume at full size
+    nib.save(nib.Nifti1Image(out, img.affine), path)
 
 
 def generate_lits(folder: Path, n: int, shape: tuple[int, int, int] | None) -> Path:
-    """The LiTS demo layout with every volume resampled to ``shape`` voxels (linear CT, nearest labels)."""
+    """The LiTS demo layout with every volume resized to ``shape`` voxels (linear CT, nearest labels)."""
     from tpp_monai.data import build_datalist, make_demo_dataset, write_datalist
 
     root = make_demo_dataset("lits", folder, n=n)
@@ -411,7 +411,8 @@ def measure_workflows(sz: SuiteSizes, device: Device, work: Path, log: Callable,
     plan = [
         ("glas_adapter", "pretrain_tpp", glas, {"tpp_epochs": sz.tpp_epochs, "mae_decoder": "random"},
          "tpp_mae_trainable"),
-        ("glas_adapter", "finetune", glas, {"iterations": sz.ft_iterations, "val_interval": 1}, "adapter_ft"),
+        ("glas_adapter", "finetune", glas, {"iterations": sz.ft_iterations, "val_interval": 1},
+         f"adapter_ft_{sz.vit_512.size}"),
         ("lits_conv_adapter", "pretrain_tpp", lits, {"tpp_epochs": sz.tpp_epochs}, "tpp_dino_lits"),
         ("lits_conv_adapter", "finetune", lits, {"iterations": sz.ft_iterations, "val_interval": 1}, "peft_ft_lits"),
         ("lits_conv_adapter", "inference", lits, {"input_dir": str(volume_dir)}, None),
