@@ -98,3 +98,27 @@ def test_rounds_alternate_the_order_of_each_pair() -> None:
     timed = order[2:]
     assert timed[:8] == ["a", "b", "b", "a", "a", "b", "b", "a"]
     assert len(p.a) == len(p.b) == len(timed) // 2
+
+
+def test_report_takes_step_ratios_from_measurable_pairs_only() -> None:
+    import tpp_monai_bench as bench
+    from tpp_monai_bench.report import format_report
+
+    a = [1.0, 1.2, 1.1, 1.0]
+    quiet = _pair(a, [0.45 * t for t in a], flops=(100, 42))  # 0.45 / 0.42 = 1.07 x the ideal
+    loaded = _pair(a, [0.7 * t for t in a], stalls=[1.0] * 4)
+    section = {"rule": {"min_quiet_pairs": 3, "spread_limit": SPREAD_LIMIT, "quiet_stall": QUIET_STALL,
+                        "ideal_limit": IDEAL_LIMIT, "interval_confidence": 0.9},
+               "max_batch": 4, "pairs": {"tpp_mae_frozen": quiet.summary(), "adapter_ft": loaded.summary()},
+               "skipped": {"lora_vs_peft": "peft not importable"}}  # fmt: skip
+    result = {"config": {"backbone": "b", "family": "medcoss", "method": "adapter", "image_size": 224,
+                         "patch_size": 64, "batch_size": 2, "steps": 4, "warmup": 0, "sections": ["pairs"]},
+              "machine": {"cpu": "x", "cores": 2, "device": "cpu", "threads": 2, "torch": "t"},
+              "pairs": section, "wall_s": 1.0}  # fmt: skip
+    ratios = bench.collect_ratios(result)
+    assert ratios["tpp_mae_step_ratio"] == pytest.approx(0.45)
+    assert ratios["peft_step_ratio"] is None  # not measurable: no value, no verdict
+    result["targets"] = bench.evaluate_targets(ratios, bench.explain(result))
+    assert NOT_MEASURABLE in result["targets"]["peft_step_ratio"]["why"]
+    text = format_report(result)
+    assert "within 1.1 of the ideal" in text and NOT_MEASURABLE in text and "peft not importable" in text

@@ -201,8 +201,10 @@ def format_report(result: dict) -> str:
     lines.append(
         f"tpp-monai bench: {cfg['backbone']}, method {cfg['method']}, "
         + (f"{cfg['patch_size']}^3" if cfg["family"] == "stunet" else f"{cfg['image_size']}x{cfg['image_size']}")
-        + f", {cfg['steps']} timed rounds after {cfg['warmup']} warm-up; sections {','.join(cfg['sections'])}"
-        + (f" (steps/engine/scaling at batch {cfg['batch_size']})" if set(cfg["sections"]) - {"pairs"} else "")
+        + f", {cfg['steps']} timed rounds after {cfg['warmup']} warm-up"
+        + (f"; sections {','.join(cfg['sections'])}" if cfg.get("sections") else "")
+        + (f" (steps/engine/scaling at batch {cfg['batch_size']})" if set(cfg.get("sections", ["steps"])) - {"pairs"}
+           else "")
     )
     hw = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
     lines.append(
