@@ -139,6 +139,8 @@ class Pair:
             "base_gflop": None if self.base.flops is None else self.base.flops / 1e9,
             "gflop": None if self.other.flops is None else self.other.flops / 1e9,
             "flop_ratio": flop_ratio,
+            "base_trainable": self.base.trainable,
+            "trainable": self.other.trainable,
             "vs_ideal": vs_ideal,
             "measurable": measurable,
             "verdict": verdict,
