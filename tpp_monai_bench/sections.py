@@ -424,11 +424,34 @@ def build_pairs(args: argparse.Namespace, device: Device, log: Callable) -> tupl
     return pairs, skipped
 
 
+def build_stunet_pairs(args: argparse.Namespace, device: Device, log: Callable) -> tuple[list[Pair], dict]:
+    """STU-Net (``--backbone stunet_*``): PEFT fine-tuning and TPP-DINO against full fine-tuning at the LiTS bundle's
+    batch sizes (capped by ``--max-batch``), at ``--patch-size``^3."""
+    from tpp_monai_bench.recipes import bundle_settings
+
+    bundle = f"lits_{args.tpp_method}"
+    ft_batch = int(bundle_settings(bundle, "finetune", ("batch_size",))["batch_size"])
+    tpp_batch = int(bundle_settings(bundle, "pretrain_tpp", ("batch_size",))["batch_size"])
+    if getattr(args, "pairs_batch", None):
+        ft_batch = tpp_batch = args.pairs_batch
+    pairs: list[Pair] = []
+    torch.manual_seed(0)
+    b, bt = pair_batch(ft_batch, args.max_batch), pair_batch(tpp_batch, args.max_batch)
+    full, peft = stunet_step_workloads(args.backbone, args.method, device, b, args.patch_size, ["full_ft", "peft_ft"])
+    pairs.append(Pair("peft_ft", peft.label, full, peft, b, ft_batch))
+    if not args.no_dino:
+        base = full if bt == b else stunet_step_workloads(args.backbone, args.method, device, bt, args.patch_size,
+                                                          ["full_ft"], suffix=f"_b{bt}")[0]  # fmt: skip
+        dino = stunet_dino_workload(args.backbone, args.tpp_method, device, bt, args.patch_size)
+        pairs.append(Pair("tpp_dino", dino.label, base, dino, bt, tpp_batch))
+    log(f"pairs: {', '.join(f'{p.key} @ batch {p.batch}' for p in pairs)}")
+    return pairs, {}
+
+
 def section_pairs(args: argparse.Namespace, device: Device, log: Callable) -> dict:
     """Paired, interleaved step ratios with FLOP ratios and verdicts (:mod:`tpp_monai_bench.pairs`)."""
-    if _family(args.backbone) == "stunet":
-        return {"skipped": "the paired comparisons are of the 2D bundles' ViT; --sections steps times STU-Net"}
-    pairs, skipped = build_pairs(args, device, log)
+    build = build_stunet_pairs if _family(args.backbone) == "stunet" else build_pairs
+    pairs, skipped = build(args, device, log)
     count_pair_flops(pairs, log)
     run_pairs(pairs, device, args.warmup, args.steps, log, args.max_rounds, args.budget, args.wait_quiet)
     out = {p.key: p.summary() for p in pairs}
