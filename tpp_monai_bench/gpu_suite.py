@@ -75,6 +75,7 @@ class SuiteSizes:
     ft_iterations: int
     overlay: tuple[str, ...] = ()  # config overlays of the workflows (the demo's for the smoke run)
     workflow_overrides: dict = field(default_factory=dict)  # per dataset ("glas", "lits"): extra overrides
+    vit_dino: dict | None = None  # DINO settings over the bundle's for the 2D TPP-DINO step (None: the bundle's)
     gemm_size: int | None = None
     steps: int = 5
     warmup: int = 2
@@ -115,6 +116,9 @@ def smoke_sizes() -> SuiteSizes:
                    "local_size": [16, 32, 32], "num_local": 1},
         glas_image=(72, 48), lits_volume=(40, 40, 24), glas_images=8, lits_cases=3, tpp_epochs=1, ft_iterations=2,
         overlay=("demo",), workflow_overrides={"glas": {"image_size": [32, 32], "pretext_size": 32}},
+        # a small DINO head and crops: the defaults' 65536 outputs would dwarf a tiny backbone
+        vit_dino={"out_dim": 4096, "hidden_dim": 256, "bottleneck_dim": 64, "global_size": 32, "local_size": 16,
+                  "num_local": 2},
         gemm_size=512, steps=1, warmup=0,
     )  # fmt: skip
 
@@ -124,7 +128,6 @@ def smoke_sizes() -> SuiteSizes:
 
 def _step_groups(sz: SuiteSizes, device: Device) -> list[tuple[str, Callable[[], list[Workload]]]]:
     """(name, builder) per group of steps measured together (built lazily, freed after their group)."""
-    small_dino = {"out_dim": 4096, "hidden_dim": 256, "bottleneck_dim": 64} if sz.vit.endswith("tiny") else {}
 
     def fine_tuning(case: VitCase, batch: int) -> list[Workload]:
         tag = f"{case.size}"
@@ -142,9 +145,7 @@ def _step_groups(sz: SuiteSizes, device: Device) -> list[tuple[str, Callable[[],
                                f"TPP-MAE {tag} px, frozen decoder")[0]  # fmt: skip
         mae_u = tpp_mae_workload(case, "adapter", batch, device, f"tpp_mae_trainable_{tag}",
                                  f"TPP-MAE {tag} px, trainable decoder", trainable_decoder=True)[0]  # fmt: skip
-        dino = tpp_dino_workload(case, "adapter", batch, device, key=f"tpp_dino_{tag}")
-        if small_dino:  # the smoke run: a small DINO head (the defaults' 65536 outputs dwarf a tiny backbone)
-            dino = _small_dino(case, batch, device, tag, small_dino)
+        dino = tpp_dino_workload(case, "adapter", batch, device, key=f"tpp_dino_{tag}", dino=sz.vit_dino)
         return [full, mae, mae_u, dino]
 
     def stunet() -> list[Workload]:
@@ -160,25 +161,6 @@ def _step_groups(sz: SuiteSizes, device: Device) -> list[tuple[str, Callable[[],
         ("vit_512_finetune", lambda: fine_tuning(sz.vit_512, sz.ft_batch_512)),
         ("stunet_lits", stunet),
     ]
-
-
-def _small_dino(case: VitCase, batch: int, device: Device, tag: str, head: dict) -> Workload:
-    from tpp_monai_bench import workloads
-
-    original = workloads.bundle_settings
-
-    def settings(bundle: str, workflow: str, keys: tuple[str, ...], *args: object, **kw: object) -> dict:
-        out = original(bundle, workflow, keys, *args, **kw)
-        if "dino" in keys:
-            out["dino"] = {**dict(out["dino"] or {}), **head, "global_size": case.pretext_size,
-                           "local_size": case.pretext_size // 2, "num_local": 2}  # fmt: skip
-        return out
-
-    workloads.bundle_settings = settings
-    try:
-        return tpp_dino_workload(case, "adapter", batch, device, key=f"tpp_dino_{tag}")
-    finally:
-        workloads.bundle_settings = original
 
 
 def measure_steps(sz: SuiteSizes, device: Device, log: Callable) -> dict:

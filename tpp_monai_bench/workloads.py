@@ -276,14 +276,17 @@ def tpp_mae_workload(
     return train_workload(key, label, device, net, lambda: loss(net(x), x), opt, batch, [x]), net
 
 
-def tpp_dino_workload(case: VitCase, method: str, batch: int, device: Device, key: str = "tpp_dino") -> Workload:
-    """A TPP-DINO step of the pretrain_tpp bundle (its DINO settings over the library's defaults)."""
+def tpp_dino_workload(
+    case: VitCase, method: str, batch: int, device: Device, key: str = "tpp_dino", dino: dict | None = None
+) -> Workload:
+    """A TPP-DINO step of the pretrain_tpp bundle (its DINO settings over the library's defaults; then ``dino``)."""
     from tpp_monai.handlers import param_groups
     from tpp_monai.network import build_network
     from tpp_monai.pretext import DINO_DEFAULTS, build_pretext, pretext_loss
 
     bundle = case.bundle(method)
-    d = {**DINO_DEFAULTS, **dict(bundle_settings(bundle, "pretrain_tpp", ("dino",), pretext="dino")["dino"] or {})}
+    d = dict(bundle_settings(bundle, "pretrain_tpp", ("dino",), pretext="dino")["dino"] or {})
+    d = {**DINO_DEFAULTS, **d, **(dino or {})}
     enc = build_network(case.backbone, "features", method, backbone_ckpt="none", stage="tpp")
     dino = build_pretext("dino", enc, case.pretext_size, dino=d).to(device.torch).train()
     dloss = pretext_loss("dino", dino, d).to(device.torch)
