@@ -12,23 +12,30 @@ from tpp_monai_bench.__main__ import main
 from tpp_monai_bench.timing import Device
 
 
-def test_gpu_suite_steps_on_cpu(tmp_path) -> None:
+def _expected_batches(sizes: dict) -> dict[str, dict[str, int]]:
+    """Step group -> {configuration key: batch}, from the sizes the suite reports it used."""
+    s224, s512, pre = sizes["vit_224"]["size"], sizes["vit_512"]["size"], sizes["vit_224"]["pretext_size"]
+    ft224, ft512, tpp = sizes["ft_batch_224"], sizes["ft_batch_512"], sizes["tpp_batch"]
+    return {
+        "vit_224_finetune": {f"full_ft_{s224}": ft224, f"adapter_ft_{s224}": ft224, f"lora_ft_{s224}": ft224},
+        "vit_224_tpp": {f"full_ft_{pre}_b{tpp}": tpp, f"tpp_mae_frozen_{pre}": tpp, f"tpp_mae_trainable_{pre}": tpp,
+                        f"tpp_dino_{pre}": tpp},
+        "vit_512_finetune": {f"full_ft_{s512}": ft512, f"adapter_ft_{s512}": ft512, f"lora_ft_{s512}": ft512},
+        "stunet_lits": {"full_ft_lits": sizes["lits_batch"], "peft_ft_lits": sizes["lits_batch"],
+                        "tpp_dino_lits": sizes["lits_tpp_batch"]},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("group", gpu_suite.STEP_GROUPS)
+def test_gpu_suite_steps_on_cpu(tmp_path, group: str) -> None:
     out = tmp_path / "suite.json"
-    assert main(["--suite", "gpu", "--device", "cpu", "--smoke", "--suite-parts", "steps", "--out", str(out)]) == 0
+    argv = ["--suite", "gpu", "--device", "cpu", "--smoke", "--suite-parts", "steps", "--suite-groups", group]
+    assert main([*argv, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     steps, sizes = result["steps"], result["sizes"]
     assert result["smoke"] and result["machine"]["device"] == "cpu"
-    assert all("error" not in g for g in steps["groups"].values()), steps["groups"]
-    s224, s512, pre = sizes["vit_224"]["size"], sizes["vit_512"]["size"], sizes["vit_224"]["pretext_size"]
-    batches = {
-        f"full_ft_{s224}": sizes["ft_batch_224"], f"adapter_ft_{s224}": sizes["ft_batch_224"],
-        f"lora_ft_{s224}": sizes["ft_batch_224"], f"full_ft_{pre}_b{sizes['tpp_batch']}": sizes["tpp_batch"],
-        f"tpp_mae_frozen_{pre}": sizes["tpp_batch"], f"tpp_mae_trainable_{pre}": sizes["tpp_batch"],
-        f"tpp_dino_{pre}": sizes["tpp_batch"], f"full_ft_{s512}": sizes["ft_batch_512"],
-        f"adapter_ft_{s512}": sizes["ft_batch_512"], f"lora_ft_{s512}": sizes["ft_batch_512"],
-        "full_ft_lits": sizes["lits_batch"], "peft_ft_lits": sizes["lits_batch"],
-        "tpp_dino_lits": sizes["lits_tpp_batch"],
-    }  # fmt: skip
+    assert list(steps["groups"]) == [group] and "error" not in steps["groups"][group], steps["groups"]
+    batches = _expected_batches(sizes)[group]
     configs = steps["configs"]
     assert set(configs) == set(batches)
     rate = steps["matmul"]["tflop_per_s"] * 1e12
@@ -39,19 +46,25 @@ def test_gpu_suite_steps_on_cpu(tmp_path) -> None:
         assert c["images_per_s"] == pytest.approx(c["batch"] / c["step_s"])
         assert c["mfu"] == pytest.approx(c["gflop_per_step"] * 1e9 / c["step_s"] / rate)
         assert c["host_syncs"] is None  # counted on CUDA only
-    # frozen weights need no weight gradients: PEFT and TPP steps count fewer FLOPs than full fine-tuning
-    for tag in (s224, s512):
-        for method in ("adapter", "lora"):
-            assert configs[f"{method}_ft_{tag}"]["gflop_per_step"] < configs[f"full_ft_{tag}"]["gflop_per_step"]
-    full_tpp = configs[f"full_ft_{pre}_b{sizes['tpp_batch']}"]
-    assert configs[f"tpp_mae_frozen_{pre}"]["gflop_per_step"] < full_tpp["gflop_per_step"]
-    assert configs["peft_ft_lits"]["gflop_per_step"] < configs["full_ft_lits"]["gflop_per_step"]
-    target = steps["targets"]["tpp_mae_step_ratio"]["value"]
-    assert target == pytest.approx(configs[f"tpp_mae_frozen_{pre}"]["step_s"] / full_tpp["step_s"])
-    assert steps["targets"]["stunet_ft_peak_mib"]["value"] == configs["peft_ft_lits"]["peak_mib"]
+    gflop = {k: c["gflop_per_step"] for k, c in configs.items()}
+    targets = steps["targets"]
+    if group.endswith("finetune"):  # frozen weights need no weight gradients: fewer FLOPs than full fine-tuning
+        full = next(k for k in gflop if k.startswith("full_ft"))
+        assert all(gflop[k] < gflop[full] for k in gflop if k != full)
+        if group == "vit_224_finetune":
+            assert targets["full_ft_mfu"]["value"] == configs[full]["mfu"]
+    if group == "vit_224_tpp":
+        pre, tpp = sizes["vit_224"]["pretext_size"], sizes["tpp_batch"]
+        full, mae = configs[f"full_ft_{pre}_b{tpp}"], configs[f"tpp_mae_frozen_{pre}"]
+        assert mae["gflop_per_step"] < full["gflop_per_step"]
+        assert targets["tpp_mae_step_ratio"]["value"] == pytest.approx(mae["step_s"] / full["step_s"])
+    if group == "stunet_lits":
+        assert gflop["peft_ft_lits"] < gflop["full_ft_lits"]
+        assert targets["stunet_ft_peak_mib"]["value"] == configs["peft_ft_lits"]["peak_mib"]
 
 
-def test_gpu_suite_workflows_on_cpu(tmp_path) -> None:
+@pytest.mark.parametrize("bundle", gpu_suite.WORKFLOW_BUNDLES)
+def test_gpu_suite_workflows_on_cpu(tmp_path, bundle: str) -> None:
     sz = gpu_suite.smoke_sizes()
     # the consumption side as part 1 would report it (a given rate: the comparison's arithmetic is what is tested)
     steps = {"configs": {
@@ -59,9 +72,10 @@ def test_gpu_suite_workflows_on_cpu(tmp_path) -> None:
         f"adapter_ft_{sz.vit_512.size}": {"images_per_s": 5.0, "label": "adapter"},
         "tpp_dino_lits": {"images_per_s": 7.0, "label": "dino"}, "peft_ft_lits": {"images_per_s": 11.0, "label": "ft"},
     }}  # fmt: skip
-    result = gpu_suite.measure_workflows(sz, Device("cpu"), tmp_path, lambda msg: None, steps)
-    names = ["glas_adapter/pretrain_tpp", "glas_adapter/finetune", "lits_conv_adapter/pretrain_tpp",
-             "lits_conv_adapter/finetune", "lits_conv_adapter/inference"]  # fmt: skip
+    result = gpu_suite.measure_workflows(sz, Device("cpu"), tmp_path, lambda msg: None, steps, (bundle,))
+    names = {"glas_adapter": ["glas_adapter/pretrain_tpp", "glas_adapter/finetune"],
+             "lits_conv_adapter": ["lits_conv_adapter/pretrain_tpp", "lits_conv_adapter/finetune",
+                                   "lits_conv_adapter/inference"]}[bundle]  # fmt: skip
     assert list(result) == names
     for name, w in result.items():
         assert "error" not in w, (name, w.get("error"), w.get("trace"))
@@ -70,11 +84,14 @@ def test_gpu_suite_workflows_on_cpu(tmp_path) -> None:
     consumed = {"glas_adapter/pretrain_tpp": 3.0, "glas_adapter/finetune": 5.0,
                 "lits_conv_adapter/pretrain_tpp": 7.0, "lits_conv_adapter/finetune": 11.0}  # fmt: skip
     for name, rate in consumed.items():
+        if name not in result:
+            continue
         w = result[name]
         assert w["supply"]["images"] >= 1 and w["supply"]["images_per_s"] > 0
         assert w["consumption_images_per_s"] == rate
         assert w["supply_ratio"] == pytest.approx(w["supply"]["images_per_s"] / rate)
-    assert any(n.endswith("_seg.nii.gz") for n in result["lits_conv_adapter/inference"]["outputs"])
+    if bundle == "lits_conv_adapter":
+        assert any(n.endswith("_seg.nii.gz") for n in result["lits_conv_adapter/inference"]["outputs"])
 
 
 def test_generated_volumes_keep_layout_and_reach_the_asked_size(tmp_path) -> None:

@@ -69,15 +69,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--suite-parts", default="steps,workflows", help="gpu suite: comma list from steps, workflows (both)"
     )
+    parser.add_argument(
+        "--suite-groups", default=None, help="gpu suite: comma list of step groups (default all: see gpu_suite)"
+    )
     parser.add_argument("--out", default=None, help="gpu suite: JSON path (default tpp_monai_bench/results/...)")
 
 def run_gpu_suite(args: argparse.Namespace) -> int:
-    from tpp_monai_bench.gpu_suite import format_suite, run_suite
+    from tpp_monai_bench.gpu_suite import STEP_GROUPS, format_suite, run_suite
 
     parts = [p.strip() for p in args.suite_parts.split(",") if p.strip()]
     if not parts or set(parts) - {"steps", "workflows"}:
         raise ConfigError(f"--suite-parts {args.suite_parts!r}: a comma list from steps, workflows")
     args.suite_parts = parts
+    groups = [g.strip() for g in (args.suite_groups or ",".join(STEP_GROUPS)).split(",") if g.strip()]
+    if not groups or set(groups) - set(STEP_GROUPS):
+        raise ConfigError(f"--suite-groups {args.suite_groups!r}: a comma list from {', '.join(STEP_GROUPS)}")
+    args.suite_groups = groups
     device = Device(args.device)
     t_start = time.perf_counter()
 

@@ -155,7 +155,7 @@ def _step_groups(sz: SuiteSizes, device: Device) -> list[tuple[str, Callable[[],
                                         suffix="_lits", dino=sz.lits_dino))  # fmt: skip
         return out
 
-    return [
+    return [  # names: STEP_GROUPS
         ("vit_224_finetune", lambda: fine_tuning(sz.vit_224, sz.ft_batch_224)),
         ("vit_224_tpp", lambda: tpp(sz.vit_224, sz.tpp_batch)),
         ("vit_512_finetune", lambda: fine_tuning(sz.vit_512, sz.ft_batch_512)),
@@ -163,9 +163,12 @@ def _step_groups(sz: SuiteSizes, device: Device) -> list[tuple[str, Callable[[],
     ]
 
 
-def measure_steps(sz: SuiteSizes, device: Device, log: Callable) -> dict:
-    """Part 1: the matmul rate, then every group of steps (rounds of interleaved steps, then FLOPs, peak memory and
-    host syncs of one step each)."""
+STEP_GROUPS = ("vit_224_finetune", "vit_224_tpp", "vit_512_finetune", "stunet_lits")
+
+
+def measure_steps(sz: SuiteSizes, device: Device, log: Callable, groups: tuple[str, ...] = STEP_GROUPS) -> dict:
+    """Part 1: the matmul rate, then every group of steps in ``groups`` (rounds of interleaved steps, then FLOPs,
+    peak memory and host syncs of one step each)."""
     from tpp_monai_bench.sections import account, run_rounds
 
     gemm = gemm_workload(device, sz.gemm_size)
@@ -174,6 +177,8 @@ def measure_steps(sz: SuiteSizes, device: Device, log: Callable) -> dict:
     out: dict = {"matmul": {"label": gemm.label, "tflop_per_s": rate / 1e12}, "groups": {}, "configs": {}}
     log(f"matmul rate {rate / 1e12:.2f} TFLOP/s ({gemm.label})")
     for name, build in _step_groups(sz, device):
+        if name not in groups:
+            continue
         t0 = time.perf_counter()
         try:
             torch.manual_seed(0)
@@ -377,16 +382,20 @@ def run_bundle(bundle: str, workflow: str, overlay: tuple[str, ...], device: Dev
     return out
 
 
-def measure_workflows(sz: SuiteSizes, device: Device, work: Path, log: Callable, steps: dict | None) -> dict:
-    """Part 2: generate the data, run the five workflows, compare each loader's supply with its step's consumption."""
-    glas = generate_glas(work / "glas_data", sz.glas_images, sz.glas_image)
-    lits = generate_lits(work / "lits_data", sz.lits_cases, sz.lits_volume)
+WORKFLOW_BUNDLES = ("glas_adapter", "lits_conv_adapter")
+
+
+def measure_workflows(sz: SuiteSizes, device: Device, work: Path, log: Callable, steps: dict | None,
+                      bundles: tuple[str, ...] = WORKFLOW_BUNDLES) -> dict:  # fmt: skip
+    """Part 2: generate the data, run the five workflows (of ``bundles``), compare each loader's supply with its
+    step's consumption."""
+    glas = generate_glas(work / "glas_data", sz.glas_images, sz.glas_image) if "glas_adapter" in bundles else None
+    lits = generate_lits(work / "lits_data", sz.lits_cases, sz.lits_volume) if "lits_conv_adapter" in bundles else None
     volume_dir = work / "lits_volume"
     volume_dir.mkdir(parents=True, exist_ok=True)
-    # the inference input: one generated CT volume at LITS_VOLUME (the smoke run: its small size)
-    source = sorted(lits.rglob("volume-*.nii"))[0]
-    volume = volume_dir / "volume-infer.nii"
-    volume.write_bytes(source.read_bytes())
+    if lits is not None:  # the inference input: one generated CT volume at LITS_VOLUME (the smoke run: its size)
+        source = sorted(lits.rglob("volume-*.nii"))[0]
+        (volume_dir / "volume-infer.nii").write_bytes(source.read_bytes())
     log(f"generated data: GlaS {sz.glas_images} images {sz.glas_image}, LiTS {sz.lits_cases} volumes {sz.lits_volume}")
     common = {"backbone_ckpt": "none", "tensorboard": False, "save_execute_config": False}
     device_override = {"device": f"$torch.device('{device.torch}')", "amp": device.cuda}
@@ -401,6 +410,8 @@ def measure_workflows(sz: SuiteSizes, device: Device, work: Path, log: Callable,
     ]  # fmt: skip
     out: dict = {}
     for bundle, workflow, data, extra, step_key in plan:
+        if bundle not in bundles:
+            continue
         name = f"{bundle}/{workflow}"
         runs = work / f"runs_{bundle}"
         over = {**common, **device_override, "dataset_dir": str(data), "runs_dir": str(runs),
@@ -449,7 +460,7 @@ def run_suite(args: argparse.Namespace, device: Device, log: Callable) -> dict:
     }  # fmt: skip
     t0 = time.perf_counter()
     if "steps" in args.suite_parts:
-        result["steps"] = measure_steps(sz, device, log)
+        result["steps"] = measure_steps(sz, device, log, tuple(args.suite_groups))
     if "workflows" in args.suite_parts:
         with tempfile.TemporaryDirectory(prefix="tpp_gpu_suite_") as tmp:
             result["workflows"] = measure_workflows(sz, device, Path(tmp), log, result.get("steps"))
