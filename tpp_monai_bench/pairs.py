@@ -160,15 +160,22 @@ def run_pairs(
     pairs: Sequence[Pair], device: Device, warmup: int, rounds: int, log: Callable,
     max_rounds: int | None = None, budget_s: float | None = None, wait_s: float = 0.0,
 ) -> None:  # fmt: skip
-    """Warm-up steps of every distinct workload, then ``rounds`` rounds of back-to-back pairs (order alternating
-    by round); then further rounds, for the pairs with fewer than :data:`MIN_QUIET_PAIRS` quiet pairs only, up to
-    ``max_rounds`` rounds or ``budget_s`` seconds of extra rounds."""
+    """Warm-up steps of every distinct workload (the first one counting its FLOPs, so counting costs no extra
+    step), then ``rounds`` rounds of back-to-back pairs (order alternating by round); then further rounds, for the
+    pairs with fewer than :data:`MIN_QUIET_PAIRS` quiet pairs only, up to ``max_rounds`` rounds or ``budget_s``
+    seconds of extra rounds. Without warm-up the FLOPs are counted on an extra step (:func:`count_pair_flops`)."""
     timer = RoundTimer(device)
     distinct = list({id(w): w for p in pairs for w in (p.base, p.other)}.values())
+    if not warmup:
+        count_pair_flops(pairs, log)
     for r in range(warmup):
         t0 = time.perf_counter()
         for w in distinct:
-            w.run()
+            if w.flops is None:
+                w.prepare()
+                w.flops = count_flops(w.step)
+            else:
+                w.run()
         timer.flush()
         log(f"warm-up round {r + 1}/{warmup}: {time.perf_counter() - t0:.1f} s")
     max_rounds = max(rounds, max_rounds or rounds)

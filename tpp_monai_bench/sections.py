@@ -20,7 +20,6 @@ from tpp_monai_bench.pairs import (
     MIN_QUIET_PAIRS,
     SPREAD_LIMIT,
     Pair,
-    count_pair_flops,
     run_pairs,
 )
 from tpp_monai_bench.timing import (
@@ -452,7 +451,6 @@ def section_pairs(args: argparse.Namespace, device: Device, log: Callable) -> di
     """Paired, interleaved step ratios with FLOP ratios and verdicts (:mod:`tpp_monai_bench.pairs`)."""
     build = build_stunet_pairs if _family(args.backbone) == "stunet" else build_pairs
     pairs, skipped = build(args, device, log)
-    count_pair_flops(pairs, log)
     run_pairs(pairs, device, args.warmup, args.steps, log, args.max_rounds, args.budget, args.wait_quiet)
     out = {p.key: p.summary() for p in pairs}
     return {
