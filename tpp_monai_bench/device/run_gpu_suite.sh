@@ -2,7 +2,7 @@
 # On the GPU machine, from the repository root (the device tool's working copy, `wheels/` carried): install the
 # carried wheels, run the GPU suite, and leave its JSON and log in $OUT (or tpp_monai_bench/results/ without $OUT).
 set -uo pipefail
-pip install --no-index --no-deps --quiet wheels/*.whl || exit 3
+python -m pip install --no-index --no-deps --quiet wheels/*.whl || exit 3
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 out=${OUT:-tpp_monai_bench/results}
 mkdir -p "$out"
