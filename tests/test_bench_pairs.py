@@ -122,3 +122,5 @@ def test_report_takes_step_ratios_from_measurable_pairs_only() -> None:
     assert NOT_MEASURABLE in result["targets"]["peft_step_ratio"]["why"]
     text = format_report(result)
     assert "within 1.1 of the ideal" in text and NOT_MEASURABLE in text and "peft not importable" in text
+    assert "0.450" in text  # the measurable pair's ratio is printed
+    assert "0.700" not in text  # the loaded pair's is not

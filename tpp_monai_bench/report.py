@@ -157,7 +157,7 @@ def collect_ratios(result: dict) -> dict[str, float | None]:
         if key in pairs:
             ratios[target] = pairs[key]["step_ratio"] if pairs[key]["measurable"] else None
     tpp = pairs.get("tpp_mae_frozen")
-    if consume is None and tpp and tpp.get("step_s"):
+    if consume is None and tpp and tpp.get("step_s") and tpp["measurable"]:
         consume = tpp["batch"] / tpp["step_s"]
     ratios["data_supply_ratio"] = ratio(data.get("images_per_s"), consume)
     return ratios
@@ -180,11 +180,12 @@ def format_pairs(section: dict) -> list[str]:
     lines += [head, "-" * len(head)]
     for p in section["pairs"].values():
         batch = f"{p['batch']}" + (f" ({p['bundle_batch']})" if p["bundle_batch"] != p["batch"] else "")
-        interval = "-" if p["interval"] is None else f"{p['interval'][0]:.2f}-{p['interval'][1]:.2f}"
+        ok = p["measurable"]  # no ratio is printed for a comparison the load made unmeasurable
+        interval = "-" if p["interval"] is None or not ok else f"{p['interval'][0]:.2f}-{p['interval'][1]:.2f}"
         lines.append(
             f"{p['label']:<36.36} {p['base']:<30.30} {batch:>9} {p['quiet_pairs']:>2}/{p['pairs']:<2} "
-            f"{_fmt(p['step_ratio'], '.3f'):>8} {interval:>13} {_fmt(p['flop_ratio'], '.3f'):>8} "
-            f"{_fmt(p['vs_ideal'], '.2f'):>6}  {p['verdict']}"
+            f"{_fmt(p['step_ratio'] if ok else None, '.3f'):>8} {interval:>13} {_fmt(p['flop_ratio'], '.3f'):>8} "
+            f"{_fmt(p['vs_ideal'] if ok else None, '.2f'):>6}  {p['verdict']}"
         )
     if any(p["bundle_batch"] != p["batch"] for p in section["pairs"].values()):
         lines.append(f"batch (bundle's): capped by --max-batch {section['max_batch']} to fit this machine")
