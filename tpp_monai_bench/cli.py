@@ -9,11 +9,12 @@ import time
 
 from tpp_monai.errors import ConfigError
 from tpp_monai_bench.report import TARGETS, collect_ratios, evaluate_targets, explain, format_report
-from tpp_monai_bench.sections import section_data, section_engine, section_scaling, section_steps
+from tpp_monai_bench.sections import section_data, section_engine, section_pairs, section_scaling, section_steps
 from tpp_monai_bench.timing import Device, machine_load
 from tpp_monai_bench.workloads import STUNET_SCALING, _family
 
-SECTIONS = ("steps", "engine", "data", "scaling")
+SECTIONS = ("pairs", "steps", "engine", "data", "scaling")
+DEFAULT_SECTIONS = ("pairs", "engine", "data")
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="medcoss_vit_b16", help="medcoss_vit_b16 (default) or stunet_b for 3D")
@@ -27,7 +28,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stunet-backbone", default=STUNET_SCALING, help="3D backbone of the scaling rows of a 2D run (stunet_b)"
     )
-    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default 2; 1 for 3D)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None,
+        help="images per step (pairs: the bundles' own batch sizes; steps/engine/scaling: 2, 1 for 3D)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-batch", type=int, default=None,
+        help="pairs: cap on the bundles' batch sizes (what fits this machine's time; default no cap)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=5, help="timed rounds (one step of every config each)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds (default 1)")
     parser.add_argument(
@@ -46,13 +54,53 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-seconds", type=float, default=5.0, help="and at least this long (seconds)")
     parser.add_argument("--dataset", default="mhist", help="demo dataset of the data pipeline (default mhist)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto, cpu or cuda")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list from {', '.join(SECTIONS)}")
+    parser.add_argument(
+        "--sections", default=",".join(DEFAULT_SECTIONS),
+        help=f"comma list from {', '.join(SECTIONS)} (default {','.join(DEFAULT_SECTIONS)})",
+    )  # fmt: skip
     parser.add_argument("--no-dino", action="store_true", help="skip the TPP-DINO step")
     parser.add_argument("--no-checkpointing", action="store_true", help="skip the activation-checkpointing rows")
     parser.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
+    parser.add_argument(
+        "--suite", default="cpu", choices=("cpu", "gpu"),
+        help="cpu: the sections above (default); gpu: every workflow at the bundles' real sizes (gpu_suite)",
+    )  # fmt: skip
+    parser.add_argument("--smoke", action="store_true", help="gpu suite: tiny sizes (checks the code paths on CPU)")
+    parser.add_argument(
+        "--suite-parts", default="steps,workflows", help="gpu suite: comma list from steps, workflows (both)"
+    )
+    parser.add_argument(
+        "--suite-groups", default=None, help="gpu suite: comma list of step groups (default all: see gpu_suite)"
+    )
+    parser.add_argument("--out", default=None, help="gpu suite: JSON path (default tpp_monai_bench/results/...)")
+
+def run_gpu_suite(args: argparse.Namespace) -> int:
+    from tpp_monai_bench.gpu_suite import STEP_GROUPS, format_suite, run_suite
+
+    parts = [p.strip() for p in args.suite_parts.split(",") if p.strip()]
+    if not parts or set(parts) - {"steps", "workflows"}:
+        raise ConfigError(f"--suite-parts {args.suite_parts!r}: a comma list from steps, workflows")
+    args.suite_parts = parts
+    groups = [g.strip() for g in (args.suite_groups or ",".join(STEP_GROUPS)).split(",") if g.strip()]
+    if not groups or set(groups) - set(STEP_GROUPS):
+        raise ConfigError(f"--suite-groups {args.suite_groups!r}: a comma list from {', '.join(STEP_GROUPS)}")
+    args.suite_groups = groups
+    device = Device(args.device)
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[gpu suite {time.perf_counter() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    result = run_suite(args, device, log)
+    print(json.dumps(result, indent=2, default=float) if args.json else format_suite(result))
+    return 0
+
 
 def run(args: argparse.Namespace) -> int:
     from tpp_monai.peft import get_method
+
+    if args.suite == "gpu":
+        return run_gpu_suite(args)
 
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
@@ -65,9 +113,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--method {args.method} does not support the {family} backbone {args.backbone}")
     # TPP needs target parameters: the baselines pre-train nothing, so the TPP rows use the adapter instead.
     args.tpp_method = args.method if spec.pretrainable else ("conv_adapter" if family == "stunet" else "adapter")
+    args.pairs_batch = args.batch_size  # None: the pairs run at the bundles' batch sizes
     args.batch_size = args.batch_size or (1 if family == "stunet" else 2)
     args.max_rounds = args.max_rounds or 3 * args.steps
-    counts = {"--batch-size": args.batch_size, "--steps": args.steps, "--scaling-steps": args.scaling_steps,
+    counts = {"--batch-size": args.batch_size, "--max-batch": args.max_batch or 1, "--steps": args.steps,
+              "--scaling-steps": args.scaling_steps,
               "--engine-iters": args.engine_iters, "--engine-reps": args.engine_reps}  # fmt: skip
     low = [f"{k} {v}" for k, v in counts.items() if v < 1] + ([f"--warmup {args.warmup}"] if args.warmup < 0 else [])
     if low:
@@ -94,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
         "machine": device.describe(),
     }  # fmt: skip
     log(f"{result['machine']}")
+    if "pairs" in sections:
+        result["pairs"] = section_pairs(args, device, log)
     if "steps" in sections:
         result["steps"] = section_steps(args, device, log)
     if "engine" in sections:

@@ -106,6 +106,12 @@ def explain(result: dict) -> dict[str, str]:
         "peft_memory_ratio": memory_why("peft_ft", "the frozen backbone must stay resident"),
     }  # fmt: skip
     why.update({k: v for k, v in texts.items() if v})
+    pairs = (result.get("pairs") or {}).get("pairs") or {}
+    method = result.get("config", {}).get("method")
+    for target, key in (("peft_step_ratio", f"{method}_ft"), ("tpp_mae_step_ratio", "tpp_mae_frozen")):
+        if key in pairs:
+            p = pairs[key]
+            why[target] = f"paired at batch {p['batch']}: FLOP ratio {_fmt(p['flop_ratio'])}; {p['verdict']}"
     ck = (steps.get("checkpointing") or {}).get("tpp_mae_frozen")
     if ck and "tpp_mae_memory_ratio" in why:
         why["tpp_mae_memory_ratio"] += (
@@ -136,6 +142,8 @@ def explain(result: dict) -> dict[str, str]:
     return why
 
 def collect_ratios(result: dict) -> dict[str, float | None]:
+    """The targets' values; step ratios from the paired comparisons where they ran (``None`` when not measurable
+    under the load), else from the steps section's medians."""
     steps = result.get("steps") or {}
     ratios = dict(steps.get("ratios", {}))
     eng = result.get("engine") or {}
@@ -143,11 +151,48 @@ def collect_ratios(result: dict) -> dict[str, float | None]:
     data = result.get("data") or {}
     tpp_key = "tpp_mae_frozen" if "tpp_mae_frozen" in steps.get("configs", {}) else "tpp_dino"
     consume = steps.get("configs", {}).get(tpp_key, {}).get("images_per_s")
+    pairs = (result.get("pairs") or {}).get("pairs") or {}
+    method = result.get("config", {}).get("method")
+    for target, key in (("peft_step_ratio", f"{method}_ft"), ("tpp_mae_step_ratio", "tpp_mae_frozen")):
+        if key in pairs:
+            ratios[target] = pairs[key]["step_ratio"] if pairs[key]["measurable"] else None
+    tpp = pairs.get("tpp_mae_frozen")
+    if consume is None and tpp and tpp.get("step_s") and tpp["measurable"]:
+        consume = tpp["batch"] / tpp["step_s"]
     ratios["data_supply_ratio"] = ratio(data.get("images_per_s"), consume)
     return ratios
 
 def _fmt(value: float | None, spec: str = ".2f", unit: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{unit}"
+
+def format_pairs(section: dict) -> list[str]:
+    """The paired comparisons: step ratio (median of paired ratios, interval), FLOP ratio, verdict."""
+    rule = section["rule"]
+    lines = [
+        "",
+        f"paired, interleaved steps (A,B / B,A per round; ratio = B / A per pair; median of the quiet pairs with a "
+        f"{rule['interval_confidence']:.0%} order-statistic interval). Load rule: a pair is quiet when neither step "
+        f"saw CPU stall > {rule['quiet_stall']:.0%} of its time (PSI); a comparison is measurable with >= "
+        f"{rule['min_quiet_pairs']} quiet pairs whose ratios spread (IQR / median) <= {rule['spread_limit']:g}.",
+    ]
+    head = (f"{'B (configuration)':<36} {'A (base)':<30} {'batch':>9} {'pairs':>5} {'step B/A':>8} {'interval':>13} "
+            f"{'FLOP B/A':>8} {'/ideal':>6}  verdict")  # fmt: skip
+    lines += [head, "-" * len(head)]
+    for p in section["pairs"].values():
+        batch = f"{p['batch']}" + (f" ({p['bundle_batch']})" if p["bundle_batch"] != p["batch"] else "")
+        ok = p["measurable"]  # no ratio is printed for a comparison the load made unmeasurable
+        interval = "-" if p["interval"] is None or not ok else f"{p['interval'][0]:.2f}-{p['interval'][1]:.2f}"
+        lines.append(
+            f"{p['label']:<36.36} {p['base']:<30.30} {batch:>9} {p['quiet_pairs']:>2}/{p['pairs']:<2} "
+            f"{_fmt(p['step_ratio'] if ok else None, '.3f'):>8} {interval:>13} {_fmt(p['flop_ratio'], '.3f'):>8} "
+            f"{_fmt(p['vs_ideal'] if ok else None, '.2f'):>6}  {p['verdict']}"
+        )
+    if any(p["bundle_batch"] != p["batch"] for p in section["pairs"].values()):
+        lines.append(f"batch (bundle's): capped by --max-batch {section['max_batch']} to fit this machine")
+    for key, why in section.get("skipped", {}).items():
+        lines.append(f"{key}: not run: {why}")
+    return [*lines, ""]
+
 
 def format_report(result: dict) -> str:
     """The human-readable report (the JSON holds the same figures)."""
@@ -157,7 +202,10 @@ def format_report(result: dict) -> str:
     lines.append(
         f"tpp-monai bench: {cfg['backbone']}, method {cfg['method']}, "
         + (f"{cfg['patch_size']}^3" if cfg["family"] == "stunet" else f"{cfg['image_size']}x{cfg['image_size']}")
-        + f", batch {cfg['batch_size']}, {cfg['steps']} timed rounds after {cfg['warmup']} warm-up"
+        + f", {cfg['steps']} timed rounds after {cfg['warmup']} warm-up"
+        + (f"; sections {','.join(cfg['sections'])}" if cfg.get("sections") else "")
+        + (f" (steps/engine/scaling at batch {cfg['batch_size']})" if set(cfg.get("sections", ["steps"])) - {"pairs"}
+           else "")
     )
     hw = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
     lines.append(
@@ -171,6 +219,9 @@ def format_report(result: dict) -> str:
             + ", CPU pressure "
             + " / ".join(_fmt(x.get("cpu_pressure_10s"), ".0f", " %") for x in loads)
         )
+    pairs = result.get("pairs") or {}
+    if pairs.get("pairs"):
+        lines.extend(format_pairs(pairs))
     steps = result.get("steps")
     if steps:
         mm = steps["matmul"]

@@ -14,9 +14,18 @@ from pathlib import Path
 import torch
 
 from tpp_monai.errors import ConfigError
+from tpp_monai_bench.pairs import (
+    CONFIDENCE,
+    IDEAL_LIMIT,
+    MIN_QUIET_PAIRS,
+    SPREAD_LIMIT,
+    Pair,
+    run_pairs,
+)
 from tpp_monai_bench.timing import (
     MIB,
     PRESSURE,
+    QUIET_STALL,
     Device,
     RoundTimer,
     count_flops,
@@ -344,3 +353,112 @@ def section_scaling(args: argparse.Namespace, device: Device, log: Callable, ste
         log(f"scaling: {backbone} {w.label}: {w.seconds:.2f} s")
         del w
     return out
+
+
+def pair_batch(bundle_batch: int, max_batch: int | None) -> int:
+    """The batch a pair runs at: the bundle's own, or ``max_batch`` where that is smaller (this machine's limit)."""
+    return bundle_batch if not max_batch else min(bundle_batch, max_batch)
+
+
+def peft_available() -> str | None:
+    """``None`` when Hugging Face peft imports, else why not (the LoRA peer pair needs it)."""
+    try:
+        import peft  # noqa: F401
+    except Exception as err:  # any import failure means the peer cannot be measured here
+        return f"Hugging Face peft not importable ({type(err).__name__}: {err})"
+    return None
+
+
+def build_pairs(args: argparse.Namespace, device: Device, log: Callable) -> tuple[list[Pair], dict]:
+    """The comparisons of the 2D ViT at the mhist bundles' batch sizes (fine-tuning's and the TPP stage's), capped
+    by ``--max-batch``: each training configuration against full fine-tuning at the same batch, and the project's
+    LoRA against peft's LoRA on the same timm-layout ViT-B/16 (``vit_b16``)."""
+    from tpp_monai_bench.recipes import bundle_settings
+    from tpp_monai_bench.workloads import VitCase, finetune_workload, tpp_dino_workload, tpp_mae_workload
+
+    case = VitCase(args.backbone, args.image_size, "cls", "mhist", args.image_size)
+    ft_batch = int(bundle_settings(case.bundle("full_finetune"), "finetune", ("batch_size",))["batch_size"])
+    tpp_batch = int(bundle_settings(case.bundle(args.tpp_method), "pretrain_tpp", ("batch_size",))["batch_size"])
+    if getattr(args, "pairs_batch", None):
+        ft_batch = tpp_batch = args.pairs_batch
+    bases: dict[int, Workload] = {}
+    skipped: dict[str, str] = {}
+
+    def base(batch: int) -> Workload:
+        if batch not in bases:
+            bases[batch] = finetune_workload(case, "full_finetune", batch, device, f"full_ft_b{batch}",
+                                             f"full fine-tuning (batch {batch})")[0]  # fmt: skip
+        return bases[batch]
+
+    pairs: list[Pair] = []
+    torch.manual_seed(0)
+    with _quiet_logs():
+        b = pair_batch(ft_batch, args.max_batch)
+        for method in dict.fromkeys([args.method, "lora"]):
+            if method == "full_finetune":
+                continue
+            w, _ = finetune_workload(case, method, b, device, f"{method}_ft", f"PEFT fine-tuning ({method})")
+            pairs.append(Pair(f"{method}_ft", w.label, base(b), w, b, ft_batch))
+        bt = pair_batch(tpp_batch, args.max_batch)
+        mae, _ = tpp_mae_workload(case, args.tpp_method, bt, device, "tpp_mae_frozen", "TPP-MAE, frozen decoder")
+        pairs.append(Pair("tpp_mae_frozen", mae.label, base(bt), mae, bt, tpp_batch))
+        mae_u, _ = tpp_mae_workload(case, args.tpp_method, bt, device, "tpp_mae_trainable",
+                                    "TPP-MAE, trainable decoder", trainable_decoder=True)  # fmt: skip
+        pairs.append(Pair("tpp_mae_trainable", mae_u.label, base(bt), mae_u, bt, tpp_batch))
+        if not args.no_dino:
+            dino = tpp_dino_workload(case, args.tpp_method, bt, device)
+            pairs.append(Pair("tpp_dino", dino.label, base(bt), dino, bt, tpp_batch))
+        why_not = peft_available()
+        if why_not:
+            skipped["lora_vs_peft"] = why_not
+        else:
+            # the timm-layout twin of the backbone (its qkv an nn.Linear peft can wrap): medcoss_vit_b16 -> vit_b16
+            vit = args.backbone.removeprefix("medcoss_")
+            peer, _ = finetune_workload(case, "lora", b, device, "peft_lora", f"peft's LoRA ({vit}, attn.qkv)",
+                                        backbone=vit, peer_lora=True)  # fmt: skip
+            ours, _ = finetune_workload(case, "lora", b, device, "lora_same_vit", f"tpp_monai LoRA ({vit}, q+v)",
+                                        backbone=vit)  # fmt: skip
+            pairs.append(Pair("lora_vs_peft", ours.label, peer, ours, b, ft_batch, kind="peer"))
+    log(f"pairs: {', '.join(f'{p.key} @ batch {p.batch}' for p in pairs)}")
+    return pairs, skipped
+
+
+def build_stunet_pairs(args: argparse.Namespace, device: Device, log: Callable) -> tuple[list[Pair], dict]:
+    """STU-Net (``--backbone stunet_*``): PEFT fine-tuning and TPP-DINO against full fine-tuning at the LiTS bundle's
+    batch sizes (capped by ``--max-batch``), at ``--patch-size``^3."""
+    from tpp_monai_bench.recipes import bundle_settings
+
+    bundle = f"lits_{args.tpp_method}"
+    ft_batch = int(bundle_settings(bundle, "finetune", ("batch_size",))["batch_size"])
+    tpp_batch = int(bundle_settings(bundle, "pretrain_tpp", ("batch_size",))["batch_size"])
+    if getattr(args, "pairs_batch", None):
+        ft_batch = tpp_batch = args.pairs_batch
+    pairs: list[Pair] = []
+    torch.manual_seed(0)
+    b, bt = pair_batch(ft_batch, args.max_batch), pair_batch(tpp_batch, args.max_batch)
+    full, peft = stunet_step_workloads(args.backbone, args.method, device, b, args.patch_size, ["full_ft", "peft_ft"])
+    pairs.append(Pair("peft_ft", peft.label, full, peft, b, ft_batch))
+    if not args.no_dino:
+        base = full if bt == b else stunet_step_workloads(args.backbone, args.method, device, bt, args.patch_size,
+                                                          ["full_ft"], suffix=f"_b{bt}")[0]  # fmt: skip
+        dino = stunet_dino_workload(args.backbone, args.tpp_method, device, bt, args.patch_size)
+        pairs.append(Pair("tpp_dino", dino.label, base, dino, bt, tpp_batch))
+    log(f"pairs: {', '.join(f'{p.key} @ batch {p.batch}' for p in pairs)}")
+    return pairs, {}
+
+
+def section_pairs(args: argparse.Namespace, device: Device, log: Callable) -> dict:
+    """Paired, interleaved step ratios with FLOP ratios and verdicts (:mod:`tpp_monai_bench.pairs`)."""
+    build = build_stunet_pairs if _family(args.backbone) == "stunet" else build_pairs
+    pairs, skipped = build(args, device, log)
+    run_pairs(pairs, device, args.warmup, args.steps, log, args.max_rounds, args.budget, args.wait_quiet)
+    out = {p.key: p.summary() for p in pairs}
+    return {
+        "rule": {
+            "min_quiet_pairs": MIN_QUIET_PAIRS, "spread_limit": SPREAD_LIMIT, "quiet_stall": QUIET_STALL,
+            "ideal_limit": IDEAL_LIMIT, "interval_confidence": CONFIDENCE,
+        },
+        "max_batch": args.max_batch,
+        "pairs": out,
+        "skipped": skipped,
+    }

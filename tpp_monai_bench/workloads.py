@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tpp_monai_bench.recipes import finetune_recipe, tpp_recipe
+from tpp_monai_bench.recipes import bundle_settings, finetune_recipe, tpp_recipe
 from tpp_monai_bench.timing import (
     MIB,
     Device,
@@ -197,67 +197,130 @@ def _quiet_logs():
     finally:
         logger.setLevel(level)
 
-def vit_workloads(args: argparse.Namespace, device: Device) -> tuple[list[Workload], dict]:
-    """Full / PEFT fine-tuning, TPP-MAE (frozen, trainable decoder), TPP-DINO, inference, checkpointing variants."""
+@dataclass(frozen=True)
+class VitCase:
+    """A 2D setting of the bundles: the backbone, the fine-tuning image size and task, and the bundle dataset whose
+    recipes (optimizer, loss) apply; TPP runs at ``pretext_size`` (the pretrain_tpp bundles' own)."""
+
+    backbone: str = "medcoss_vit_b16"
+    size: int = 224
+    task: str = "cls"
+    dataset: str = "mhist"
+    pretext_size: int = 224
+
+    def bundle(self, method: str) -> str:
+        return f"{self.dataset}_{method}"
+
+
+def _finetune_inputs(case: VitCase, batch: int, device: Device) -> tuple[Tensor, Tensor]:
+    x = _random_images(device, batch, 3, (case.size, case.size))
+    gen = torch.Generator().manual_seed(1)
+    if case.task == "cls":
+        return x, torch.randint(0, 2, (batch,), generator=gen).to(device.torch)
+    return x, torch.randint(0, 2, (batch, 1, case.size, case.size), generator=gen).float().to(device.torch)
+
+
+def finetune_workload(
+    case: VitCase, method: str, batch: int, device: Device, key: str, label: str, backbone: str | None = None,
+    peer_lora: bool = False,
+) -> tuple[Workload, nn.Module]:  # fmt: skip
+    """One fine-tuning step of ``case``'s bundle for ``method``: its network, loss and optimizer recipe.
+
+    ``peer_lora``: the peer of the LoRA method, Hugging Face peft's LoRA (rank 8, alpha 8) on the fused ``attn.qkv``
+    linear of a timm-layout ``backbone`` (``vit_b16``), with the same head trainable as the project's LoRA.
+    """
+    from tpp_monai.network import build_network
+
+    backbone = backbone or case.backbone
+    head = {"num_classes": 2} if case.task == "cls" else {"out_channels": 1}
+    bundle = case.bundle(method)
+    loss_fn = bundle_settings(bundle, "finetune", ("loss",))["loss"]
+    r = finetune_recipe(bundle)
+    net = build_network(backbone, case.task, method, backbone_ckpt="none", **head).to(device.torch).train()
+    if peer_lora:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        heads = {n for n, p in net.named_parameters() if p.requires_grad and ".peft_" not in f".{n}"}
+        net = build_network(backbone, case.task, "full_finetune", backbone_ckpt="none", **head).to(device.torch)
+        net.requires_grad_(False)
+        net = inject_adapter_in_model(LoraConfig(r=8, lora_alpha=8, target_modules=["attn.qkv"]), net).train()
+        for n, p in net.named_parameters():
+            p.requires_grad_(p.requires_grad or n in heads)
+    x, y = _finetune_inputs(case, batch, device)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = make_adamw(params, device, lr=r.lr, weight_decay=r.weight_decay)
+    w = train_workload(key, label, device, net, lambda: loss_fn(net(x), y), opt, batch, [x, y], clip=r.grad_clip)
+    return w, net
+
+
+def tpp_mae_workload(
+    case: VitCase, method: str, batch: int, device: Device, key: str, label: str, trainable_decoder: bool = False
+) -> tuple[Workload, nn.Module]:
+    """A TPP-MAE step of the pretrain_tpp bundle at its pretext size: a random decoder of the MedCoSS geometry (no
+    checkpoint here), frozen as the inherited decoder of the classification setting, or trainable (segmentation)."""
     from tpp_monai.backbones import get_backbone_spec
+    from tpp_monai.handlers import param_groups
+    from tpp_monai.network import build_network
+    from tpp_monai.pretext import build_pretext, pretext_loss
+
+    s = case.pretext_size
+    geometry = dict(get_backbone_spec(case.backbone).mae_decoder)
+    enc = build_network(case.backbone, "features", method, backbone_ckpt="none", stage="tpp")
+    net = build_pretext("mae", enc, s, mae_decoder="random", decoder=geometry).to(device.torch).train()
+    net.decoder.requires_grad_(trainable_decoder)
+    loss = pretext_loss("mae", net).to(device.torch)
+    x = _random_images(device, batch, 3, (s, s))
+    # The pretrain_tpp bundle's own MAE recipe (paper: AdamW lr 1.5e-3, wd 1.5e-2, betas (0.9, 0.95)).
+    r = tpp_recipe(case.bundle(method), "mae", batch)
+    opt = make_adamw(param_groups(net, r.weight_decay), device, lr=r.lr, betas=r.betas)
+    return train_workload(key, label, device, net, lambda: loss(net(x), x), opt, batch, [x]), net
+
+
+def tpp_dino_workload(
+    case: VitCase, method: str, batch: int, device: Device, key: str = "tpp_dino", dino: dict | None = None
+) -> Workload:
+    """A TPP-DINO step of the pretrain_tpp bundle (its DINO settings over the library's defaults; then ``dino``)."""
     from tpp_monai.handlers import param_groups
     from tpp_monai.network import build_network
     from tpp_monai.pretext import DINO_DEFAULTS, build_pretext, pretext_loss
 
+    bundle = case.bundle(method)
+    d = dict(bundle_settings(bundle, "pretrain_tpp", ("dino",), pretext="dino")["dino"] or {})
+    d = {**DINO_DEFAULTS, **d, **(dino or {})}
+    enc = build_network(case.backbone, "features", method, backbone_ckpt="none", stage="tpp")
+    dino = build_pretext("dino", enc, case.pretext_size, dino=d).to(device.torch).train()
+    dloss = pretext_loss("dino", dino, d).to(device.torch)
+    g, loc = d["global_size"], d["local_size"]
+    crops = [_random_images(device, batch, 3, (g, g), seed=i) for i in range(2)]
+    crops += [_random_images(device, batch, 3, (loc, loc), seed=10 + i) for i in range(d["num_local"])]
+    r = tpp_recipe(bundle, "dino", batch)  # the pretrain_tpp bundle's own DINO recipe (rate scaled by the batch)
+    opt = make_adamw(param_groups(dino, r.weight_decay), device, lr=r.lr, betas=r.betas)
+    return train_workload(
+        key, f"TPP-DINO ({2 + d['num_local']} crops)", device, dino, lambda: dloss(dino(crops)),
+        opt, batch, crops, clip=r.grad_clip, after_step=lambda: dino.update_teacher(0.996), extra=[dloss],
+    )  # fmt: skip
+
+
+def vit_workloads(args: argparse.Namespace, device: Device) -> tuple[list[Workload], dict]:
+    """Full / PEFT fine-tuning, TPP-MAE (frozen, trainable decoder), TPP-DINO, inference, checkpointing variants."""
     b, s = args.batch_size, args.image_size
-    dev = device.torch
+    case = VitCase(args.backbone, s, "cls", "mhist", s)
     torch.manual_seed(0)
-    x = _random_images(device, b, 3, (s, s))
-    y = torch.randint(0, 2, (b,), generator=torch.Generator().manual_seed(1)).to(dev)
-    ce = nn.CrossEntropyLoss()
-    geometry = dict(get_backbone_spec(args.backbone).mae_decoder)
     out: list[Workload] = []
     info: dict = {}
-
-    def finetune(method: str, key: str, label: str) -> tuple[Workload, nn.Module]:
-        net = build_network(args.backbone, "cls", method, num_classes=2, backbone_ckpt="none").to(dev).train()
-        params = [p for p in net.parameters() if p.requires_grad]
-        r = finetune_recipe(f"mhist_{method}")  # the finetune bundle's own recipe (MedCoSS: AdamW, clipping 12)
-        opt = make_adamw(params, device, lr=r.lr, weight_decay=r.weight_decay)
-        w = train_workload(key, label, device, net, lambda: ce(net(x), y), opt, b, [x, y], clip=r.grad_clip)
-        return w, net
-
     with _quiet_logs():
-        full, full_net = finetune("full_finetune", "full_ft", "full fine-tuning")
-        peft, peft_net = finetune(args.method, "peft_ft", f"PEFT fine-tuning ({args.method})")
-        out += [full, peft]
-
-        def mae(mode: str, key: str, label: str) -> tuple[Workload, nn.Module]:
-            enc = build_network(args.backbone, "features", args.tpp_method, backbone_ckpt="none", stage="tpp")
-            # No checkpoint here: a random decoder of the MedCoSS geometry, frozen to model the inherited frozen
-            # decoder of the classification setting, trainable for the segmentation setting.
-            net = build_pretext("mae", enc, s, mae_decoder="random", decoder=geometry).to(dev).train()
-            net.decoder.requires_grad_(mode == "update")
-            loss = pretext_loss("mae", net).to(dev)
-            # The pretrain_tpp bundle's own MAE recipe (paper: AdamW lr 1.5e-3, wd 1.5e-2, betas (0.9, 0.95)).
-            r = tpp_recipe(f"mhist_{args.tpp_method}", "mae", b)
-            opt = make_adamw(param_groups(net, r.weight_decay), device, lr=r.lr, betas=r.betas)
-            return train_workload(key, label, device, net, lambda: loss(net(x), x), opt, b, [x]), net
-
-        mae_f, mae_f_net = mae("freeze", "tpp_mae_frozen", "TPP-MAE, frozen decoder")
-        mae_u, _ = mae("update", "tpp_mae_trainable", "TPP-MAE, trainable decoder")
-        out += [mae_f, mae_u]
-
+        full, full_net = finetune_workload(case, "full_finetune", b, device, "full_ft", "full fine-tuning")
+        peft, peft_net = finetune_workload(case, args.method, b, device, "peft_ft", f"PEFT fine-tuning ({args.method})")
+        mae_f, mae_f_net = tpp_mae_workload(
+            case, args.tpp_method, b, device, "tpp_mae_frozen", "TPP-MAE, frozen decoder"
+        )
+        mae_u, _ = tpp_mae_workload(
+            case, args.tpp_method, b, device, "tpp_mae_trainable", "TPP-MAE, trainable decoder", trainable_decoder=True
+        )
+        out += [full, peft, mae_f, mae_u]
         if not args.no_dino:
-            d = dict(DINO_DEFAULTS)
-            enc = build_network(args.backbone, "features", args.tpp_method, backbone_ckpt="none", stage="tpp")
-            dino = build_pretext("dino", enc, s, dino=d).to(dev).train()
-            dloss = pretext_loss("dino", dino, d).to(dev)
-            crops = [_random_images(device, b, 3, (s, s), seed=i) for i in range(2)]
-            crops += [_random_images(device, b, 3, (d["local_size"],) * 2, seed=10 + i) for i in range(d["num_local"])]
-            r = tpp_recipe(f"mhist_{args.tpp_method}", "dino", b)  # the pretrain_tpp bundle's own DINO recipe
-            opt = make_adamw(param_groups(dino, r.weight_decay), device, lr=r.lr, betas=r.betas)
-            w = train_workload(
-                "tpp_dino", f"TPP-DINO ({2 + d['num_local']} crops)", device, dino, lambda: dloss(dino(crops)),
-                opt, b, crops, clip=r.grad_clip, after_step=lambda: dino.update_teacher(0.996), extra=[dloss],
-            )  # fmt: skip
-            out.append(w)
-
+            out.append(tpp_dino_workload(case, args.tpp_method, b, device))
+    x = _random_images(device, b, 3, (s, s))
     # The forward-rate target is about the encoder: the plain backbone's forward (what full fine-tuning deploys)
     # carries it; the PEFT model's forward is shown beside it.
     out.append(forward_workload("inference", "inference forward (backbone)", device, full_net, x, b))
@@ -275,30 +338,31 @@ def vit_workloads(args: argparse.Namespace, device: Device) -> tuple[list[Worklo
     )
     return out, info
 
+
 def stunet_step_workloads(
     backbone: str,
     method: str,
     device: Device,
     batch: int,
-    patch: int,
+    patch: int | Sequence[int],
     which: Sequence[str],
     suffix: str = "",
     tpp_method: str | None = None,
 ) -> list[Workload]:
     """STU-Net: full / PEFT (``method``) fine-tuning (deep supervision, Dice+CE), TPP-DINO of ``tpp_method``'s
-    target parameters (default ``method``), inference, at ``patch``^3."""
+    target parameters (default ``method``), inference, at ``patch``^3 (or the 3 edges ``patch``)."""
     from monai.losses import DeepSupervisionLoss, DiceCELoss
 
     from tpp_monai.network import build_network
 
     dev = device.torch
-    size = (patch, patch, patch)
+    size = (patch,) * 3 if isinstance(patch, int) else tuple(patch)
     x = _random_images(device, batch, 1, size)
     # Float labels: DeepSupervisionLoss resizes them to every head's scale (nearest), which needs floats.
     label = torch.randint(0, 3, (batch, 1, *size), generator=torch.Generator().manual_seed(1)).float().to(dev)
     seg_loss = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True))
     out: list[Workload] = []
-    tag = f"{patch}^3"
+    tag = f"{patch}^3" if isinstance(patch, int) else "x".join(map(str, size))
     with _quiet_logs():
         for kind in which:
             if kind in ("full_ft", "peft_ft", "inference"):
@@ -326,27 +390,35 @@ def stunet_step_workloads(
     return out
 
 def stunet_dino_workload(
-    backbone: str, method: str, device: Device, batch: int, patch: int, suffix: str = ""
+    backbone: str, method: str, device: Device, batch: int, patch: int, suffix: str = "", dino: dict | None = None
 ) -> Workload:
-    """TPP-DINO on STU-Net through the library's DINO pretext (the 3D bundles' TPP stage)."""
+    """TPP-DINO on STU-Net through the library's DINO pretext (the 3D bundles' TPP stage): crops of ``patch``^3 and
+    ``max(32, patch / 2)``^3 (2 local), or the crop sizes and count of ``dino`` (a bundle's ``dino`` settings)."""
     from tpp_monai.handlers import param_groups
     from tpp_monai.network import build_network
     from tpp_monai.pretext import DINO_DEFAULTS, build_pretext, pretext_loss
 
     local = max(32, patch // 2)
-    d = {**DINO_DEFAULTS, "global_size": patch, "local_size": local, "num_local": 2}
+    d = {**DINO_DEFAULTS, "global_size": patch, "local_size": local, "num_local": 2, **(dino or {})}
+
+    def edges(size: int | Sequence[int]) -> tuple[int, ...]:
+        return (size,) * 3 if isinstance(size, int) else tuple(size)
+
+    g, loc = edges(d["global_size"]), edges(d["local_size"])
     enc = build_network(backbone, "features", method, backbone_ckpt="none", stage="tpp")
-    dino = build_pretext("dino", enc, patch, dino=d).to(device.torch).train()
-    dloss = pretext_loss("dino", dino, d).to(device.torch)
-    crops = [_random_images(device, batch, 1, (patch,) * 3, seed=i) for i in range(2)]
-    crops += [_random_images(device, batch, 1, (local,) * 3, seed=10 + i) for i in range(2)]
+    dino_net = build_pretext("dino", enc, dino=d).to(device.torch).train()
+    dloss = pretext_loss("dino", dino_net, d).to(device.torch)
+    crops = [_random_images(device, batch, 1, g, seed=i) for i in range(2)]
+    crops += [_random_images(device, batch, 1, loc, seed=10 + i) for i in range(d["num_local"])]
     r = tpp_recipe(f"lits_{method}", "dino", batch)  # the 3D pretrain_tpp bundle's own DINO recipe
-    opt = make_adamw(param_groups(dino, r.weight_decay), device, lr=r.lr, betas=r.betas)
+    opt = make_adamw(param_groups(dino_net, r.weight_decay), device, lr=r.lr, betas=r.betas)
+    tag = "x".join(map(str, g))
     return train_workload(
-        f"tpp_dino{suffix}", f"TPP-DINO {patch}^3 (2 global + 2 local {local}^3)", device, dino,
-        lambda: dloss(dino(crops)), opt, batch, crops, clip=r.grad_clip,
-        after_step=lambda: dino.update_teacher(0.996), extra=[dloss],
+        f"tpp_dino{suffix}", f"TPP-DINO {tag} (2 global + {d['num_local']} local {'x'.join(map(str, loc))})",
+        device, dino_net, lambda: dloss(dino_net(crops)), opt, batch, crops, clip=r.grad_clip,
+        after_step=lambda: dino_net.update_teacher(0.996), extra=[dloss],
     )  # fmt: skip
+
 
 def _family(backbone: str) -> str:
     from tpp_monai.backbones import get_backbone_spec

@@ -130,6 +130,11 @@ class ViTBlockBase(nn.Module):
     def qkv_params(self) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
 
+    def qkv_projection(self, h: Tensor) -> Tensor:
+        """The fused q/k/v projection ``[B, L, D] -> [B, L, 3D]``."""
+        weight, bias = self.qkv_params()
+        return F.linear(h, weight, bias)
+
     def layer_scale(self, branch: str, x: Tensor) -> Tensor:
         return x
 
@@ -141,8 +146,7 @@ class ViTBlockBase(nn.Module):
     def attention(self, h: Tensor) -> Tensor:
         """Multi-head self-attention through PyTorch's fused scaled-dot-product kernel. ``h: [B, L, D]``."""
         b, length, dim = h.shape
-        weight, bias = self.qkv_params()
-        qkv = self._site("qkv", F.linear(h, weight, bias), h)  # [B, L, 3D]
+        qkv = self._site("qkv", self.qkv_projection(h), h)  # [B, L, 3D]
         qkv = qkv.view(b, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
         # unbind, not qkv[0..2]: its backward stacks the three gradients at once, where three selects would each
         # zero-fill and add a full [3, B, heads, L, hd] buffer
@@ -454,6 +458,10 @@ class TimmBlock(ViTBlockBase):
 
     def qkv_params(self) -> tuple[Tensor, Tensor | None]:
         return self.attn.qkv.weight, self.attn.qkv.bias
+
+    def qkv_projection(self, h: Tensor) -> Tensor:
+        # through the module, so a library that wraps ``attn.qkv`` (peft's LoRA, the bench's peer) takes effect
+        return self.attn.qkv(h)
 
 
 class _PatchEmbed(nn.Module):
