@@ -9,6 +9,7 @@ per dataset, enough for a non-empty train/validation/test split after each build
 - OCT-C8: retina-like bright layers whose waviness (cycles across the image) and layer count encode the class.
 - Chest X-ray PA: normal = clear lungs; pneumonia = one large dense patch; covid = several hazy peripheral spots.
 - GlaS: purple-rimmed glands on pink stroma; the instance masks are the glands (malignant ones are irregular).
+  Appearance `"ihc"` (the TPP demo's target): large soft-bordered glands, DAB-brown on a blue counterstain.
 - QaTa: bright hazy opacities in the lungs; the 0/255 masks mark them.
 - LiTS / KiTS19: a bright liver / two kidneys in a body in air, with a darker/brighter tumour inside (labels 1, 2).
 
