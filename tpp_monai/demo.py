@@ -103,6 +103,8 @@ def load_demo_plan(path: str | Path = PRESET) -> dict:
     """The preset as a plain dict, checked for what the demo uses (one dataset, random/TPP initialisations)."""
     import yaml
 
+    if not Path(path).is_file():
+        raise ConfigError(f"--preset {path}: no such plan file; give a YAML/JSON plan such as {PRESET}")
     plan = yaml.safe_load(Path(path).read_text())
     missing = {"name", "datasets", "methods", "init", "label_fractions", "seeds"} - set(plan or {})
     if missing:

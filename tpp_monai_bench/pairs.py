@@ -26,7 +26,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from tpp_monai_bench.timing import PRESSURE, Device, RoundTimer, Sample, count_flops, median, ratio
+from tpp_monai_bench.timing import (
+    PRESSURE,
+    Device,
+    RoundTimer,
+    Sample,
+    count_flops,
+    median,
+    ratio,
+    scheduled_rounds,
+)
 from tpp_monai_bench.workloads import Workload
 
 MIN_QUIET_PAIRS = 3
@@ -178,12 +187,7 @@ def run_pairs(
                 w.run()
         timer.flush()
         log(f"warm-up round {r + 1}/{warmup}: {time.perf_counter() - t0:.1f} s")
-    max_rounds = max(rounds, max_rounds or rounds)
-    start = time.perf_counter()
-    for r in range(max_rounds):
-        need = list(pairs) if r < rounds else [p for p in pairs if p.quiet_pairs < MIN_QUIET_PAIRS]
-        if not need or (r >= rounds and budget_s is not None and time.perf_counter() - start > budget_s):
-            break
+    for r, need in scheduled_rounds(pairs, rounds, max_rounds, budget_s, lambda p: p.quiet_pairs < MIN_QUIET_PAIRS):
         t0, waited = time.perf_counter(), 0.0
         for p in need:
             waited += PRESSURE.wait_quiet(wait_s)

@@ -34,6 +34,7 @@ from tpp_monai_bench.timing import (
     median,
     overhead,
     ratio,
+    scheduled_rounds,
     unique_bytes,
 )
 from tpp_monai_bench.workloads import (
@@ -68,12 +69,7 @@ def run_rounds(
             w.run()
         timer.flush()
         log(f"warm-up round {r + 1}/{warmup}: {time.perf_counter() - t0:.1f} s")
-    max_rounds = max(steps, max_rounds or steps)
-    start = time.perf_counter()
-    for r in range(max_rounds):
-        need = [w for w in workloads if w.quiet_count < steps] if r >= steps else list(workloads)
-        if not need or (r >= steps and budget_s is not None and time.perf_counter() - start > budget_s):
-            break
+    for r, need in scheduled_rounds(workloads, steps, max_rounds, budget_s, lambda w: w.quiet_count < steps):
         t0, waited = time.perf_counter(), 0.0
         for w in need:
             waited += PRESSURE.wait_quiet(wait_s)

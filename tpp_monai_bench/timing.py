@@ -205,6 +205,19 @@ def quiet_median(samples: Sequence[Sample], minimum: int = 1) -> tuple[float | N
         return median(quiet), True
     return median(s.wall for s in samples), False
 
+def scheduled_rounds(
+    items: Sequence, rounds: int, max_rounds: int | None, budget_s: float | None, short: Callable[[Any], bool]
+) -> Iterable[tuple[int, list]]:
+    """``(round, items to time)``: every item for ``rounds`` rounds, then only the items still ``short`` of quiet
+    samples, until none is, ``max_rounds`` rounds ran or the extra rounds took ``budget_s`` seconds."""
+    start = time.perf_counter()
+    for r in range(max(rounds, max_rounds or rounds)):
+        need = list(items) if r < rounds else [i for i in items if short(i)]
+        if not need or (r >= rounds and budget_s is not None and time.perf_counter() - start > budget_s):
+            return
+        yield r, need
+
+
 class RoundTimer:
     """Times callables into :class:`Sample` lists; on GPU the wall time comes from CUDA events resolved after the
     round, so no step waits for the device."""
