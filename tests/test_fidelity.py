@@ -19,14 +19,21 @@ from tpp_monai.backbones import build_backbone, load_backbone_checkpoint
 from tpp_monai.backbones.checkpoint import read_file
 from tpp_monai.errors import CheckpointError
 from tpp_monai.handlers import GradientClipHandler
-from tpp_monai.peft import METHODS, apply_peft, get_method, make_config, mark_trainable, trainable_parameter_names
+from tpp_monai.peft import (
+    applicable_methods,
+    apply_peft,
+    get_method,
+    make_config,
+    mark_trainable,
+    trainable_parameter_names,
+)
 from tpp_monai.peft.modules import Bottleneck
 from tpp_monai.pretext import PretextHandlers, adamw_betas, build_pretext, lr_schedule, pretext_loss
 from tpp_monai.pretext.dino import teacher_temp_schedule
 from tpp_monai.pretext.transforms import RandIsotropicGaussianSmoothd, RandResizedCropd, dino_transforms
 
 get_method("adapter")  # register the built-in methods
-VIT_METHODS = sorted(n for n, s in METHODS.items() if "medcoss" in s.families)
+VIT_METHODS = applicable_methods("medcoss_vit_tiny")
 
 
 def _rand(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -42,10 +42,10 @@ from tpp_monai.label.guard import (
     refuse_expressions,
     stratified_split,
 )
-from tpp_monai.label.torchvision_compat import import_torchvision
+from tpp_monai.compat import import_torchvision
 from tpp_monai.network import FROM_MODEL_FILE
 
-import_torchvision()  # before monailabel.tasks.infer.bundle imports torchvision.utils (see torchvision_compat)
+import_torchvision()  # before monailabel.tasks.infer.bundle imports torchvision.utils (see tpp_monai.compat)
 
 from monailabel.config import settings  # noqa: E402
 from monailabel.interfaces.datastore import Datastore  # noqa: E402

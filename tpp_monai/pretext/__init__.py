@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from tpp_monai.contract import DROPS_TOKENS, GLOBAL_FEATURE, hooks_of
 from tpp_monai.engines import plain_tensor
 from tpp_monai.errors import ConfigError, unknown_choice
 from tpp_monai.peft import load_target_state, target_state
@@ -30,28 +31,33 @@ DINO_DEFAULTS = {
     # DeSD-style student heads on the further feature levels (STU-Net's decoder levels; ViTs have none)
     "level_heads": True,
 }  # fmt: skip
-# Pretexts each backbone family supports (STU-Net: DINO only, see the module docstring).
-FAMILY_PRETEXTS = {"stunet": ("dino",)}
+# The input each pretext needs from a backbone (tpp_monai.contract): MAE drops tokens, DINO reads a global feature.
+PRETEXT_INPUTS = {"mae": DROPS_TOKENS, "dino": GLOBAL_FEATURE}
 
 
 def check_pretext(pretext: str, backbone: str | None = None) -> str:
-    """``pretext`` if it is known (and, with ``backbone`` given, supported by that backbone's family)."""
+    """``pretext`` if it is known (and, with ``backbone`` given, one that backbone can feed)."""
     if pretext not in PRETEXTS:
         raise unknown_choice("pretext", pretext, PRETEXTS, "--pretext")
     if backbone is not None:
-        from tpp_monai.backbones import get_backbone_spec
+        from tpp_monai.backbones import family_class
 
-        family = get_backbone_spec(backbone, "backbone").family
-        _check_family(pretext, family, backbone)
+        _check_inputs(pretext, family_class(backbone, "backbone"), backbone)
     return pretext
 
 
-def _check_family(pretext: str, family: str | None, backbone: str) -> None:
-    allowed = FAMILY_PRETEXTS.get(str(family), PRETEXTS)
+def supported_pretexts(backbone: nn.Module | type) -> list[str]:
+    """The pretexts a backbone (instance or family class) can feed, in the order of :data:`PRETEXTS`."""
+    return [p for p in PRETEXTS if PRETEXT_INPUTS[p] in hooks_of(backbone)]
+
+
+def _check_inputs(pretext: str, backbone: nn.Module | type, name: str) -> None:
+    allowed = supported_pretexts(backbone)
     if pretext not in allowed:
+        family = getattr(backbone, "family", "")
         raise ConfigError(
-            f"pretext {pretext!r} is not supported on the {family} backbone {backbone!r} (paper §5.4 pre-trains "
-            f"STU-Net's target parameters with DINO); use --pretext {allowed[0]}"
+            f"pretext {pretext!r} needs {PRETEXT_INPUTS[pretext]!r} from the backbone, which the {family} backbone "
+            f"{name!r} does not give; use --pretext {' or '.join(allowed) or '(none applies)'}"
         )
 
 
@@ -94,7 +100,7 @@ def build_pretext(
     decoder: Mapping | None = None, dino: Mapping | None = None,
 ) -> nn.Module:  # fmt: skip
     """The pretext network around ``encoder`` (built with ``task="features"``, ``stage="tpp"``)."""
-    _check_family(check_pretext(pretext), getattr(encoder, "family", None), getattr(encoder, "backbone_name", ""))
+    _check_inputs(check_pretext(pretext), encoder, getattr(encoder, "backbone_name", ""))
     if pretext == "mae":
         return MAEPretext(encoder, mae_decoder, image_size, mask_ratio, decoder)
     d = _dino(dino)
