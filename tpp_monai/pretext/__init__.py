@@ -137,26 +137,28 @@ def lr_schedule(
 
 
 def pretext_input_sizes(
-    pretext: str, spatial_dims: int, pretext_size: int | Sequence[int] | None = 224, dino: Mapping | None = None
-) -> dict[str, tuple[int, ...]]:
+    pretext: str, spatial_dims: int, pretext_size: int | Sequence[int] | None = 224, dino: Mapping | None = None,
+    size_setting: str = "pretext_size",
+) -> dict[str, tuple[int, ...]]:  # fmt: skip
     """The input sizes the pretext feeds the backbone, by the setting that gives them: DINO's crops, else the
-    pretext size."""
+    pretext size (named ``size_setting``)."""
     if check_pretext(pretext) == "dino":
         d = _dino(dino)
         keys = ("global_size", "local_size") if d["num_local"] else ("global_size",)
         return {f"dino {k}": as_size(d[k], spatial_dims, f"dino {k}") for k in keys}
-    return {"pretext_size": as_size(224 if pretext_size is None else pretext_size, spatial_dims, "pretext_size")}
+    return {size_setting: as_size(224 if pretext_size is None else pretext_size, spatial_dims, size_setting)}
 
 
 def check_pretext_inputs(
     pretext: str, model: nn.Module, pretext_size: int | Sequence[int] | None = 224, dino: Mapping | None = None,
-    mim: Mapping | None = None,
+    mim: Mapping | None = None, size_setting: str = "pretext_size",
 ) -> None:  # fmt: skip
     """Raise a :class:`ConfigError` naming the setting and the fix unless every input the pretext makes passes the
     backbone's size rules (its ``check_input_size`` where it has one, else multiples of its patch / stride) and, for
-    MIM, the mask cells fit. ``model`` may live on the meta device (shapes only)."""
+    MIM, the mask cells fit. ``model`` may live on the meta device (shapes only); ``size_setting`` names the setting
+    that gives ``pretext_size`` in messages."""
     iface = model.interface()
-    for what, size in pretext_input_sizes(pretext, iface.spatial_dims, pretext_size, dino).items():
+    for what, size in pretext_input_sizes(pretext, iface.spatial_dims, pretext_size, dino, size_setting).items():
         try:
             if hasattr(model, "check_input_size"):
                 model.check_input_size(size)

@@ -122,4 +122,5 @@ def check_3d(
     except ConfigError as err:
         raise ConfigError(f"image_size {list(cube)}: {err}") from None
     if pretext is not None:
-        check_pretext_inputs(pretext, model, cube if pretext_size is None else pretext_size, dino, mim)
+        size, setting = (cube, "image_size") if pretext_size is None else (pretext_size, "pretext_size")
+        check_pretext_inputs(pretext, model, size, dino, mim, setting)
