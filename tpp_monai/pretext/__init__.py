@@ -7,7 +7,7 @@ views and batch preparation together. Which pretexts a backbone can feed is read
 read it from:
 
 * MAE where the backbone drops tokens (ViTs): the paper's default, which it found better than DINO for most PEFT
-  methods (§4.6, Table 8), and the cheapest (the encoder sees a quarter of the patches);
+  methods (§3.2, Table 8), and the cheapest (the encoder sees a quarter of the patches);
 * DINO on STU-Net: the paper's pairing for the CNN (§5.4, Table 10);
 * MIM where tokens cannot be dropped but a dense feature map exists (Swin, other CNNs): masked modelling as the
   paper's default is, in the form that needs no token dropping;
