@@ -11,12 +11,14 @@ import pytest
 import torch
 from conftest import make_workflow
 from ignite.engine import Events
+from monai.engines.utils import IterationEvents
 from torch import nn
 
 from tpp_monai.backbones import BACKBONES, build_backbone, get_backbone_spec
 from tpp_monai.backbones.vit import TimmViT
 from tpp_monai.contract import DENSE_FEATURE, DROPS_TOKENS, GLOBAL_FEATURE, BackboneInterface
 from tpp_monai.errors import ConfigError
+from tpp_monai.handlers import GradientClipHandler
 from tpp_monai.io import load_verified
 from tpp_monai.peft import apply_peft, mark_trainable, target_parameter_names, trainable_parameter_names
 from tpp_monai.pretext import (
@@ -256,7 +258,7 @@ def test_mim_learns_in_3d_on_stunet_training_its_adapters_only() -> None:
                          r"stride \[16, 16\]"),
     ({"mask_patch": 48}, r"the MIM input size \[64, 64\] is not a multiple of the mask cell \[48, 48\]"),
     ({"mask_patch": 64}, r"masks 1 of 1 cells"),
-    ({"ratio": 0.5}, r"unknown MIM option 'ratio'.*valid MIM options: mask_patch, mask_ratio"),
+    ({"ratio": 0.5}, r"unknown MIM option 'ratio'.*valid MIM options: clip_grad, mask_patch, mask_ratio"),
 ])  # fmt: skip
 def test_mim_settings_that_do_not_fit_are_named(options, expected) -> None:
     with pytest.raises(ConfigError, match=expected):
@@ -456,6 +458,9 @@ def test_pretrain_tpp_with_mim_on_a_demo_bundle(tmp_path, demo_roots, bundle, da
     assert isinstance(net, MIMPretext)
     assert wf.parser.get_parsed_content("optimizer#betas") == [0.9, 0.999]
     trainer = wf.parser.get_parsed_content("train#trainer")
+    clips = [h for h, *_ in trainer._event_handlers[IterationEvents.BACKWARD_COMPLETED]
+             if isinstance(h, GradientClipHandler)]  # fmt: skip
+    assert [(c.max_norm, c.per_tensor) for c in clips] == [(5.0, False)], "SimMIM clips the global norm at 5"
     losses: list[float] = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"])))
     wf.run()

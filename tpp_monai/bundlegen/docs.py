@@ -82,7 +82,7 @@ KEY_DOCS = {
     "mae_decoder": "MAE decoder: freeze, update or random",
     "mask_ratio": "MAE mask ratio",
     "dino": "DINO options (heads, temperatures, crops), e.g. \"{'out_dim': 4096}\"",
-    "mim": "MIM options (mask_patch, mask_ratio), e.g. \"{'mask_ratio': 0.5}\"",
+    "mim": "MIM options (mask_patch, mask_ratio, clip_grad), e.g. \"{'mask_ratio': 0.5}\"",
     "activation_checkpointing": "recompute transformer blocks in backward to save memory",
     "checkpoint_dir": "folder of the resumable checkpoints",
     "tpp_ckpt": "target parameters to start from (none = random, the PEFT baseline)",
@@ -319,7 +319,7 @@ Defaults follow the paper: AdamW lr {recipe.mae_lr:g}, weight decay 1.5e-2, batc
 epochs then cosine, {recipe.epochs} epochs, the MedCoSS MAE decoder inherited and {decoder}. `--pretext mim`
 (SimMIM-style, `tpp_monai/pretext/mim.py`): {DEFAULT_MASK_PATCH[2]}-pixel cells (60 %) set to a learned value, a 1x1
 convolution and pixel shuffle on the last layer's patch tokens reconstruct them (L1 on the masked pixels), with the
-same rate and schedule, SimMIM's betas (0.9, 0.999) and weight decay 0.05. The stage writes
+same rate and schedule, SimMIM's betas (0.9, 0.999), weight decay 0.05 and gradient clipping at 5. The stage writes
 `runs/pretrain_tpp/tpp_target.pt`: the target parameters only, with the method, options and backbone recorded.
 """
         tpp_note = (
@@ -398,7 +398,8 @@ one region of each volume, in-plane scale jitter, flips, noise, blur, brightness
 batch {tpp.batch_size} volumes; teacher momentum 0.996 -> 1, centering and temperatures as DINO. `--pretext mim`
 pre-trains the adapters by masked-image modelling instead (SimMIM-style, `tpp_monai/pretext/mim.py`): random
 {DEFAULT_MASK_PATCH[3]}^3-voxel cells (60 %) of a training-patch-sized crop are set to a learned value and a 1x1x1
-convolution on the full-resolution decoder output reconstructs them (L1 on the masked voxels), weight decay 0.05.
+convolution on the full-resolution decoder output reconstructs them (L1 on the masked voxels), weight decay 0.05,
+gradient clipping at 5.
 MAE needs a backbone that drops tokens (`--pretext mae` is refused on STU-Net). The stage writes
 `runs/pretrain_tpp/tpp_target.pt`: the adapters only, with the method, options and backbone recorded.
 """

@@ -243,18 +243,23 @@ class PretextBatch:
 
 class PretextHandlers:
     """Attach the handlers a pretext needs besides the schedules: for DINO the teacher's momentum update, the
-    teacher-temperature warm-up, gradient clipping and the first-epoch freeze of the head's last layer; none for MAE
-    and MIM.
+    teacher-temperature warm-up, gradient clipping and the first-epoch freeze of the head's last layer; for MIM
+    SimMIM's global gradient-norm clipping; none for MAE.
 
     One config entry serves every pretext, so ``--pretext dino`` needs no other change to ``train#handlers``.
     """
 
     def __init__(self, net: nn.Module, loss: nn.Module, epochs: int, iters_per_epoch: int,
-                 dino: Mapping | None = None) -> None:  # fmt: skip
+                 dino: Mapping | None = None, mim: Mapping | None = None) -> None:  # fmt: skip
         self.net, self.loss, self.epochs, self.iters = net, loss, int(epochs), int(iters_per_epoch)
-        self.dino = _dino(dino)
+        self.dino, self.mim = _dino(dino), mim_options(mim)
 
     def attach(self, engine: object) -> None:
+        if isinstance(self.net, MIMPretext) and self.mim["clip_grad"]:
+            from tpp_monai.handlers import GradientClipHandler
+
+            trainable = [p for p in self.net.parameters() if p.requires_grad]
+            GradientClipHandler(trainable, float(self.mim["clip_grad"])).attach(engine)
         if not isinstance(self.net, DINOPretext):
             return
         from tpp_monai.handlers import (

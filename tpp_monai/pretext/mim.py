@@ -11,7 +11,7 @@ CVPR 2022, ``microsoft/SimMIM`` ``models/simmim.py``), in 2D and 3D.
 * A light decoder, as SimMIM's: a 1x1 convolution from the dense feature map (``dense_features``, stride
   ``interface().patch_size``) to ``stride * in_channels`` channels and a pixel shuffle back to the input resolution.
 * The loss: L1 between the reconstruction and the input on the masked pixels only, divided by the channel count
-  (SimMIM's ``loss_recon``).
+  (SimMIM's ``loss_recon``); the gradients' global norm is clipped at 5 (SimMIM's ``TRAIN.CLIP_GRAD``).
 
 The mask value and the decoder are the pretext's own tensors (trained, saved for resume, discarded afterwards); the
 backbone's target parameters are what the stage exports.
@@ -31,7 +31,9 @@ from tpp_monai.pretext.mae import as_size
 
 #: SimMIM's mask cell in 2D (``DATA.MASK_PATCH_SIZE``) and this project's in 3D, per axis, in pixels / voxels.
 DEFAULT_MASK_PATCH = {2: 32, 3: 16}
-MIM_DEFAULTS = {"mask_patch": None, "mask_ratio": 0.6}  # None: DEFAULT_MASK_PATCH, rounded up to the stride
+# mask_patch None: DEFAULT_MASK_PATCH, rounded up to the stride; clip_grad: SimMIM's global gradient-norm clipping
+# (TRAIN.CLIP_GRAD 5.0), 0 = none
+MIM_DEFAULTS = {"mask_patch": None, "mask_ratio": 0.6, "clip_grad": 5.0}
 
 
 def mim_options(options: Mapping | None) -> dict:
