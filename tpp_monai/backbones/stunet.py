@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tpp_monai.contract import GLOBAL_FEATURE, BackboneInterface
+from tpp_monai.contract import DENSE_FEATURE, GLOBAL_FEATURE, BackboneInterface
 from tpp_monai.errors import ConfigError
 
 TASKS = ("seg", "features")
@@ -143,7 +143,7 @@ class STUNet(nn.Module):
     family = "stunet"
     backbone_name = ""
     peft_method: str | None = None
-    HOOKS = frozenset({"conv:conv1", "conv:conv2", "conv:residual", GLOBAL_FEATURE})
+    HOOKS = frozenset({"conv:conv1", "conv:conv2", "conv:residual", GLOBAL_FEATURE, DENSE_FEATURE})
 
     def __init__(
         self,
@@ -215,7 +215,8 @@ class STUNet(nn.Module):
     def interface(self) -> BackboneInterface:
         return BackboneInterface(
             family=self.family, layout="feature_maps", spatial_dims=3, width=self.dims[-1],
-            in_channels=self.input_channels, patch_size=self.stride_product,
+            # the stride of dense_features: the full-resolution decoder output
+            in_channels=self.input_channels, patch_size=(1, 1, 1),
             wrap_targets={"conv": ("conv1", "conv2")},
         )  # fmt: skip
 
@@ -243,6 +244,16 @@ class STUNet(nn.Module):
         """The pooled bottleneck ``[B, C]`` (the encoder alone)."""
         bottleneck, _ = self._encode(x)
         return bottleneck.mean(dim=(2, 3, 4))
+
+    def dense_features(self, x: Tensor) -> Tensor:
+        """The last decoder stage's output ``[B, dims[0], D, H, W]`` at full resolution (what the segmentation head
+        reads): masked-image modelling on it trains the adapters of the encoder and the decoder alike."""
+        bottleneck, skips = self._encode(x)
+        return self._decode(bottleneck, skips)[-1]
+
+    def dense_feature_dim(self) -> int:
+        """Channels of :meth:`dense_features`."""
+        return self.dims[0]
 
     def head_parameter_names(self) -> list[str]:
         """The deep-supervision heads ``seg_outputs.*`` (re-created for each task, as the official fine-tuning)."""
