@@ -134,7 +134,7 @@ def test_3d_histories_are_well_formed(finetuned) -> None:
     validated epochs (the demo validates every 5th epoch and after the last)."""
     runs = finetuned["runs"]
     tpp = pd.read_csv(runs / "pretrain_tpp" / "history.csv")
-    assert list(tpp.columns) == ["epoch", "iteration", "train_loss", "lr"] and list(tpp["epoch"]) == [1, 2]
+    assert list(tpp.columns) == ["epoch", "iteration", "train_loss", "lr", "elapsed_s"] and list(tpp["epoch"]) == [1, 2]
     history = pd.read_csv(runs / "finetune" / "history.csv")
     settings = json.loads((runs / "finetune" / "settings.json").read_text())
     assert list(history["epoch"]) == list(range(1, settings["epochs"] + 1))

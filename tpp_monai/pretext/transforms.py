@@ -63,14 +63,21 @@ class RandResizedCropd(Randomizable, MapTransform):
     PIL filter that torchvision applies to PIL images), so a downscaled crop is low-pass filtered as in MAE and DINO.
     MONAI's ``RandSpatialCrop`` draws each side independently and has no area/aspect parametrisation, and MONAI's
     ``Resize`` has no PIL-style anti-aliased bicubic, hence this transform.
+
+    Bicubic weights are negative near an edge, so a hard edge overshoots (a 0/1 image gives about [-0.03, 1.03]).
+    PIL and torchvision resize 8-bit images and clamp to [0, 255]; ``value_range`` (the range of the intensities
+    this transform receives, e.g. ``(0, 1)``) clamps the same way, so later colour operations see valid values.
+    ``None``: no clamp (z-scored inputs have no fixed range).
     """
 
     def __init__(
         self, keys: KeysCollection, size: Sequence[int], scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3), mode: str = "bicubic",
+        value_range: tuple[float, float] | None = None,
     ) -> None:  # fmt: skip
         super().__init__(keys)
         self.size, self.scale, self.ratio, self.mode = tuple(int(v) for v in size), scale, ratio, mode
+        self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
         self._box = (0, 0, 1, 1)
 
     def randomize(self, shape: Sequence[int]) -> None:
@@ -92,7 +99,8 @@ class RandResizedCropd(Randomizable, MapTransform):
         top, left, ch, cw = self._box
         for key in self.key_iterator(d):
             crop = torch.as_tensor(d[key][..., top : top + ch, left : left + cw]).float()
-            d[key] = F.interpolate(crop[None], size=self.size, mode=self.mode, antialias=True, align_corners=False)[0]
+            out = F.interpolate(crop[None], size=self.size, mode=self.mode, antialias=True, align_corners=False)[0]
+            d[key] = out if self.value_range is None else out.clamp_(*self.value_range)
         return d
 
 
@@ -165,10 +173,12 @@ def _unit_range_chain(dataset: str, image_size: Sequence[int] | None) -> tuple[l
 def mae_transforms(
     dataset: str, pretext_size: int, image_size: Sequence[int] | None = None, scale: tuple[float, float] = (0.2, 1.0)
 ) -> Compose:
-    """Image loading (cacheable) + MAE's random resized crop (area ``scale``: 0.2-1) and horizontal flip."""
+    """Image loading (cacheable) + MAE's random resized crop (area ``scale``: 0.2-1) and horizontal flip; the crop is
+    clamped to [0, 1] where the loading chain gives [0, 1] intensities (classification; segmentation is z-scored)."""
     chain = list(image_transforms(dataset, image_size))
+    unit = (0.0, 1.0) if get_dataset(dataset).task == "cls" else None
     chain += [
-        RandResizedCropd(keys="image", size=(pretext_size, pretext_size), scale=scale),
+        RandResizedCropd(keys="image", size=(pretext_size, pretext_size), scale=scale, value_range=unit),
         RandFlipd(keys="image", spatial_axis=W_AXIS, prob=0.5),
     ]
     return Compose(chain)
@@ -217,7 +227,7 @@ def dino_transforms(
 
     def view(size: int, scale: tuple[float, float], blur: float, solarize: float) -> Compose:
         steps = [
-            RandResizedCropd(keys="image", size=(size, size), scale=scale),
+            RandResizedCropd(keys="image", size=(size, size), scale=scale, value_range=(0.0, 1.0)),  # [0, 1] in
             RandFlipd(keys="image", spatial_axis=W_AXIS, prob=0.5),
             RandColorJitterd(keys="image", prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1),
             RandGrayscaled(keys="image", prob=0.2),
