@@ -141,6 +141,7 @@ class STUNet(nn.Module):
     """
 
     family = "stunet"
+    TASKS = TASKS
     backbone_name = ""
     peft_method: str | None = None
     HOOKS = frozenset({"conv:conv1", "conv:conv2", "conv:residual", GLOBAL_FEATURE})

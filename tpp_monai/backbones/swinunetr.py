@@ -117,7 +117,11 @@ class SwinUNETRBackbone(ForeignBackbone, SwinUNETR):
         except (TypeError, ValueError) as err:
             raise ConfigError(f"invalid SwinUNETR options: {err}") from None
         self.task = task
-        self.in_chans, self.embed_dim, self.spatial_dims = int(in_channels), int(feature_size), int(spatial_dims)
+        # embed_dim: the width of the deepest stage, the global feature (768 for feature size 48, as ViT-B/16's
+        # tokens): the width methods size their defaults by (an adapter's bottleneck: embed_dim // 10 = 76)
+        self.in_chans, self.spatial_dims = int(in_channels), int(spatial_dims)
+        self.embed_dim = int(feature_size) * 2 ** len(_STAGES)
+        self.feature_size = int(feature_size)
         self.depth = sum(int(d) for d in depths)
         if task == "features":  # the encoder alone; the decoder is the segmentation head
             for name in DECODER:
@@ -146,7 +150,7 @@ class SwinUNETRBackbone(ForeignBackbone, SwinUNETR):
         return [int(block.dim) for block in self.encoder_blocks()]
 
     def global_feature_dims(self) -> list[int]:
-        return [self.embed_dim * 2 ** len(_STAGES)]
+        return [self.embed_dim]
 
     def global_features(self, x: Tensor) -> list[Tensor]:
         """The deepest stage's features, averaged over space: ``[B, 16 * feature_size]``."""

@@ -228,6 +228,7 @@ class ViTBase(nn.Module):
     """
 
     family: str = ""
+    TASKS: ClassVar[tuple[str, ...]] = TASKS
     backbone_name: str = ""
     peft_method: str | None = None
     activation_checkpointing: bool = False  # see set_activation_checkpointing
