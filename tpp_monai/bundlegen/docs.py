@@ -84,7 +84,7 @@ KEY_DOCS = {
     "dino": "DINO options (heads, temperatures, crops), e.g. \"{'out_dim': 4096}\"",
     "activation_checkpointing": "recompute transformer blocks in backward to save memory",
     "checkpoint_dir": "folder of the resumable checkpoints",
-    "tpp_ckpt": "target parameters to start from (none = random, the PEFT baseline)",
+    "tpp_ckpt": "target-parameter folder to start from (none = random, the PEFT baseline)",
     "ckpt_dir": "folder of the best fine-tuned model",
     "model_file": "the fine-tuned model evaluate, inference and ckpt_export read",
     "iterations": "fine-tuning optimizer steps",
@@ -314,10 +314,12 @@ def readme_2d(kind: BundleKind) -> str:
 
 Defaults follow the paper: AdamW lr {recipe.mae_lr:g}, weight decay 1.5e-2, batch {recipe.batch_size}, 40 warm-up
 epochs then cosine, {recipe.epochs} epochs, the MedCoSS MAE decoder inherited and {decoder}. The stage writes
-`runs/pretrain_tpp/tpp_target.pt`: the target parameters only, with the method, options and backbone recorded.
+`runs/pretrain_tpp/tpp_target/`: the target parameters only (safetensors), with the method, options and backbone
+recorded (a peft adapter folder, `adapter_config.json` + `adapter_model.safetensors`, for a `--method peft.*`), and
+`init_cost.json` (its wall time and peak memory).
 """
         tpp_note = (
-            " It starts from `runs/pretrain_tpp/tpp_target.pt`; `--tpp_ckpt none` fine-tunes from randomly "
+            " It starts from `runs/pretrain_tpp/tpp_target/`; `--tpp_ckpt none` fine-tunes from randomly "
             "initialised target parameters (the paper's PEFT baseline)."
         )
     return f"""# {name}: {info.title} with {method}
@@ -388,11 +390,11 @@ Views: 2 global {g[0]}x{g[1]}x{g[2]} and {DINO_3D["num_local"]} local {loc[0]}x{
 one region of each volume, in-plane scale jitter, flips, noise, blur, brightness, contrast. AdamW lr {tpp.lr:g}
 (DINO's base rate), weight decay 0.04 -> 0.4, {tpp.warmup_epochs[1]} warm-up epochs then cosine, {tpp.epochs} epochs,
 batch {tpp.batch_size} volumes; teacher momentum 0.996 -> 1, centering and temperatures as DINO. MAE is not
-available on STU-Net (`--pretext mae` is refused). The stage writes `runs/pretrain_tpp/tpp_target.pt`: the adapters
-only, with the method, options and backbone recorded.
+available on STU-Net (`--pretext mae` is refused). The stage writes `runs/pretrain_tpp/tpp_target/`: the adapters
+only (safetensors), with the method, options and backbone recorded, and `init_cost.json` (wall time, peak memory).
 """
         tpp_note = (
-            " It starts from `runs/pretrain_tpp/tpp_target.pt`; `--tpp_ckpt none` fine-tunes from randomly "
+            " It starts from `runs/pretrain_tpp/tpp_target/`; `--tpp_ckpt none` fine-tunes from randomly "
             "initialised adapters (the paper's PEFT baseline)."
         )
     return f"""# {name}: {info.title} with {method} on STU-Net

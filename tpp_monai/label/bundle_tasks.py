@@ -26,6 +26,7 @@ from monai.bundle import ConfigParser
 from monai.transforms import LoadImage, MapTransform
 from monai.utils import convert_to_numpy
 
+from tpp_monai.compat import import_torchvision
 from tpp_monai.label.app_conf import MODEL_FILE, BundleSpec, class_names, output_kind, spatial_dims
 from tpp_monai.label.guard import (
     BOOL,
@@ -42,7 +43,6 @@ from tpp_monai.label.guard import (
     refuse_expressions,
     stratified_split,
 )
-from tpp_monai.compat import import_torchvision
 from tpp_monai.network import FROM_MODEL_FILE
 
 import_torchvision()  # before monailabel.tasks.infer.bundle imports torchvision.utils (see tpp_monai.compat)
