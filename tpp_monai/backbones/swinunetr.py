@@ -166,25 +166,29 @@ class SwinUNETRBackbone(ForeignBackbone, SwinUNETR):
         self.check_input_size(x)
         return self.swinViT(x.contiguous(), self.normalize)
 
-    def check_input_size(self, x: Tensor) -> None:
-        """Raise a :class:`ConfigError` unless ``x`` is ``[B, in_channels, *spatial]`` with every spatial axis a
-        multiple of ``patch_size ** 5`` (SwinUNETR's rule) and, for segmentation, more than one voxel at the deepest
-        stage (the decoder's instance norm)."""
-        want = self.spatial_dims + 2
-        if x.ndim != want or x.shape[1] != self.in_chans:
-            raise ConfigError(
-                f"SwinUNETR expects [B, {self.in_chans}, {', '.join('DHW'[-self.spatial_dims :])}] inputs, "
-                f"got shape {tuple(x.shape)}"
-            )
+    def check_input_size(self, x: Tensor | Sequence[int], task: str | None = None) -> None:
+        """Raise a :class:`ConfigError` unless ``x`` is ``[B, in_channels, *spatial]`` (or the spatial size alone)
+        with every spatial axis a multiple of ``patch_size ** 5`` (SwinUNETR's rule) and, for segmentation (``task``,
+        default the model's), more than one voxel at the deepest stage (the decoder's instance norm)."""
+        if isinstance(x, Tensor):
+            want = self.spatial_dims + 2
+            if x.ndim != want or x.shape[1] != self.in_chans:
+                raise ConfigError(
+                    f"SwinUNETR expects [B, {self.in_chans}, {', '.join('DHW'[-self.spatial_dims :])}] inputs, "
+                    f"got shape {tuple(x.shape)}"
+                )
+            x = x.shape[2:]
+        spatial = tuple(int(s) for s in x)
+        if len(spatial) != self.spatial_dims:
+            raise ConfigError(f"SwinUNETR ({self.spatial_dims}D) needs {self.spatial_dims} sizes, got {list(spatial)}")
         multiple = self.patch_size**5
-        spatial = tuple(int(s) for s in x.shape[2:])
         if any(s % multiple for s in spatial):
             fixed = [max(multiple, math.ceil(s / multiple) * multiple) for s in spatial]
             raise ConfigError(
                 f"SwinUNETR input of spatial size {spatial}: every axis must be a multiple of {multiple} "
                 f"(patch_size ** 5); use a patch/ROI size such as {fixed}"
             )
-        if self.task == "seg" and math.prod(s // multiple for s in spatial) < 2:
+        if (task or self.task) == "seg" and math.prod(s // multiple for s in spatial) < 2:
             raise ConfigError(
                 f"SwinUNETR input of spatial size {spatial} leaves one voxel at the deepest stage, where the decoder's "
                 f"instance norm needs more than one: double the patch/ROI along an axis (multiples of {multiple})"

@@ -35,7 +35,11 @@ class BundleKind(ABC):
         self.info, self.method = info, method
         self.recipe = recipe_for(info)  # a missing recipe is refused here, at generation
         self.spec = get_method(method, "method")
-        self.ft_lr = self.recipe.finetune.lr_for(info.name, method)
+        self.ft_lr = self.finetune_lr()
+
+    def finetune_lr(self) -> float:
+        """The fine-tuning learning rate of this dataset and method (the dataset's recipe)."""
+        return self.recipe.finetune.lr_for(self.info.name, self.method)
 
     @property
     def name(self) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tpp_monai.backbones import build_backbone, get_backbone_spec
+from tpp_monai.backbones import build_backbone, family_class, get_backbone_spec
 from tpp_monai.data import check_datalist, get_dataset
 from tpp_monai.errors import ConfigError
 
@@ -97,6 +97,10 @@ def check_output(output_dir: str, resume: bool, ckpt_dir: str | None = None) -> 
         )
 
 
+#: Backbone families the 3D (organ + tumour segmentation) bundles run on.
+VOLUME_FAMILIES = ("stunet", "swinunetr")
+
+
 def check_3d(
     dataset: str, backbone: str, image_size: Sequence[int], backbone_options: Mapping | None = None,
     pretext: str | None = None, dino: Mapping | None = None,
@@ -111,15 +115,16 @@ def check_3d(
     if info.spatial_dims != 3:
         raise ConfigError(f"dataset {dataset!r} is 2D; the 3D (STU-Net) bundles are for LiTS and KiTS19")
     spec = get_backbone_spec(backbone, "backbone")
-    if spec.family != "stunet":
+    if spec.family not in VOLUME_FAMILIES or spec.kwargs.get("spatial_dims", 3) != 3:
         raise ConfigError(
-            f"backbone {backbone!r} ({spec.family}) does not take 3D volumes; the 3D bundles use STU-Net: "
-            "--backbone stunet_s, stunet_b (default), stunet_l, stunet_h or stunet_tiny"
+            f"backbone {backbone!r} ({spec.family}) does not segment 3D volumes; the 3D bundles use STU-Net "
+            "(--backbone stunet_s, stunet_b, stunet_l, stunet_h, stunet_tiny) or SwinUNETR (swinunetr, swinunetr_tiny)"
         )
     if pretext is not None:
         check_pretext(pretext, backbone)
     options = {k: v for k, v in dict(backbone_options or {}).items() if k != "deep_supervision"}
-    with torch.device("meta"):  # shapes only: no memory, even for STU-Net-H
+    on_meta = getattr(family_class(backbone), "BUILDS_ON_META", True)
+    with torch.device("meta" if on_meta else "cpu"):  # shapes only: no memory, even for STU-Net-H
         model = build_backbone(backbone, task="features", **options)
     sizes = {"image_size": image_size}
     if pretext is not None:
@@ -130,6 +135,6 @@ def check_3d(
     for what, size in sizes.items():
         cube = [int(size)] * 3 if isinstance(size, (int, float)) else [int(s) for s in size]
         try:
-            model.check_input_size(cube)
+            model.check_input_size(cube, task="seg" if what == "image_size" else "features")
         except ConfigError as err:
             raise ConfigError(f"{what} {list(cube)}: {err}") from None
