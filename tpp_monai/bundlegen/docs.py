@@ -53,7 +53,8 @@ CHECKPOINTS = {
         "https://github.com/Project-MONAI/research-contributions (SwinUNETR/Pretrain); the decoder starts random",
     },
 }
-EXTRA_CHECKPOINTS = {"medcoss_vit_b16": ("path_dino_vit_s16",), "swinunetr": ("model_swinvit",)}  # other backbones a bundle's README names
+# other checkpoints a bundle's README names
+EXTRA_CHECKPOINTS = {"medcoss_vit_b16": ("path_dino_vit_s16",), "swinunetr": ("model_swinvit",)}
 
 # Meaning of every key a user may override (README table); a bundle key missing here fails generation.
 KEY_DOCS = {
