@@ -253,7 +253,7 @@ def _error_chain(exc: BaseException) -> str:
         ({"pretext": "mae"}, r"pretext 'mae' needs 'tokens:drop'.* the stunet backbone 'stunet_tiny'.*--pretext dino"),
         ({"image_size": [40, 32, 32]}, r"image_size \[40, 32, 32\]: .*axis 0 has 40 voxels.*multiple of 16"),
         ({"dino": {"local_size": [16, 16, 32]}}, r"dino local_size \[16, 16, 32\].*bottleneck"),
-        ({"backbone": "medcoss_vit_tiny"}, r"'medcoss_vit_tiny' \(medcoss\) does not take 3D volumes.*stunet_b"),
+        ({"backbone": "medcoss_vit_tiny"}, r"'medcoss_vit_tiny' \(medcoss\) does not segment 3D .*stunet_b.*swinunetr"),
     ],
 )
 def test_bad_3d_settings_fail_before_any_volume_is_cached(tmp_path, overrides, expected) -> None:
