@@ -12,6 +12,7 @@ custom C++ ops" error. Nothing changes where torchvision's extension loads (a CU
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from types import ModuleType
@@ -47,10 +48,8 @@ def import_torchvision() -> ModuleType:
 
 def import_peft() -> ModuleType:
     """``import peft`` (transformers imports torchvision when it is installed: declare what that import needs)."""
-    try:
+    with contextlib.suppress(ModuleNotFoundError):  # no torchvision: transformers then does not import it
         import_torchvision()
-    except ModuleNotFoundError:  # no torchvision: transformers then does not import it
-        pass
     import peft
 
     return peft

@@ -148,7 +148,7 @@ class BundleKind(ABC):
                     {"_target_": "tpp_monai.handlers.HistoryWriter", "path": "$@output_dir + '/history.csv'",
                      "optimizer": "@optimizer"},
                     parts.run_tracker("pretrain_tpp"),
-                    "@init_cost",
+                    comp("StageCostWriter", cost="@init_cost"),
                     {"_target_": "tpp_monai.handlers.TargetStateSaver",
                      "model": comp("tpp_monai.pretext.export_backbone", net="@pretext_net"),
                      "path": "$@output_dir + '/tpp_target'",

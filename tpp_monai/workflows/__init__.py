@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from tpp_monai.handlers import RandomStates, param_groups
 from tpp_monai.workflows.checks import check_3d, check_output, check_settings
-from tpp_monai.workflows.costs import StageCost, peft_initialisation, write_init_cost
+from tpp_monai.workflows.costs import StageCost, StageCostWriter, peft_initialisation, write_init_cost
 from tpp_monai.workflows.data import (
     IMAGE_SUFFIXES,
     cpu_workers,
@@ -73,6 +73,7 @@ __all__ = [
     "PerCaseWriter",
     "RandomStates",
     "StageCost",
+    "StageCostWriter",
     "activation_checkpointing",
     "assert_replicas_agree",
     "autocast_kwargs",
