@@ -29,6 +29,7 @@ from tpp_monai.bundlegen.cli import check_bundles
 from tpp_monai.errors import ConfigError
 from tpp_monai.io import load_verified
 from tpp_monai.peft import target_parameter_names
+from tpp_monai.peft.files import read_record
 from tpp_monai.pretext import build_pretext, check_pretext
 from tpp_monai.pretext.dino import DINOLoss
 
@@ -92,7 +93,7 @@ def test_dino_3d_trains_every_adapter_and_nothing_else(tpp_run, stunet_ckpt) -> 
             assert torch.equal(tensor, initial[name]), f"frozen backbone tensor {name} changed"
     now = dict(encoder.named_parameters())
     assert all(not torch.equal(now[n], tpp_run["start"][n]) for n in targets)
-    saved = load_verified(tpp_run["runs"] / "pretrain_tpp" / "tpp_target.pt")
+    saved = read_record(tpp_run["runs"] / "pretrain_tpp" / "tpp_target")
     assert set(saved["state"]) == targets, "the file must hold the target parameters and nothing else"
     assert saved["method"] == "conv_adapter" and saved["backbone"] == "stunet_tiny" and saved["pretext"] == "dino"
     teacher = dict(net.teacher.named_parameters())
@@ -146,7 +147,7 @@ def test_3d_histories_are_well_formed(finetuned) -> None:
 
 def test_finetune_starts_from_the_saved_targets_and_keeps_the_backbone(finetuned, stunet_ckpt) -> None:
     network, at_start = finetuned["network"], finetuned["at_start"]
-    saved = load_verified(finetuned["runs"] / "pretrain_tpp" / "tpp_target.pt")
+    saved = read_record(finetuned["runs"] / "pretrain_tpp" / "tpp_target")
     targets = target_parameter_names(network)
     assert set(saved["state"]) == set(targets)
     for name in targets:
@@ -257,7 +258,7 @@ def _error_chain(exc: BaseException) -> str:
             {"pretext": "mim", "mim": {"mask_patch": 12}},
             r"image_size \[32, 32, 32\]: the MIM input size .* not a multiple of the mask cell \[12, 12, 12\]",
         ),
-        ({"backbone": "medcoss_vit_tiny"}, r"'medcoss_vit_tiny' \(medcoss\) does not take 3D volumes.*stunet_b"),
+        ({"backbone": "medcoss_vit_tiny"}, r"'medcoss_vit_tiny' \(medcoss\) does not segment 3D .*stunet_b.*swinunetr"),
     ],
 )
 def test_bad_3d_settings_fail_before_any_volume_is_cached(tmp_path, overrides, expected) -> None:

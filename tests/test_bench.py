@@ -133,7 +133,7 @@ def test_bundle_option_switches_checkpointing_on_encoder_and_decoder(tmp_path, d
     flags = [m.activation_checkpointing for m in net.modules() if hasattr(type(m), "activation_checkpointing")]
     assert flags == [True, True]  # the encoder and the MAE decoder
     wf.run()
-    assert (tmp_path / "pretrain_tpp" / "tpp_target.pt").is_file()
+    assert (tmp_path / "pretrain_tpp" / "tpp_target" / "target_state.safetensors").is_file()
     with pytest.raises(ConfigError, match="ViT backbones"):
         activation_checkpointing(build_backbone("stunet_tiny", task="seg", num_classes=2), True)
 

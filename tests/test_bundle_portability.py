@@ -36,7 +36,7 @@ def test_copied_renamed_bundle_writes_only_into_itself(tmp_path) -> None:
 
     proc = _run(cwd, env, "pretrain_tpp", "--config_file", str([str(configs / "pretrain_tpp.json"), demo]), *quick)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (copy / "runs" / "pretrain_tpp" / "tpp_target.pt").is_file()
+    assert (copy / "runs" / "pretrain_tpp" / "tpp_target" / "target_state.safetensors").is_file()
 
     # with and without the run id; the second run writes to a folder given on the command line
     proc = _run(cwd, env, "finetune", "--config_file", str([str(configs / "finetune.json"), demo]), *quick)

@@ -18,6 +18,7 @@ from conftest import BUNDLES, REPO, free_port, run_cli, run_workflow
 
 from tpp_monai.bundlegen import workflow_config_files
 from tpp_monai.io import load_verified
+from tpp_monai.peft.files import read_record
 
 SCHEMA = REPO / "tpp_monai" / "schemas" / "meta_schema_20240725.json"  # the official file, shipped
 
@@ -69,7 +70,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, demo_roots) -> None:
     _assert_rank0_logs_once(proc, tmp_path / "pretrain_tpp")
     out = tmp_path / "pretrain_tpp"
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint_epoch=2.pt"]
-    saved = load_verified(out / "tpp_target.pt")["state"]
+    saved = read_record(out / "tpp_target")["state"]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for name, tensor in saved.items():
         assert torch.equal(ranks[0][name], tensor) and torch.equal(ranks[1][name], tensor), name

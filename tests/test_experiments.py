@@ -145,7 +145,7 @@ def test_commands_keep_every_output_in_the_run_folder(tmp_path):
         assert Path(values["ckpt_dir"]).is_relative_to(graph.exp_dir)
         assert node.folder.is_relative_to(graph.exp_dir / "runs" / node.stage)
         assert values["seed"] == node.settings["seed"]
-    assert command(by_init["tpp-mae"], graph)[1]["tpp_ckpt"] == str(tpp.folder / "tpp_target.pt")
+    assert command(by_init["tpp-mae"], graph)[1]["tpp_ckpt"] == str(tpp.folder / "tpp_target")
     assert command(by_init["random"], graph)[1]["tpp_ckpt"] == "none"
     assert command(tpp, graph, resume=True)[1]["resume"] is True
     evaluate = next(n for n in nodes.values() if n.stage == "evaluate" and n.settings["init"] == "tpp-mae")

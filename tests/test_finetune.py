@@ -18,6 +18,7 @@ from tpp_monai.bundlegen import BASELINES, bundle_names, workflow_config_files
 from tpp_monai.data.info import get_dataset
 from tpp_monai.io import load_verified
 from tpp_monai.peft import target_parameter_names
+from tpp_monai.peft.files import read_record
 
 FAST = {"epochs": 1, "val_interval": 1}
 
@@ -72,7 +73,7 @@ def test_finetune_starts_from_the_saved_target_parameters(tmp_path, demo_roots, 
     root = demo_roots(bundle_dataset(bundle))
     common = {"runs_dir": str(tmp_path), "dataset_dir": str(root), "backbone_ckpt": str(tiny_ckpt)}
     run_workflow(bundle, "pretrain_tpp", tpp_epochs=2, **common)
-    saved = load_verified(tmp_path / "pretrain_tpp" / "tpp_target.pt")
+    saved = read_record(tmp_path / "pretrain_tpp" / "tpp_target")
     history = pd.read_csv(tmp_path / "pretrain_tpp" / "history.csv")
     assert list(history.columns) == ["epoch", "iteration", "train_loss", "lr", "elapsed_s"]
     assert list(history["epoch"]) == [1, 2]

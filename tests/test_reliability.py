@@ -17,6 +17,7 @@ from conftest import BUNDLES, make_workflow, run_workflow
 
 from tpp_monai.errors import CheckpointError, UserError
 from tpp_monai.io import atomic_save, load_verified
+from tpp_monai.peft.files import read_record
 from tpp_monai.workflows import user_error_in
 
 
@@ -61,7 +62,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, demo_roots, r
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert f"resumed from {runs[name] / run_id / 'checkpoints'}" in resumed.stdout + resumed.stderr
     if run_id == "pretrain_tpp":
-        a, b = (load_verified(runs[n] / run_id / "tpp_target.pt")["state"] for n in ("straight", "killed"))
+        a, b = (read_record(runs[n] / run_id / "tpp_target")["state"] for n in ("straight", "killed"))
     else:
         a, b = (load_verified(next((runs[n] / run_id / "checkpoints").glob("*.pt")))["trainable"] for n in runs)
         best = [load_verified(runs[n] / "models" / "model.pt")["model"] for n in runs]
@@ -171,7 +172,7 @@ def _error(bundle: str, run_id: str, **overrides: object) -> str:
 def lora_tpp(tmp_path_factory, demo_roots) -> Path:
     out = tmp_path_factory.mktemp("lora_tpp")
     run_workflow("mhist_lora", "pretrain_tpp", runs_dir=str(out), dataset_dir=str(demo_roots("mhist")), tpp_epochs=1)
-    return out / "pretrain_tpp" / "tpp_target.pt"
+    return out / "pretrain_tpp" / "tpp_target"
 
 
 @pytest.mark.parametrize(
@@ -244,10 +245,10 @@ def test_same_seed_gives_bit_identical_runs_and_records_settings(tmp_path, demo_
         run_workflow("glas_dtl", "finetune", runs_dir=str(out), dataset_dir=root, epochs=1, val_interval=1, seed=3,
                      ckpt_dir=str(out / "models"))  # fmt: skip
         history = pd.read_csv(out / "finetune" / "history.csv").drop(columns="elapsed_s").to_csv()  # wall time differs
-        results.append((load_verified(out / "pretrain_tpp" / "tpp_target.pt")["state"],
+        results.append((read_record(out / "pretrain_tpp" / "tpp_target")["state"],
                         load_verified(out / "models" / "model.pt")["model"], history))  # fmt: skip
         settings = json.loads((out / "finetune" / "settings.json").read_text())
-        assert settings["seed"] == 3 and settings["method"] == "dtl" and settings["tpp_ckpt"].endswith("tpp_target.pt")
+        assert settings["seed"] == 3 and settings["method"] == "dtl" and settings["tpp_ckpt"].endswith("tpp_target")
         assert settings["lr"] == 1e-4 and settings["epochs"] == 1
     (tpp_a, model_a, hist_a), (tpp_b, model_b, hist_b) = results
     assert all(torch.equal(tpp_a[k], tpp_b[k]) for k in tpp_a)

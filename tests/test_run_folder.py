@@ -16,6 +16,7 @@ from ignite.engine import Engine, Events
 from tpp_monai.errors import ConfigError
 from tpp_monai.handlers import SafeCheckpointSaver
 from tpp_monai.io import FAULT_ENV, load_verified
+from tpp_monai.peft.files import read_record
 from tpp_monai.workflows import user_error_in
 
 
@@ -122,7 +123,7 @@ def test_a_real_sigkill_inside_a_save_then_resume(tmp_path, demo_roots) -> None:
     assert f"resumed from {checkpoints / 'checkpoint_epoch=1.pt'} at epoch 1" in resumed.stdout + resumed.stderr
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_epoch=3.pt"]
     assert not [p for p in tmp_path.rglob("*.tmp*")], "a temporary file remains"
-    assert load_verified(tmp_path / run_id / "tpp_target.pt")["epoch"] == 3
+    assert read_record(tmp_path / run_id / "tpp_target")["epoch"] == 3
 
 
 def _history_epochs(path: Path) -> list[int]:

@@ -17,6 +17,7 @@ from tpp_monai.bundlegen.cli import check_bundles
 from tpp_monai.data.info import DATASETS
 from tpp_monai.io import load_verified
 from tpp_monai.peft import METHODS, applicable_methods, get_method, target_parameter_names
+from tpp_monai.peft.files import read_record
 
 get_method("adapter")
 TPP_METHODS = [m for m in applicable_methods("medcoss_vit_tiny") if METHODS[m].pretrainable]
@@ -58,7 +59,7 @@ def test_one_epoch_trains_targets_only(tmp_path, demo_roots, tiny_backbone_ckpt,
     unused = encoder.unused_parameter_names()
     for name in targets - unused:
         assert not torch.equal(now[name], start[name]), f"target {name} did not change"
-    saved = load_verified(tmp_path / "pretrain_tpp" / "tpp_target.pt")
+    saved = read_record(tmp_path / "pretrain_tpp" / "tpp_target")
     assert set(saved["state"]) == targets, "the file must hold the target parameters and nothing else"
     assert saved["method"] == method and saved["backbone"] == "medcoss_vit_tiny"
     exported = now if pretext == "mae" else dict(wf.parser.get_parsed_content("pretext_net").teacher.named_parameters())
@@ -183,7 +184,7 @@ def test_cli_from_the_bundle_folder(tmp_path, demo_roots) -> None:
         "--pretext", "dino", cwd=bundle,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    saved = load_verified(tmp_path / "pretrain_tpp" / "tpp_target.pt")
+    saved = read_record(tmp_path / "pretrain_tpp" / "tpp_target")
     assert saved["method"] == "vpt" and set(saved["state"]) == {"peft_encoder.prompts"}
 
 

@@ -94,8 +94,8 @@ SETTINGS: dict[str, Rule] = {
     **dict.fromkeys(("resume", "amp", "distributed", "activation_checkpointing", "skip_bad_files"), FLAG),
 }  # fmt: skip
 INPUT_FILES = {
-    "tpp_ckpt": "run pretrain_tpp first (it writes runs/pretrain_tpp/tpp_target.pt), pass the target-parameter "
-    "file of another run, or fine-tune from randomly initialised target parameters with --tpp_ckpt none",
+    "tpp_ckpt": "run pretrain_tpp first (it writes runs/pretrain_tpp/tpp_target/), pass the target-parameter "
+    "folder of another run, or fine-tune from randomly initialised target parameters with --tpp_ckpt none",
     "backbone_ckpt": "pass the pre-trained backbone's checkpoint file, or --backbone_ckpt none for random weights",
 }
 
@@ -128,6 +128,10 @@ def _registry_lookups() -> dict[str, Callable[[object], object]]:
 
     return {"dataset_name": lambda v: get_dataset(v, "dataset_name"), "method": lambda v: get_method(v, "method"),
             "backbone": lambda v: get_backbone_spec(v, "backbone"), "pretext": check_pretext}  # fmt: skip
+
+
+#: inputs that may be a folder: the TPP stage's target-parameter folder (tpp_monai.peft.files)
+FOLDER_INPUTS = ("tpp_ckpt",)
 
 
 def command_line_settings(argv: Sequence[str] | None = None) -> dict:
@@ -180,7 +184,13 @@ def validate_settings(
         if value is None or is_none(value) or value == FROM_MODEL_FILE:  # no file, or every weight from model.pt
             continue
         path = Path(str(value)).expanduser()
-        if not path.is_file():
+        if key in FOLDER_INPUTS and path.is_dir():
+            from tpp_monai.peft.files import exists
+
+            if exists(path):
+                continue
+            problems.append(f"{key} {value}: the folder holds no target parameters; {INPUT_FILES.get(key, '')}")
+        elif not path.is_file():
             found = "a folder" if path.is_dir() else "nothing"
             problems.append(f"{key} {value}: not found (expected a file, found {found}); {INPUT_FILES.get(key, '')}")
     if problems:

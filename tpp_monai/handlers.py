@@ -5,7 +5,8 @@
 * :class:`TeacherEMAHandler`: the DINO teacher's momentum update after every optimizer step.
 * :class:`GradientClipHandler`: global-norm (fine-tuning) or DINO's per-tensor gradient clipping.
 * :class:`FreezeLastLayerHandler`: DINO's first-epoch freeze of the head's last layer.
-* :class:`TargetStateSaver`: writes the target-parameter file (target tensors only) atomically every epoch.
+* :class:`TargetStateSaver`: writes the target-parameter folder (target tensors only, safetensors; a peft adapter
+  folder for ``peft.*`` methods) atomically every epoch.
 * :class:`SafeCheckpointSaver`: MONAI's ``CheckpointSaver`` whose files are written atomically (temporary file,
   fsync, rename) with a content digest; MONAI's saver writes in place (``atomic=False``).
 * :class:`ProgressBar`: ignite's tqdm bar, one per epoch, showing the loss.
@@ -37,7 +38,7 @@ from torch import nn
 
 from tpp_monai.errors import CheckpointError, TrainingDiverged
 from tpp_monai.io import atomic_save, fault_point, load_verified
-from tpp_monai.peft import target_state
+from tpp_monai.peft.files import write_target_folder
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +175,8 @@ class FreezeLastLayerHandler:
 
 
 class TargetStateSaver:
-    """Write ``target_state(model)`` to ``path`` after every epoch (rank 0), atomically: the TPP stage's product.
+    """Write the model's target parameters to the folder ``path`` after every epoch (rank 0), atomically: the TPP
+    stage's product (:func:`tpp_monai.peft.files.write_target_folder`).
 
     ``info`` (e.g. the pretext and dataset) is recorded in the file next to the method, options and backbone.
     """
@@ -188,7 +190,7 @@ class TargetStateSaver:
     def __call__(self, engine: Engine) -> None:
         if is_rank0():
             model = self.model() if callable(self.model) and not isinstance(self.model, nn.Module) else self.model
-            atomic_save({**target_state(model), **self.info, "epoch": engine.state.epoch}, self.path)
+            write_target_folder(model, self.path, {**self.info, "epoch": engine.state.epoch})
 
 
 class _AtomicDiskSaver(BaseSaveHandler):

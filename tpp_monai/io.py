@@ -68,7 +68,16 @@ def fault_point(filename: str, point: str) -> None:
 
 
 def atomic_save(obj: Mapping, path: str | Path) -> Path:
-    """Write ``obj`` (a dict) to ``path`` atomically, with a content digest.
+    """Write ``obj`` (a dict) to ``path`` atomically, with a content digest (:func:`atomic_write`)."""
+    payload = dict(obj)
+    payload[DIGEST_KEY] = content_digest(obj)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return atomic_write(buffer.getvalue(), path)
+
+
+def atomic_write(data: bytes, path: str | Path) -> Path:
+    """Write ``data`` to ``path`` atomically.
 
     The bytes go to a temporary file in the same folder, are synced, read back and compared with what was meant to
     be written, and only then renamed over ``path``; a file ``path`` replaces is untouched until that rename.
@@ -78,14 +87,9 @@ def atomic_save(obj: Mapping, path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = dict(obj)
-    payload[DIGEST_KEY] = content_digest(obj)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     existed = path.is_file()
     try:
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        data = buffer.getbuffer()
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()

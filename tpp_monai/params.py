@@ -1,8 +1,9 @@
 """``python -m tpp_monai params``: trainable and total parameters, and the paper's Ratio column.
 
 Ratio = trainable parameters / parameters of the plain MedCoSS fine-tuning model without PEFT additions, in percent
-(``methods.md`` §3.2): 92,759,810 for 2-class classification, 94,649,329 for GlaS segmentation. Models are built on
-PyTorch's meta device, so counting the full ViT-B/16 allocates no weights.
+(``methods.md`` §3.2): 92,759,810 for 2-class classification, 94,649,329 for GlaS segmentation; for any other
+backbone, its own plain fine-tuning model. Models are built on PyTorch's meta device, so counting the full ViT-B/16
+allocates no weights (on the CPU for families whose constructors need real tensors, ``BUILDS_ON_META``).
 """
 
 from __future__ import annotations
@@ -12,18 +13,19 @@ import json
 
 import torch
 
-from tpp_monai.backbones import build_backbone, get_backbone_spec
+from tpp_monai.backbones import build_backbone, family_class, get_backbone_spec
 from tpp_monai.peft import METHODS, applicable_methods, apply_peft, count_parameters, get_method
 
 TASKS = ("cls", "seg")
 
 
 def count(
-    method: str, task: str, num_classes: int = 2, backbone: str = "medcoss_vit_b16", options: dict | None = None
+    method: str, task: str | None, num_classes: int = 2, backbone: str = "medcoss_vit_b16", options: dict | None = None
 ) -> dict:
     """Counts for one method and task: ``trainable``, ``target``, ``total``, ``denominator`` and ``ratio`` (%)."""
     get_method(method, "--method")
-    with torch.device("meta"):
+    task = task or backbone_tasks(backbone)[0]
+    with torch.device("meta" if getattr(family_class(backbone, "--backbone"), "BUILDS_ON_META", True) else "cpu"):
         plain = build_backbone(backbone, task=task, num_classes=num_classes)
         model = apply_peft(build_backbone(backbone, task=task, num_classes=num_classes), method, options)
     denominator = sum(p.numel() for p in plain.parameters())
@@ -41,12 +43,23 @@ def count(
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", choices=TASKS, default="cls", help="classification head or UNETR decoder")
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        default=None,
+        help="classification head or segmentation decoder (default: the "
+        "backbone's first: cls for the 2D ViTs, seg for the U-Net-style backbones)",
+    )
     parser.add_argument("--method", default="adapter", help=f"one of: {', '.join(_method_names())}")
     parser.add_argument("--num-classes", type=int, default=2, help="classifier outputs (cls)")
     parser.add_argument("--backbone", default="medcoss_vit_b16")
     parser.add_argument("--all", action="store_true", help="the whole table: every method x both tasks")
     parser.add_argument("--json", action="store_true", help="print JSON (one object, or a list with --all)")
+
+
+def backbone_tasks(backbone: str) -> list[str]:
+    """The tasks of :data:`TASKS` that ``backbone`` builds a head for."""
+    return [t for t in TASKS if t in family_class(backbone, "--backbone").TASKS]
 
 
 def _method_names(backbone: str | None = None) -> list[str]:
@@ -59,7 +72,11 @@ def _method_names(backbone: str | None = None) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     if args.all:
-        rows = [count(m, t, args.num_classes, args.backbone) for t in TASKS for m in _method_names(args.backbone)]
+        rows = [
+            count(m, t, args.num_classes, args.backbone)
+            for t in backbone_tasks(args.backbone)
+            for m in _method_names(args.backbone)
+        ]
     else:
         rows = [count(args.method, args.task, args.num_classes, args.backbone)]
     if args.json:

@@ -41,8 +41,15 @@ ARTIFACTS = ("settings.json", "history.csv", "metrics.json", "metrics.csv", "pre
 
 @lru_cache(maxsize=16)
 def file_sha256(path: str) -> str:
-    """SHA-256 of a file's bytes (``"none"`` for no file)."""
+    """SHA-256 of a file's bytes, or of a folder's files (the TPP stage's target folder: each file's relative name
+    and digest, in name order); ``"none"`` for neither."""
     p = Path(str(path))
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        if not files:
+            return "none"
+        lines = "".join(f"{f.relative_to(p).as_posix()} {file_sha256(str(f))}\n" for f in files)
+        return hashlib.sha256(lines.encode()).hexdigest()
     if not p.is_file():
         return "none"
     digest = hashlib.sha256()

@@ -443,9 +443,27 @@ def build_stunet_pairs(args: argparse.Namespace, device: Device, log: Callable) 
     return pairs, {}
 
 
+def build_swinunetr_pairs(args: argparse.Namespace, device: Device, log: Callable) -> tuple[list[Pair], dict]:
+    """SwinUNETR (``--backbone swinunetr*``): its TPP-DINO step (peft's LoRA, the ``lits_swinunetr_lora`` bundle's
+    stage) against its full fine-tuning step, at one batch (the TPP bundle's, capped by ``--max-batch``) and
+    ``--patch-size``^3 (a multiple of 32)."""
+    from tpp_monai_bench.recipes import bundle_settings
+    from tpp_monai_bench.workloads import swinunetr_full_ft_workload
+
+    bundle = "lits_swinunetr_lora"
+    tpp_batch = int(bundle_settings(bundle, "pretrain_tpp", ("batch_size",))["batch_size"])
+    bt = pair_batch(getattr(args, "pairs_batch", None) or tpp_batch, args.max_batch)
+    torch.manual_seed(0)
+    full = swinunetr_full_ft_workload(args.backbone, device, bt, args.patch_size)
+    dino = stunet_dino_workload(args.backbone, "peft.lora", device, bt, args.patch_size, bundle=bundle)
+    pairs = [Pair("tpp_dino", dino.label, full, dino, bt, tpp_batch)]
+    log(f"pairs: {', '.join(f'{p.key} @ batch {p.batch}' for p in pairs)}")
+    return pairs, {}
+
+
 def section_pairs(args: argparse.Namespace, device: Device, log: Callable) -> dict:
     """Paired, interleaved step ratios with FLOP ratios and verdicts (:mod:`tpp_monai_bench.pairs`)."""
-    build = build_stunet_pairs if _family(args.backbone) == "stunet" else build_pairs
+    build = {"stunet": build_stunet_pairs, "swinunetr": build_swinunetr_pairs}.get(_family(args.backbone), build_pairs)
     pairs, skipped = build(args, device, log)
     run_pairs(pairs, device, args.warmup, args.steps, log, args.max_rounds, args.budget, args.wait_quiet)
     out = {p.key: p.summary() for p in pairs}

@@ -389,11 +389,30 @@ def stunet_step_workloads(
                 out.append(stunet_dino_workload(backbone, tpp_method or method, device, batch, patch, suffix))
     return out
 
+def swinunetr_full_ft_workload(backbone: str, device: Device, batch: int, patch: int) -> Workload:
+    """SwinUNETR full fine-tuning (the baseline bundles' step: Dice + CE on its one output, AdamW) at ``patch``^3."""
+    from monai.losses import DiceCELoss
+
+    from tpp_monai.network import build_network
+
+    size = (patch,) * 3
+    x = _random_images(device, batch, 1, size)
+    label = torch.randint(0, 3, (batch, 1, *size), generator=torch.Generator().manual_seed(1)).to(device.torch)
+    loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    with _quiet_logs():
+        net = build_network(backbone, "seg", "full_finetune", num_classes=3, backbone_ckpt="none").to(device.torch)
+    opt = make_adamw([p for p in net.train().parameters() if p.requires_grad], device, lr=1e-4, weight_decay=3e-5)
+    return train_workload("full_ft", f"full fine-tuning {patch}^3", device, net, lambda: loss(net(x), label), opt,
+                          batch, [x, label], clip=12.0)  # fmt: skip
+
+
 def stunet_dino_workload(
-    backbone: str, method: str, device: Device, batch: int, patch: int, suffix: str = "", dino: dict | None = None
-) -> Workload:
-    """TPP-DINO on STU-Net through the library's DINO pretext (the 3D bundles' TPP stage): crops of ``patch``^3 and
-    ``max(32, patch / 2)``^3 (2 local), or the crop sizes and count of ``dino`` (a bundle's ``dino`` settings)."""
+    backbone: str, method: str, device: Device, batch: int, patch: int, suffix: str = "", dino: dict | None = None,
+    bundle: str | None = None,
+) -> Workload:  # fmt: skip
+    """TPP-DINO on a 3D backbone (STU-Net, SwinUNETR) through the library's DINO pretext (the 3D bundles' TPP stage):
+    crops of ``patch``^3 and ``max(32, patch / 2)``^3 (2 local), or the crop sizes and count of ``dino`` (a bundle's
+    ``dino`` settings); the optimizer of ``bundle`` (default ``lits_<method>``)."""
     from tpp_monai.handlers import param_groups
     from tpp_monai.network import build_network
     from tpp_monai.pretext import DINO_DEFAULTS, build_pretext, pretext_loss
@@ -410,7 +429,7 @@ def stunet_dino_workload(
     dloss = pretext_loss("dino", dino_net, d).to(device.torch)
     crops = [_random_images(device, batch, 1, g, seed=i) for i in range(2)]
     crops += [_random_images(device, batch, 1, loc, seed=10 + i) for i in range(d["num_local"])]
-    r = tpp_recipe(f"lits_{method}", "dino", batch)  # the 3D pretrain_tpp bundle's own DINO recipe
+    r = tpp_recipe(bundle or f"lits_{method}", "dino", batch)  # the 3D pretrain_tpp bundle's own DINO recipe
     opt = make_adamw(param_groups(dino_net, r.weight_decay), device, lr=r.lr, betas=r.betas)
     tag = "x".join(map(str, g))
     return train_workload(

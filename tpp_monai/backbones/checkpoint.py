@@ -43,12 +43,20 @@ _SAFE_GLOBALS += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "in
 
 
 def read_file(path: str | Path) -> object:
-    """``torch.load`` a checkpoint on the CPU with weights-only unpickling; errors name the file and the problem."""
+    """``torch.load`` a checkpoint on the CPU with weights-only unpickling (``.safetensors`` files through
+    safetensors); errors name the file and the problem."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): not a PyTorch checkpoint; write or download it again")
+    if path.suffix == ".safetensors":  # a flat state dict (e.g. a model.safetensors of timm or huggingface)
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:  # safetensors raises its own SafetensorError and OSError for foreign files
+            raise CheckpointError(f"{path} is not a readable safetensors file: {_first_line(err)}") from None
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -141,6 +141,7 @@ class STUNet(nn.Module):
     """
 
     family = "stunet"
+    TASKS = TASKS
     backbone_name = ""
     peft_method: str | None = None
     HOOKS = frozenset({"conv:conv1", "conv:conv2", "conv:residual", GLOBAL_FEATURE, DENSE_FEATURE})
@@ -273,8 +274,9 @@ class STUNet(nn.Module):
             prefixes = ()
         return {n for n, _ in self.named_parameters() if prefixes and n.startswith(prefixes)}
 
-    def check_input_size(self, spatial: Sequence[int]) -> None:
-        """Raise a :class:`ConfigError` unless a patch of this spatial size runs through the network.
+    def check_input_size(self, spatial: Sequence[int], task: str | None = None) -> None:
+        """Raise a :class:`ConfigError` unless a patch of this spatial size runs through the network (the same rule
+        for every ``task``).
 
         Every axis must be a multiple of the product of the strides along it (otherwise the nearest up-sampling
         cannot meet the skip connection), and the bottleneck needs more than one voxel: InstanceNorm without running

@@ -43,7 +43,7 @@ class TokenLayout:
     """Where things sit in the token sequence ``[prefix | prompts | patches]`` during one forward pass.
 
     Args:
-        grid: patch grid (rows, cols) of the full image.
+        grid: patch grid of the full image: (rows, cols), or (depth, rows, cols) for 3D ViTs.
         num_prefix: class tokens in front (0 or 1).
         keep_idx: ``[B, n]`` indices of the visible patches when the input is masked (MAE), else ``None``.
         num_prompts: prompt tokens currently inserted after the prefix (set by prompt methods).
@@ -52,7 +52,7 @@ class TokenLayout:
             tokenizer's norm and masking), for methods that read it (EVP's embedding tune).
     """
 
-    grid: tuple[int, int]
+    grid: tuple[int, ...]
     num_prefix: int
     keep_idx: Tensor | None = None
     num_prompts: int = 0
@@ -65,17 +65,16 @@ class TokenLayout:
         return self.num_prefix + self.num_prompts
 
     def patches_to_grid(self, patches: Tensor) -> Tensor:
-        """``[B, n, C]`` patch tokens (visible ones when masked) -> ``[B, C, H, W]`` with zeros at masked cells."""
+        """``[B, n, C]`` patch tokens (visible ones when masked) -> ``[B, C, *grid]`` with zeros at masked cells."""
         b, _, c = patches.shape
-        h, w = self.grid
         if self.keep_idx is None:
-            return patches.transpose(1, 2).reshape(b, c, h, w)
-        full = patches.new_zeros(b, h * w, c)
+            return patches.transpose(1, 2).reshape(b, c, *self.grid)
+        full = patches.new_zeros(b, math.prod(self.grid), c)
         full.scatter_(1, self.keep_idx.unsqueeze(-1).expand(-1, -1, c), patches)
-        return full.transpose(1, 2).reshape(b, c, h, w)
+        return full.transpose(1, 2).reshape(b, c, *self.grid)
 
     def grid_to_patches(self, grid: Tensor) -> Tensor:
-        """Inverse of :meth:`patches_to_grid`: ``[B, C, H, W]`` -> ``[B, n, C]`` (gathering the visible cells)."""
+        """Inverse of :meth:`patches_to_grid`: ``[B, C, *grid]`` -> ``[B, n, C]`` (gathering the visible cells)."""
         tokens = grid.flatten(2).transpose(1, 2)
         if self.keep_idx is None:
             return tokens
@@ -229,6 +228,7 @@ class ViTBase(nn.Module):
     """
 
     family: str = ""
+    TASKS: ClassVar[tuple[str, ...]] = TASKS
     backbone_name: str = ""
     peft_method: str | None = None
     activation_checkpointing: bool = False  # see set_activation_checkpointing

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tpp_monai.bundlegen.base import WORKFLOW_FILES, BundleKind
 from tpp_monai.bundlegen.stunet3d import STUNetBundle
+from tpp_monai.bundlegen.swinunetr3d import METHODS as SWINUNETR_METHODS
+from tpp_monai.bundlegen.swinunetr3d import SwinUNETRBundle
 from tpp_monai.bundlegen.vit2d import ViTBundle
 from tpp_monai.data.info import DATASETS
 from tpp_monai.data.recipes import BASELINES, recipe_for
@@ -39,6 +41,8 @@ def all_bundles() -> list[BundleKind]:
         recipe = recipe_for(info)
         kind = KINDS[info.spatial_dims]
         out += [kind(info, method) for method in _methods_for(info.spatial_dims, recipe.methods)]
+        if info.spatial_dims == 3:  # MONAI's SwinUNETR beside STU-Net (peft's LoRA and its baseline)
+            out += [SwinUNETRBundle(info, method) for method in SWINUNETR_METHODS]
     return out
 
 

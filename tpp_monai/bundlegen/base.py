@@ -35,7 +35,11 @@ class BundleKind(ABC):
         self.info, self.method = info, method
         self.recipe = recipe_for(info)  # a missing recipe is refused here, at generation
         self.spec = get_method(method, "method")
-        self.ft_lr = self.recipe.finetune.lr_for(info.name, method)
+        self.ft_lr = self.finetune_lr()
+
+    def finetune_lr(self) -> float:
+        """The fine-tuning learning rate of this dataset and method (the dataset's recipe)."""
+        return self.recipe.finetune.lr_for(self.info.name, self.method)
 
     @property
     def name(self) -> str:
@@ -101,11 +105,15 @@ class BundleKind(ABC):
 
     def _pretrain(self, settings: dict, network_def: dict, pretext_net: dict, transforms: dict, checks: list,
                   cache_rate: object = 1.0) -> dict:  # fmt: skip
-        """``pretrain_tpp.json``: the pretext trains only the target parameters; ``tpp_target.pt`` holds them."""
+        """``pretrain_tpp.json``: the pretext trains only the target parameters; the folder ``tpp_target/`` holds them
+        (safetensors; a peft adapter folder for ``peft.*`` methods), ``init_cost.json`` what the stage cost."""
         cfg = self._common("pretrain_tpp")
         cfg.update({"resume": False, "distributed": False, **settings, "activation_checkpointing": False,
                     "checkpoint_dir": "$@output_dir + '/checkpoints'"})  # fmt: skip
         cfg.update({
+            # the stage's wall time and peak memory from the start of initialize to the end: init_cost.json
+            "init_cost": comp("StageCost", output_dir="@output_dir", device="@device",
+                              resume="@resume"),
             "network_def": network_def,
             "pretext_net": pretext_net,
             "network_module": "@pretext_net",
@@ -141,9 +149,10 @@ class BundleKind(ABC):
                     {"_target_": "tpp_monai.handlers.HistoryWriter", "path": "$@output_dir + '/history.csv'",
                      "optimizer": "@optimizer"},
                     parts.run_tracker("pretrain_tpp"),
+                    comp("StageCostWriter", cost="@init_cost"),
                     {"_target_": "tpp_monai.handlers.TargetStateSaver",
                      "model": comp("tpp_monai.pretext.export_backbone", net="@pretext_net"),
-                     "path": "$@output_dir + '/tpp_target.pt'",
+                     "path": "$@output_dir + '/tpp_target'",
                      "info": {"pretext": "@pretext", "dataset": "@dataset_name"}},
                     *parts.training_tail({
                         "target_state": comp("tpp_monai.pretext.TargetStateView", model="@network_def"),
@@ -155,9 +164,11 @@ class BundleKind(ABC):
                 "trainer": parts.trainer(comp("tpp_monai.pretext.PretextBatch", pretext="@pretext")),
             },
             "initialize": parts.training_initialize([
+                "@init_cost",
                 *checks,
                 comp("check_settings", dataset="@dataset_name", method="@method", backbone="@backbone",
-                     pretext="@pretext", datalist="@datalist", dataset_dir="@dataset_dir",
+                     method_options="@method_options", pretext="@pretext", datalist="@datalist",
+                     dataset_dir="@dataset_dir",
                      **({"image_size": "@image_size"} if self.spatial_dims == 2 else {})),
                 comp("check_output", output_dir="@output_dir", resume="@resume"),
             ]),
@@ -171,7 +182,7 @@ class BundleKind(ABC):
         new head trained with the backbone frozen; the best validation checkpoint is ``models/model.pt``."""
         cfg = self._common("finetune")
         cfg.update({
-            "tpp_ckpt": "none" if self.baseline else "$@runs_dir + '/pretrain_tpp/tpp_target.pt'",
+            "tpp_ckpt": "none" if self.baseline else "$@runs_dir + '/pretrain_tpp/tpp_target'",
             "ckpt_dir": "$@bundle_root + '/models'",
             "model_file": "$@ckpt_dir + '/model.pt'",
             "resume": False,
@@ -187,6 +198,9 @@ class BundleKind(ABC):
             "network_def": network_def,
             "network_module": "@network_def",
             "network": parts.network(),
+            # data-driven LoRA initialisations of peft (EVA, CorDA) on the training images; a no-op otherwise
+            "peft_init": comp("peft_initialisation", model="@network_def",
+                              dataloader="@train#dataloader", output_dir="@output_dir", device="@device"),
             "trainable_params": comp("trainable_parameters", model="@network_def"),
             "loss": loss,
             "optimizer": optimizer,
@@ -238,7 +252,7 @@ class BundleKind(ABC):
             "initialize": parts.training_initialize([
                 *checks,
                 comp("check_output", output_dir="@output_dir", resume="@resume", ckpt_dir="@ckpt_dir"),
-            ]),
+            ], after_network=["@peft_init"]),
             **parts.run_keys("finetune", "train#trainer"),
         })  # fmt: skip
         return parts.with_settings_record(cfg)
@@ -282,6 +296,7 @@ class BundleKind(ABC):
                     "check_settings",
                     dataset="@dataset_name",
                     method="@method",
+                    method_options="@method_options",
                     backbone="@backbone",
                     datalist="@datalist",
                     dataset_dir="@dataset_dir",

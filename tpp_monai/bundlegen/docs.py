@@ -40,8 +40,21 @@ CHECKPOINTS = {
         "https://github.com/uni-medical/STU-Net ('Pre-trained Models'; also on Baidu Netdisk "
         "https://pan.baidu.com/s/1a17XmOGiGSgbEvK-acSOSg?pwd=91w3)",
     },
+    "swinunetr": {
+        "path": "models/backbone/model.pt",
+        "url": "https://github.com/Project-MONAI/model-zoo/tree/dev/models/swin_unetr_btcv_segmentation",
+        "source": "MONAI model zoo swin_unetr_btcv_segmentation (BTCV, 13 organs; Hatamizadeh et al.): "
+        "python -m monai.bundle download swin_unetr_btcv_segmentation, its models/model.pt",
+    },
+    "model_swinvit": {
+        "path": "models/backbone/model_swinvit.pt",
+        "url": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/model_swinvit.pt",
+        "source": "self-supervised Swin encoder of Tang et al. (CVPR 2022), linked from "
+        "https://github.com/Project-MONAI/research-contributions (SwinUNETR/Pretrain); the decoder starts random",
+    },
 }
-EXTRA_CHECKPOINTS = {"medcoss_vit_b16": ("path_dino_vit_s16",)}  # other backbones a bundle's README names
+# other checkpoints a bundle's README names
+EXTRA_CHECKPOINTS = {"medcoss_vit_b16": ("path_dino_vit_s16",), "swinunetr": ("model_swinvit",)}
 
 # Meaning of every key a user may override (README table); a bundle key missing here fails generation.
 KEY_DOCS = {
@@ -85,7 +98,7 @@ KEY_DOCS = {
     "mim": "MIM options (mask_patch, mask_ratio, clip_grad), e.g. \"{'mask_ratio': 0.5}\"",
     "activation_checkpointing": "recompute transformer blocks in backward to save memory",
     "checkpoint_dir": "folder of the resumable checkpoints",
-    "tpp_ckpt": "target parameters to start from (none = random, the PEFT baseline)",
+    "tpp_ckpt": "target-parameter folder to start from (none = random, the PEFT baseline)",
     "ckpt_dir": "folder of the best fine-tuned model",
     "model_file": "the fine-tuned model evaluate, inference and ckpt_export read",
     "iterations": "fine-tuning optimizer steps",
@@ -320,10 +333,12 @@ epochs then cosine, {recipe.epochs} epochs, the MedCoSS MAE decoder inherited an
 (SimMIM-style, `tpp_monai/pretext/mim.py`): {DEFAULT_MASK_PATCH[2]}-pixel cells (60 %) set to a learned value, a 1x1
 convolution and pixel shuffle on the last layer's patch tokens reconstruct them (L1 on the masked pixels), with the
 same rate and schedule, SimMIM's betas (0.9, 0.999), weight decay 0.05 and gradient clipping at 5. The stage writes
-`runs/pretrain_tpp/tpp_target.pt`: the target parameters only, with the method, options and backbone recorded.
+`runs/pretrain_tpp/tpp_target/`: the target parameters only (safetensors), with the method, options and backbone
+recorded (a peft adapter folder, `adapter_config.json` + `adapter_model.safetensors`, for a `--method peft.*`), and
+`init_cost.json` (its wall time and peak memory).
 """
         tpp_note = (
-            " It starts from `runs/pretrain_tpp/tpp_target.pt`; `--tpp_ckpt none` fine-tunes from randomly "
+            " It starts from `runs/pretrain_tpp/tpp_target/`; `--tpp_ckpt none` fine-tunes from randomly "
             "initialised target parameters (the paper's PEFT baseline)."
         )
     return f"""# {name}: {info.title} with {method}
@@ -401,10 +416,11 @@ pre-trains the adapters by masked-image modelling instead (SimMIM-style, `tpp_mo
 convolution on the full-resolution decoder output reconstructs them (L1 on the masked voxels), weight decay 0.05,
 gradient clipping at 5.
 MAE needs a backbone that drops tokens (`--pretext mae` is refused on STU-Net). The stage writes
-`runs/pretrain_tpp/tpp_target.pt`: the adapters only, with the method, options and backbone recorded.
+`runs/pretrain_tpp/tpp_target/`: the adapters only (safetensors), with the method, options and backbone recorded, and
+`init_cost.json` (wall time, peak memory).
 """
         tpp_note = (
-            " It starts from `runs/pretrain_tpp/tpp_target.pt`; `--tpp_ckpt none` fine-tunes from randomly "
+            " It starts from `runs/pretrain_tpp/tpp_target/`; `--tpp_ckpt none` fine-tunes from randomly "
             "initialised adapters (the paper's PEFT baseline)."
         )
     return f"""# {name}: {info.title} with {method} on STU-Net
@@ -450,5 +466,84 @@ organ including its tumour), tumour Dice (label == 2), their mean, and the label
 averaged; a case with no tumour in prediction and ground truth scores tumour Dice 1. Metrics are computed at the
 training spacing. `inference` writes `<name>_seg.nii.gz` label maps (0 background, 1 {organ}, 2 tumour) with each
 input's own affine and shape.
+
+{_common_sections(kind)}"""
+
+
+def readme_swinunetr(kind: BundleKind) -> str:
+    """README of a 3D SwinUNETR bundle (:mod:`tpp_monai.bundlegen.swinunetr3d`)."""
+    info, name, method = kind.info, kind.name, kind.method
+    tpp = kind.recipe.tpp
+    organ = info.classes[1]
+    ckpt = "--backbone_ckpt /path/to/swin_unetr_btcv_segmentation/models/model.pt"
+    if kind.baseline:
+        stage = (
+            f"## Why there is no `pretrain_tpp` here\n\n{kind.spec.summary}. It adds no parameters, so there is no "
+            "TPP stage: this is the baseline the LoRA bundle is compared with.\n"
+        )
+    else:
+        g, loc = kind.dino_crops["global_size"], kind.dino_crops["local_size"]
+        stage = f"""## TPP stage (DINO)
+
+    python -m monai.bundle run pretrain_tpp --config_file configs/pretrain_tpp.json \\
+        --dataset_dir /path/to/download {ckpt}
+
+The SwinUNETR encoder stays frozen; huggingface peft wraps its attention (`attn.qkv`) layers with LoRA and only the
+LoRA factors and the DINO head train, on the pooled deepest Swin stage (the global feature). Views: 2 global
+{g[0]}x{g[1]}x{g[2]} and {kind.dino_crops["num_local"]} local {loc[0]}x{loc[1]}x{loc[2]} crops (multiples of 32, as
+SwinUNETR needs). AdamW lr {tpp.lr:g}, {tpp.epochs} epochs, batch {tpp.batch_size}. The stage writes
+`runs/pretrain_tpp/tpp_target/`, a peft adapter folder (`adapter_config.json`, `adapter_model.safetensors`) that
+`peft.PeftModel.from_pretrained` loads, and `init_cost.json`; `finetune` starts from it (`--tpp_ckpt none`: from
+peft's own LoRA start, the PEFT baseline).
+"""
+    return f"""# {name}: {info.title} with {method} on MONAI's SwinUNETR
+
+{_install(kind)}
+Generated by `python -m tpp_monai bundles`; do not edit by hand. {kind.spec.summary}. Backbone: MONAI's SwinUNETR
+(feature size 48), from the model zoo's `swin_unetr_btcv_segmentation` `models/model.pt` (its encoder; the decoder
+is re-created for background / {organ} / tumour) or from Tang et al.'s self-supervised encoder `model_swinvit.pt`
+(`--backbone_ckpt /path/to/model_swinvit.pt`); both are read in their own key layouts, strictly (missing and
+unexpected keys are named). Commands below run from the bundle folder.
+
+## Data
+As the STU-Net bundles of {info.title}: download it yourself, then
+
+    python -m tpp_monai datalist {info.name} --root /path/to/download --out /path/to/download/datalist.json
+
+Orientation RAS, spacing 0.8 x 0.8 x 1.5 mm, per-volume z-score, patches of `image_size` {list(info.image_size)}
+(x, y, z; every axis a multiple of 32, SwinUNETR's rule, checked before anything is built).
+
+{stage}
+## Fine-tuning
+
+    python -m monai.bundle run finetune --config_file configs/finetune.json \\
+        --dataset_dir /path/to/download {ckpt}
+
+AdamW lr {kind.ft_lr:g}, Dice + CE on SwinUNETR's output, tumour oversampling, validation on whole volumes by
+Gaussian sliding window; the best mean Dice is written to `models/model.pt`.
+
+## Another backbone, method or options
+Every bundle takes `--backbone`, `--method` and `--method_options` on the command line, e.g.
+
+    python -m monai.bundle run finetune --config_file configs/finetune.json --method peft.dora \\
+        --method_options "{{'r': 16, 'lora_alpha': 32}}"
+    python -m monai.bundle run pretrain_tpp --config_file configs/pretrain_tpp.json --method lora
+    python -m monai.bundle run finetune --config_file configs/finetune.json --backbone stunet_b \\
+        --backbone_options "{{'deep_supervision': True}}" --backbone_ckpt /path/to/base_ep4k.model
+
+`--method` takes any built-in method that applies to the backbone (`python -m tpp_monai params --backbone swinunetr
+--all` lists them with their counts) or `peft.<tuner>` (any tuner of the installed peft that can wrap SwinUNETR's
+layers: `peft.lora`, `peft.dora`, `peft.ia3`, ...; a tuner that cannot is refused before anything is built);
+`--method_options` go to the method (for `peft.*`: the tuner's config, e.g. `target_modules`, `r`). `--backbone`
+takes a 3D backbone (`swinunetr`, `stunet_s`...`stunet_h`); each needs its own checkpoint and patch rules.
+
+## Evaluation and inference
+
+    python -m monai.bundle run evaluate --config_file "['configs/finetune.json','configs/evaluate.json']" \\
+        --dataset_dir /path/to/download
+    python -m monai.bundle run --config_file configs/inference.json --input_dir /path/to/volumes
+
+As the STU-Net bundles: organ, tumour and mean Dice per case (`runs/evaluate/dice_per_case.csv`), NIfTI label maps
+with each input's affine and shape.
 
 {_common_sections(kind)}"""

@@ -162,10 +162,11 @@ INVERT_PRED = {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessi
                "nearest_interp": False, "to_tensor": True}  # fmt: skip
 
 
-def training_initialize(checks: list[dict]) -> list:
+def training_initialize(checks: list, after_network: list | None = None) -> list:
     """``initialize`` of the training workflows: clear errors first, then the process group (``multi_gpu.json``
     sets ``distributed``), GPU settings, the fail-fast ``checks``, seeding, the network (so option and checkpoint
-    errors surface before any data is cached) and activation checkpointing. The settings record is added last."""
+    errors surface before any data is cached), ``after_network`` (finetune: peft's data-driven initialisation,
+    before the optimizer takes the parameters) and activation checkpointing. The settings record is added last."""
     return [
         EXCEPTHOOK,
         comp("init_distributed", enabled="@distributed"),
@@ -173,6 +174,7 @@ def training_initialize(checks: list[dict]) -> list:
         *checks,
         SEEDING,
         "@network_def",
+        *(after_network or []),
         comp("activation_checkpointing", model="@network_module", enabled="@activation_checkpointing"),
     ]
 
@@ -182,7 +184,7 @@ NOT_SETTINGS = {"imports", "initialize", "finalize", "run", "network_def", "netw
                 "pretext_net", "loss", "optimizer", "train", "validate", "test", "evaluator", "handlers", "inferer",
                 "postprocessing", "preprocessing", "dataset", "dataloader", "checkpoint_loader", "key_metric",
                 "additional_metrics", "amp_kwargs", "trainable_params", "pretrain_tpp", "finetune", "evaluate",
-                "inference"}  # fmt: skip
+                "inference", "init_cost", "peft_init"}  # fmt: skip
 
 
 def with_settings_record(cfg: dict) -> dict:

@@ -117,8 +117,8 @@ class STUNetBundle(BundleKind):
         checks = [
             self._check_3d(),
             comp("check_settings", dataset="@dataset_name", method="@method", backbone="@backbone",
-                 datalist="@datalist", dataset_dir="@dataset_dir", keys=["training", "validation"],
-                 tpp_ckpt="@tpp_ckpt"),
+                 method_options="@method_options", datalist="@datalist", dataset_dir="@dataset_dir",
+                 keys=["training", "validation"], tpp_ckpt="@tpp_ckpt"),
         ]  # fmt: skip
         return self._finetune(settings, self._network_def("@backbone_ckpt", "@tpp_ckpt"), loss, optimizer,
                               (self._transforms("train"), self._transforms("eval")), validate, checks,

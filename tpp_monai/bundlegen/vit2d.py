@@ -122,8 +122,8 @@ class ViTBundle(BundleKind):
             **self._metrics("val_", False),
         }
         check = comp("check_settings", dataset="@dataset_name", method="@method", backbone="@backbone",
-                     datalist="@datalist", dataset_dir="@dataset_dir", keys=["training", "validation"],
-                     tpp_ckpt="@tpp_ckpt", image_size="@image_size",
+                     method_options="@method_options", datalist="@datalist", dataset_dir="@dataset_dir",
+                     keys=["training", "validation"], tpp_ckpt="@tpp_ckpt", image_size="@image_size",
                      **({"num_classes": "@num_classes"} if self.cls else {}))  # fmt: skip
         return self._finetune(settings, self._network_def("@backbone_ckpt", "@tpp_ckpt", "@num_classes" if self.cls
                                                           else None), loss, optimizer,

@@ -35,7 +35,7 @@ def node_status(node: Node) -> str:
     rec = record(node)
     if rec is None or rec.get("digest") != node.digest:
         return "pending"
-    if rec.get("status") == "done" and not node.product.is_file():
+    if rec.get("status") == "done" and not node.has_product:
         return "pending"
     return rec.get("status", "pending")
 
@@ -76,7 +76,7 @@ def begin_attempt(node: Node, graph: Graph, tracking: dict | None, nproc: int = 
 def finish_attempt(node: Node, returncode: int | None) -> str:
     """Record the end of an attempt; ``done`` needs exit status 0 and the stage's product file."""
     rec = record(node) or _new_record(node)
-    ok = returncode == 0 and node.product.is_file()
+    ok = returncode == 0 and node.has_product
     rec.update(status="done" if ok else "failed", returncode=returncode, finished=time.time(),
                seconds=round(time.time() - rec.get("started", time.time()), 1))  # fmt: skip
     write_json_atomic(node.folder / "run.json", rec)
@@ -378,7 +378,7 @@ def run_slurm(graph: Graph, tracker: Tracker | None = None, progress: bool = Tru
                 del jobs[key]
                 rec = record(node) or {}
                 status = rec.get("status") if rec.get("status") in ("done", "failed") else finish_attempt(node, None)
-                if status == "done" and not node.product.is_file():
+                if status == "done" and not node.has_product:
                     status = finish_attempt(node, None)
                 if sched.end(node, status) or sched.status[key] == "failed":
                     for other in graph.dependents(key):  # queued on the lost job: they will never start

@@ -20,8 +20,9 @@ from tpp_monai.bundlegen import workflow_config_files
 from tpp_monai.experiments.plan import STAGES, Init, Plan, bundle_dir, has_tpp, parse_init
 
 RUN_IDS = {"pretrain_tpp": "pretrain_tpp", "finetune": "finetune", "evaluate": "evaluate"}
-# the file each stage leaves when it finished (checked besides the exit status)
-PRODUCTS = {"pretrain_tpp": "tpp_target.pt", "finetune": "models/model.pt", "evaluate": "metrics.json"}
+# what each stage leaves when it finished (checked besides the exit status): the TPP stage's target-parameter folder
+# (tpp_monai.peft.files), the fine-tuned model, the test metrics
+PRODUCTS = {"pretrain_tpp": "tpp_target", "finetune": "models/model.pt", "evaluate": "metrics.json"}
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -63,6 +64,14 @@ class Node:
     @property
     def product(self) -> Path:
         return self.folder / PRODUCTS[self.stage]
+
+    @property
+    def has_product(self) -> bool:
+        """The stage's product is complete: its file, or the target folder with its safetensors file written."""
+        product = self.product
+        if product.is_dir():
+            return any(not p.name.startswith(".") for p in product.glob("*.safetensors"))
+        return product.is_file()
 
     @property
     def run_name(self) -> str:

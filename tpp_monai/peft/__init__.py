@@ -4,7 +4,8 @@ A PEFT method decides which parameters are *target parameters* (TPP paper §3.1)
 for BitFit the biases it selects. :func:`target_parameter_names` applies that rule, and everything else derives from
 it: :func:`mark_trainable` (requires_grad and the optimizer's parameters), :func:`target_state` (what the TPP stage
 saves: target tensors only, with the method, options and backbone recorded), :func:`load_target_state` (what
-fine-tuning loads, refusing another method, options or backbone) and the parameter counts of ``params``.
+fine-tuning loads, refusing another method, options or backbone) and the parameter counts of ``params``. On disk the
+target parameters are a folder of safetensors (:mod:`tpp_monai.peft.files`; a peft adapter folder for ``peft.*``).
 Frozen backbone in train mode, for every method and both stages: the backbone's DropPath (0.1 in MedCoSS) and
 MedCoSS's random temporal position row stay active while the target parameters train, because the framework TPP
 follows, MedCoSS fine-tuning, trains its model in train mode with DropPath 0.1, and the official recipes of
@@ -79,7 +80,7 @@ def method_of(model: nn.Module) -> MethodSpec:
     method = getattr(model, "peft_method", None)
     if method is None:
         raise ConfigError("the model has no PEFT method applied; call tpp_monai.peft.apply_peft first")
-    return METHODS[method]
+    return get_method(method)
 
 
 def target_parameter_names(model: nn.Module) -> list[str]:
@@ -134,18 +135,19 @@ def target_state(model: nn.Module) -> dict:
 
 
 def load_target_state(model: nn.Module, source: Mapping | str | Path, where: str = "") -> list[str]:
-    """Copy target parameters saved by :func:`target_state` (or a file holding it) into ``model``.
+    """Copy target parameters into ``model``: saved by :func:`target_state` (a dict), or a target folder or file
+    (:mod:`tpp_monai.peft.files`: the TPP stage's folder, a peft adapter folder it wrote, an older ``.pt`` file).
 
     Refused with a :class:`CheckpointError` when the file was written for another PEFT method, other options or
     another backbone, or when its tensors do not match the model's target parameters. Returns the loaded names.
     """
+    layout = "tpp_monai"
     if not isinstance(source, Mapping):
-        from tpp_monai.io import load_verified
+        from tpp_monai.peft.files import read_record
 
         where = where or str(source)
-        source = load_verified(source)
-        if "target_state" in source and "format" not in source:  # a TPP training checkpoint
-            source = source["target_state"]
+        source = read_record(source)
+        layout = source["layout"]
     where = where or "<memory>"
     if source.get("format") != TARGET_FORMAT:
         raise CheckpointError(f"{where} is not a target-parameter file (format {source.get('format')!r})")
@@ -162,6 +164,10 @@ def load_target_state(model: nn.Module, source: Mapping | str | Path, where: str
                 "or fine-tune without them (tpp_ckpt none)"
             )
     state: Mapping[str, Tensor] = source["state"]
+    if layout == "peft":
+        from tpp_monai.peft.hf import load_adapter_tensors
+
+        return load_adapter_tensors(model, state, where)
     names = target_parameter_names(model)
     params = dict(model.named_parameters())
     missing = [n for n in names if n not in state]

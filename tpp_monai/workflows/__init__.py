@@ -4,6 +4,7 @@ One module per concern: :mod:`~tpp_monai.workflows.runtime` (bundle folder, devi
 :mod:`~tpp_monai.workflows.checks` (preflight checks), :mod:`~tpp_monai.workflows.data` (datalists, input folders,
 loaders), :mod:`~tpp_monai.workflows.schedules`, :mod:`~tpp_monai.workflows.distributed` (torchrun),
 :mod:`~tpp_monai.workflows.savers` (settings record, provenance, masks, per-case tables),
+:mod:`~tpp_monai.workflows.costs` (``init_cost.json``),
 :mod:`~tpp_monai.workflows.excepthook` (one-line user errors) and :mod:`~tpp_monai.workflows.export` (model-zoo's
 ``ckpt_export``). Every name is re-exported here.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from tpp_monai.handlers import RandomStates, param_groups
 from tpp_monai.workflows.checks import check_3d, check_output, check_settings
+from tpp_monai.workflows.costs import StageCost, StageCostWriter, peft_initialisation, write_init_cost
 from tpp_monai.workflows.data import (
     IMAGE_SUFFIXES,
     cpu_workers,
@@ -70,6 +72,8 @@ __all__ = [
     "ExportableNetwork",
     "PerCaseWriter",
     "RandomStates",
+    "StageCost",
+    "StageCostWriter",
     "activation_checkpointing",
     "assert_replicas_agree",
     "autocast_kwargs",
@@ -99,6 +103,7 @@ __all__ = [
     "mask_saver",
     "nifti_saver",
     "param_groups",
+    "peft_initialisation",
     "poly_schedule",
     "pretext_lr",
     "pretext_setting",
@@ -114,4 +119,5 @@ __all__ = [
     "trainable_state",
     "user_error_in",
     "wd_schedule",
+    "write_init_cost",
 ]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tpp_monai.backbones import build_backbone, get_backbone_spec
+from tpp_monai.backbones import build_backbone, family_class, get_backbone_spec
 from tpp_monai.data import check_datalist, get_dataset
 from tpp_monai.errors import ConfigError
 
@@ -16,21 +16,29 @@ from tpp_monai.errors import ConfigError
 def check_settings(
     dataset: str, method: str, backbone: str, pretext: str | None = None, datalist: str | None = None,
     dataset_dir: str | None = None, keys: tuple[str, ...] = ("training",), tpp_ckpt: str | None = None,
-    image_size: list | None = None, num_classes: int | None = None,
+    image_size: list | None = None, num_classes: int | None = None, method_options: Mapping | None = None,
 ) -> None:  # fmt: skip
     """Fail fast, before any data is cached or a network is built, on unknown names and missing inputs.
 
-    ``pretext`` given means the TPP stage, which needs a method with target parameters to pre-train; ``tpp_ckpt``
+    A wrapping method (``peft.*``) must be able to wrap the backbone with ``method_options`` (probed on a meta-device
+    copy). ``pretext`` given means the TPP stage, which needs a method with target parameters to pre-train; ``tpp_ckpt``
     (fine-tuning) must exist unless it is ``none``; ``image_size`` must be a multiple of the ViT patch size;
     ``num_classes`` must match the dataset's classes and the datalist's labels.
     """
     from tpp_monai.network import is_none
-    from tpp_monai.peft import get_method
+    from tpp_monai.peft import get_method, why_not_applicable
+    from tpp_monai.peft.files import exists as target_files_exist
     from tpp_monai.pretext import check_pretext
 
     get_dataset(dataset, "dataset_name")
     spec = get_method(method, "method")
     get_backbone_spec(backbone, "backbone")
+    if spec.attach == "wrap":  # can its library wrap this backbone's layers? (slot methods: checked when built)
+        reason = why_not_applicable(spec, backbone, method_options)
+        if reason is not None:
+            from tpp_monai.peft.hf import refusal
+
+            raise ConfigError(refusal(method, backbone, reason))
     if pretext is not None:
         check_pretext(pretext, backbone)
         if not spec.pretrainable:
@@ -62,11 +70,11 @@ def check_settings(
                     f"{datalist} has labels {bad[:5]} outside 0..{int(num_classes) - 1} for {num_classes} classes; "
                     "rebuild it with `python -m tpp_monai datalist`"
                 )
-    if not is_none(tpp_ckpt) and not Path(str(tpp_ckpt)).is_file():
+    if not is_none(tpp_ckpt) and not target_files_exist(str(tpp_ckpt)):
         raise ConfigError(
-            f"tpp_ckpt {tpp_ckpt} not found: run pretrain_tpp first (it writes runs/pretrain_tpp/tpp_target.pt), "
-            "pass the target-parameter file of another run with --tpp_ckpt, or fine-tune from randomly initialised "
-            "target parameters (the paper's PEFT baseline) with --tpp_ckpt none"
+            f"tpp_ckpt {tpp_ckpt} not found: run pretrain_tpp first (it writes runs/pretrain_tpp/tpp_target/), "
+            "pass the target-parameter folder (or file) of another run with --tpp_ckpt, or fine-tune from randomly "
+            "initialised target parameters (the paper's PEFT baseline) with --tpp_ckpt none"
         )
 
 
@@ -89,6 +97,10 @@ def check_output(output_dir: str, resume: bool, ckpt_dir: str | None = None) -> 
         )
 
 
+#: Backbone families the 3D (organ + tumour segmentation) bundles run on.
+VOLUME_FAMILIES = ("stunet", "swinunetr")
+
+
 def check_3d(
     dataset: str, backbone: str, image_size: Sequence[int], backbone_options: Mapping | None = None,
     pretext: str | None = None, dino: Mapping | None = None, pretext_size: Sequence[int] | None = None,
@@ -106,19 +118,20 @@ def check_3d(
     if info.spatial_dims != 3:
         raise ConfigError(f"dataset {dataset!r} is 2D; the 3D (STU-Net) bundles are for LiTS and KiTS19")
     spec = get_backbone_spec(backbone, "backbone")
-    if spec.family != "stunet":
+    if spec.family not in VOLUME_FAMILIES or spec.kwargs.get("spatial_dims", 3) != 3:
         raise ConfigError(
-            f"backbone {backbone!r} ({spec.family}) does not take 3D volumes; the 3D bundles use STU-Net: "
-            "--backbone stunet_s, stunet_b (default), stunet_l, stunet_h or stunet_tiny"
+            f"backbone {backbone!r} ({spec.family}) does not segment 3D volumes; the 3D bundles use STU-Net "
+            "(--backbone stunet_s, stunet_b, stunet_l, stunet_h, stunet_tiny) or SwinUNETR (swinunetr, swinunetr_tiny)"
         )
     if pretext is not None:
         check_pretext(pretext, backbone)
     options = {k: v for k, v in dict(backbone_options or {}).items() if k != "deep_supervision"}
-    with torch.device("meta"):  # shapes only: no memory, even for STU-Net-H
+    on_meta = getattr(family_class(backbone), "BUILDS_ON_META", True)
+    with torch.device("meta" if on_meta else "cpu"):  # shapes only: no memory, even for STU-Net-H
         model = build_backbone(backbone, task="features", **options)
     cube = [int(image_size)] * 3 if isinstance(image_size, (int, float)) else [int(s) for s in image_size]
     try:
-        model.check_input_size(cube)
+        model.check_input_size(cube, task="seg")
     except ConfigError as err:
         raise ConfigError(f"image_size {list(cube)}: {err}") from None
     if pretext is not None:

@@ -31,14 +31,14 @@ def record_settings(output_dir: str, settings: dict) -> None:
 
 def run_info(**settings: object) -> dict:
     """What a fine-tuned model records about how it was made; the TPP file's own record is added when given."""
-    from tpp_monai.io import load_verified
     from tpp_monai.network import is_none
+    from tpp_monai.peft.files import record_info
 
     info = dict(settings)
     tpp_ckpt = settings.get("tpp_ckpt")
     info["tpp"] = not is_none(tpp_ckpt)
     if info["tpp"]:
-        record = load_verified(str(tpp_ckpt))
+        record = record_info(str(tpp_ckpt))
         info["tpp_ckpt"] = str(tpp_ckpt)
         info["tpp_pretext"] = record.get("pretext")
         info["tpp_epochs"] = record.get("epoch")
