@@ -701,8 +701,10 @@ def _plot_gains(gains: list[dict], out: Path) -> list[Path]:
     return written
 
 
-def _plot_fractions(records: list[dict], out: Path) -> list[Path]:
-    """Per (dataset, method) with several label fractions: metric vs fraction, one line per initialisation."""
+def _plot_fractions(records: list[dict], gains: list[dict], out: Path) -> list[Path]:
+    """Per (dataset, method) with several label fractions, one column per metric: top, the metric vs the label
+    fraction, one line per initialisation (mean ± std over seeds); bottom, each initialisation's paired gain over
+    random with its 95 % interval, and the paper's gain (its tables are at full labels) as a star at fraction 1."""
     import matplotlib.pyplot as plt
 
     written = []
@@ -711,8 +713,9 @@ def _plot_fractions(records: list[dict], out: Path) -> list[Path]:
         if len({r["label_fraction"] for r in mine}) < 2:
             continue
         metrics = list(dict.fromkeys(r["metric"] for r in mine))
-        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
-        for ax, metric in zip(axes[0], metrics):
+        fig, axes = plt.subplots(2, len(metrics), figsize=(4.4 * len(metrics), 7.2), squeeze=False)
+        for col, metric in enumerate(metrics):
+            ax, gain_ax = axes[0][col], axes[1][col]
             for init, variant in dict.fromkeys((r["init"], tuple(r["variant"].items())) for r in mine):
                 line = sorted(
                     (
@@ -731,11 +734,40 @@ def _plot_fractions(records: list[dict], out: Path) -> list[Path]:
                     linestyle="--" if init == "random" else "-",
                     label=_row_label(init, dict(variant)),
                 )
+                cells = sorted(
+                    (
+                        g
+                        for g in gains
+                        if (g["dataset"], g["method"], g["metric"], g["init"]) == (dataset, method, metric, init)
+                        and tuple(g["variant"].items()) == variant
+                        and isinstance(g["label_fraction"], (int, float))
+                    ),
+                    key=lambda g: g["label_fraction"],
+                )
+                if not cells:
+                    continue
+                x = [g["label_fraction"] for g in cells]
+                y = [g["gain_mean"] for g in cells]
+                low = [g["gain_mean"] - g["ci95"][0] if g["ci95"] else 0.0 for g in cells]
+                high = [g["ci95"][1] - g["gain_mean"] if g["ci95"] else 0.0 for g in cells]
+                bars = gain_ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=4,
+                                        label=f"{_row_label(init, dict(variant))} - random [95 % CI]")  # fmt: skip
+                paper_gain = next((g["paper_gain"] for g in cells if g["paper_gain"] is not None), None)
+                if paper_gain is not None:
+                    gain_ax.plot([1.0], [paper_gain], "*", ms=13, mec="black", mew=0.5, color=bars[0].get_color(),
+                                 label=f"paper's gain {paper_gain:+.2f} (full labels)")  # fmt: skip
             ax.set(xlabel="label fraction", title=f"{dataset} {stats.metric_name(metric)}")
             ax.set_ylabel(stats.metric_name(metric) + (" (px)" if metric == "hd95" else " (%)"))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.suptitle(f"{method}: mean ± std over seeds vs label fraction", fontsize=11)
+            gain_ax.axhline(0.0, color="black", lw=0.8)
+            gain_ax.set(xlabel="label fraction", title=f"gain over random, {stats.metric_name(metric)}")
+            gain_ax.set_ylabel("gain" + (" (px, random minus init)" if metric == "hd95" else " (points)"))
+            gain_ax.grid(alpha=0.3)
+            if gain_ax.get_legend_handles_labels()[0]:
+                gain_ax.legend(fontsize=7)
+        fig.suptitle(f"{method} on {dataset}: mean ± std over seeds, and the paired gain, vs label fraction",
+                     fontsize=11)  # fmt: skip
         fig.tight_layout()
         path = out / f"fractions_{_file_part(dataset)}_{_file_part(method)}.png"
         fig.savefig(path, dpi=110)
@@ -872,13 +904,22 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None) -> dict
 
 
 def summary_text(result: dict) -> str:
-    """The lines a command prints after :func:`write_report`: each arm's mean ± std and every gain's verdict."""
-    lines = []
+    """The lines a command prints after :func:`write_report`: per metric each arm's mean ± std, the gain's verdict
+    (with the paper's gain) and the iterations to the convergence target with their ratio."""
+    lines, described = [], set()
     for g in result["gain"]:
         where = f"{g['dataset']} {g['method']} (label fraction {g['label_fraction']})"
         arms = (f"random {_fmt(g['mean_random'], g['std_random'], g['n_seeds'])}, "
                 f"{_row_label(g['init'], g['variant'])} {_fmt(g['mean_tpp'], g['std_tpp'], g['n_seeds'])}")  # fmt: skip
-        lines.append(f"{where} {stats.metric_name(g['metric'])}: {arms}\n    {g['verdict']}")
+        lines.append(f"{where} {stats.metric_name(g['metric'])}: {arms}\n    {g['verdict']['text']}")
+        conv = g.get("convergence")
+        if conv is None:
+            lines.append("    convergence: no fine-tuning history.csv in both arms")
+        elif (where, _row_label(g["init"], g["variant"]), conv["metric"]) in described:
+            lines.append(f"    convergence: measured on validation {convergence.column_name(conv['metric'])}, as above")
+        else:
+            described.add((where, _row_label(g["init"], g["variant"]), conv["metric"]))
+            lines.append(f"    convergence: {convergence.describe(conv, g['init'])}")
     if not lines:
         lines.append("no pair of TPP and random runs on the same seed yet")
     if result["missing"]:
