@@ -158,8 +158,9 @@ def test_gain_interval_and_verdict_clearly_positive(grid_report):
     low, high = _bootstrap_by_hand(g["seed_gains"])
     assert g["ci95"] == pytest.approx([low, high], abs=1e-9)
     assert low > 0 and g["wins"] == 4 and g["n_seeds"] == 4
-    assert g["verdict"].startswith(f"TPP gain +{sum(gains) / 4:.2f} ACC points [95 % CI +{low:.2f}, +{high:.2f}]")
-    assert "over 4 seeds (4/4 wins)" in g["verdict"] and "TPP better" in g["verdict"]
+    text = g["verdict"]["text"]
+    assert text.startswith(f"tpp-mae gain +{sum(gains) / 4:.2f} ACC points [95 % CI +{low:.2f}, +{high:.2f}]")
+    assert "over 4 seeds (4/4 wins)" in text
     assert g["mean_random"] == pytest.approx(100 * sum(ACC_RANDOM["adapter"]) / 4)
 
 
@@ -169,8 +170,8 @@ def test_gain_not_distinguishable_when_symmetric(grid_report):
     low, high = _bootstrap_by_hand(g["seed_gains"])
     assert g["ci95"] == pytest.approx([low, high], abs=1e-9)
     assert low < 0 < high and g["wins"] == 2
-    assert "not distinguishable from zero" in g["verdict"]
-    assert g["verdict"] in (exp / "report" / "report.md").read_text()
+    assert g["verdict"]["case"] == "no_effect" and "the interval contains 0" in g["verdict"]["text"]
+    assert g["verdict"]["text"] in (exp / "report" / "report.md").read_text()
 
 
 def test_identical_gains_give_a_point_interval_and_hd95_sign(grid_report):
@@ -298,7 +299,7 @@ def test_summary_text_and_bad_folder(grid_report, tmp_path: Path):
     report, _ = grid_report
     text = summary_text(report)
     g = _gain(report, "mhist", "adapter", "acc")
-    assert f"random {g['mean_random']:.2f} ± {g['std_random']:.2f} (n=4)" in text and g["verdict"] in text
+    assert f"random {g['mean_random']:.2f} ± {g['std_random']:.2f} (n=4)" in text and g["verdict"]["text"] in text
     assert "3 run(s) missing, unfinished or failed" in text
     with pytest.raises(UserError, match="not found"):
         write_report(tmp_path / "nowhere")
@@ -307,11 +308,13 @@ def test_summary_text_and_bad_folder(grid_report, tmp_path: Path):
 def test_stats_edge_cases():
     assert stats.paired_bootstrap_ci([80.0], [79.0]) is None
     one = stats.summarise_gain("dice", [0], [80.0], [79.0])
-    assert one.std_tpp is None and "too few seeds for an interval" in one.verdict and one.ci95 is None
+    assert one.std_tpp is None and "too few seeds for an interval" in one.verdict["text"] and one.ci95 is None
+    assert one.verdict["case"] == "too_few_seeds" and one.detectable_effect is None
     with pytest.raises(ValueError, match="equal lengths"):
         stats.paired_gains([1.0, 2.0], [1.0])
     worse = stats.summarise_gain("acc", [0, 1, 2], [70.0, 71.0, 69.0], [75.0, 76.5, 74.0])
-    assert worse.ci95[1] < 0 and "TPP worse" in worse.verdict and worse.wins == 0
+    assert worse.ci95[1] < 0 and worse.verdict["case"] == "worse" and worse.wins == 0
+    assert "the paper has no gain for this cell" in worse.verdict["text"]
 
 
 def test_paper_refs():
@@ -386,3 +389,142 @@ def test_transcription_matches_the_paper_text(name: str):
             cells = cells[1:]
         text_values = [float(c) if NUMBER.fullmatch(c) else None for c in cells if NUMBER.fullmatch(c) or c == "-"]
         assert text_values == row["values"], f"{name} row {row['label']!r}: {line!r}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Effect sizes beside the paper's, and convergence from the fine-tuning runs' history.csv
+
+
+def _mde_by_hand(gains: list[float]) -> float:
+    """(t_{0.975, n-1} + t_{0.80, n-1}) * s_d / sqrt(n), from scipy's t quantiles."""
+    from scipy.stats import t
+
+    n = len(gains)
+    return float((t.ppf(0.975, n - 1) + t.ppf(0.80, n - 1)) * statistics.stdev(gains) / math.sqrt(n))
+
+
+def test_paper_gain_detectable_effect_and_seeds_needed(grid_report):
+    report, exp = grid_report
+    g = _gain(report, "mhist", "adapter", "acc")
+    table3 = load_paper()["tables"]["Table 3"]
+    col = table3["columns"].index(["mhist", "acc"])
+    rows = {r["label"]: r["values"][col] for r in table3["rows"] if r["method"] == "adapter"}
+    assert g["paper_gain"] == pytest.approx(rows["Adapter w/ TPP"] - rows["Adapter"])
+    assert g["detectable_effect"] == pytest.approx(_mde_by_hand(g["seed_gains"]))
+    spread = statistics.stdev(g["seed_gains"])
+    needed = next(n for n in range(2, 1000) if _mde_by_hand_spread(n, spread) <= g["paper_gain"])
+    assert g["seeds_needed"] == needed
+    negligible = g["gain_mean"] < 0.1 * g["paper_gain"] or g["gain_mean"] < g["detectable_effect"]
+    assert g["verdict"]["case"] == ("negligible" if negligible else "paper_order")
+    assert f"paper {g['paper_gain']:+.2f} (Table 3" in g["verdict"]["text"]
+    assert "with 4 seeds the interval is nearly the seeds' range" in g["verdict"]["text"]
+    assert f"{needed} seeds would detect the paper's gain" in g["verdict"]["text"]
+    # HD95: the paper's gain is random minus TPP (Table 4 lists TPP lower), as the report's gain
+    hd = _gain(report, "glas", "adapter", "hd95")
+    assert hd["paper_gain"] == pytest.approx(49.06 - 44.25) and hd["paper_gain"] > 0
+    md = (exp / "report" / "report.md").read_text()
+    assert "paper's gain" in md and "detectable effect" in md and "seeds needed" in md
+
+
+def _mde_by_hand_spread(n: int, spread: float) -> float:
+    from scipy.stats import t
+
+    return float((t.ppf(0.975, n - 1) + t.ppf(0.80, n - 1)) * spread / math.sqrt(n))
+
+
+def test_verdict_three_cases():
+    seeds = [0, 1, 2]
+    random = [80.0, 81.0, 79.5]
+    # +0.02 points on every seed, tiny spread: the interval excludes 0 but the gain is a twentieth of the paper's
+    tiny = stats.summarise_gain("dice", seeds, [r + g for r, g in zip(random, [0.019, 0.020, 0.021])], random,
+                                paper_gain=0.43)  # fmt: skip
+    assert tiny.ci95[0] > 0 and tiny.verdict["case"] == "negligible"
+    assert "under a tenth of the paper's gain" in tiny.verdict["text"]
+    assert "with 3 seeds the interval is just the seeds' range" in tiny.verdict["text"]
+    assert f"{tiny.seeds_needed} seeds would detect the paper's gain" in tiny.verdict["text"]
+    assert tiny.seeds_needed == next(n for n in range(2, 100) if _mde_by_hand_spread(n, 0.001) <= 0.43)
+    order = stats.summarise_gain("dice", seeds, [r + g for r, g in zip(random, [0.40, 0.45, 0.50])], random,
+                                 paper_gain=0.43)  # fmt: skip
+    assert order.verdict["case"] == "paper_order" and order.gain_mean >= order.detectable_effect
+    none = stats.summarise_gain("dice", seeds, [r + g for r, g in zip(random, [0.3, -0.2, 0.1])], random,
+                                paper_gain=0.43)  # fmt: skip
+    assert none.ci95[0] < 0 < none.ci95[1] and none.verdict["case"] == "no_effect"
+    many = stats.summarise_gain("dice", list(range(6)), [81.0, 82.0, 80.0, 81.5, 80.5, 81.2],
+                                [80.0, 81.5, 79.0, 80.0, 80.0, 80.1], paper_gain=0.43)  # fmt: skip
+    assert "seeds' range" not in many.verdict["text"]
+
+
+CONV_VAL = {  # per arm, per seed: val_dice (fraction) at iterations 10, 20, 30, 40
+    "random": {0: [0.50, 0.70, 0.78, 0.80], 1: [0.45, 0.66, 0.80, 0.82], 2: [0.40, 0.60, 0.75, 0.81]},
+    "tpp-mae": {0: [0.72, 0.79, 0.81, 0.82], 1: [0.60, 0.74, 0.80, 0.83], 2: [0.40, 0.50, 0.60, 0.70]},
+}
+
+
+@pytest.fixture(scope="module")
+def conv_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """GlaS Adapter at label fractions 0.5 and 1.0, 3 seeds; the fine-tuning runs' history.csv validate every other
+    epoch; seed 2 of TPP never reaches the target; the same curves at both fractions."""
+    exp = tmp_path_factory.mktemp("exp") / "conv"
+    for fraction in (0.5, 1.0):
+        for init, by_seed in CONV_VAL.items():
+            for seed, values in by_seed.items():
+                s = _settings("glas", "adapter", init, fraction, seed)
+                folder = _run_folder(exp, "finetune", s)
+                lines = ["epoch,iteration,train_loss,lr,elapsed_s,val_dice"]
+                for k in range(8):  # 5 iterations per epoch, validation every 2 epochs
+                    val = values[k // 2] if k % 2 == 1 else ""
+                    lines.append(f"{k + 1},{5 * (k + 1)},0.5,0.001,{1.5 * (k + 1) + seed:.3f},{val}")
+                (folder / "history.csv").write_text("\n".join(lines) + "\n")
+                _evaluated(exp, s, {"dice": values[-1] * fraction, "hd95": 50.0 - 10 * values[-1]})
+    _plan(exp, name="conv", paper="Table 4 (MedCoSS)", datasets=["glas"], methods=["adapter"],
+          init=["random", "tpp-mae"], label_fractions=[0.5, 1.0], seeds=[0, 1, 2], metrics=None)  # fmt: skip
+    return write_report(exp), exp
+
+
+def _history_by_hand(path: Path) -> list[tuple[int, float, float]]:
+    """(iteration, elapsed_s, val_dice in percent) of the validated rows of one history.csv."""
+    import csv
+
+    with open(path, newline="") as f:
+        return [(int(r["iteration"]), float(r["elapsed_s"]), 100 * float(r["val_dice"]))
+                for r in csv.DictReader(f) if r["val_dice"]]  # fmt: skip
+
+
+def test_convergence_matches_the_runs_history_files(conv_report):
+    report, exp = conv_report
+    for fraction in (0.5, 1.0):
+        (g,) = [g for g in report["gain"] if g["metric"] == "dice" and g["label_fraction"] == fraction]
+        conv = g["convergence"]
+        curves = {init: {} for init in CONV_VAL}
+        for folder in (exp / "runs" / "finetune").glob("*/"):
+            s = json.loads((folder / "run.json").read_text())["settings"]
+            if s["label_fraction"] == fraction:
+                curves[s["init"]][s["seed"]] = _history_by_hand(folder / "history.csv")
+        target = 0.95 * statistics.mean(max(v for _, _, v in c) for c in curves["random"].values())
+        assert conv["metric"] == "val_dice" and conv["target"] == pytest.approx(target)
+        expected = {}
+        for init, by_seed in curves.items():
+            hits = [next(((i, t) for i, t, v in by_seed[s] if v >= target), (None, None)) for s in (0, 1, 2)]
+            expected[init] = hits
+            assert conv["iterations"][init] == [h[0] for h in hits]
+            assert conv["seconds"][init] == [h[1] for h in hits]
+            assert conv["reached"][init] == [h[0] is not None for h in hits]
+            reached = [h[0] for h in hits if h[0] is not None]
+            assert conv["summary"][init]["iterations"]["mean"] == pytest.approx(statistics.mean(reached))
+            assert conv["summary"][init]["iterations"]["reached"] == len(reached)
+        assert expected["tpp-mae"][2] == (None, None)  # never reached: reported, not dropped
+        assert conv["budget"]["tpp-mae"] == [40, 40, 40] and conv["ratio_excluded"] == 1
+        both = [k for k in range(3) if expected["tpp-mae"][k][0] and expected["random"][k][0]]
+        logs = [math.log(expected["tpp-mae"][k][0] / expected["random"][k][0]) for k in both]
+        assert conv["ratio"] == pytest.approx(math.exp(statistics.mean(logs)))
+        assert conv["ratio_ci"][0] <= conv["ratio"] <= conv["ratio_ci"][1]
+        # HD95 validated no column of its own: measured on the model-selection column, named in the entry
+        (hd,) = [g for g in report["gain"] if g["metric"] == "hd95" and g["label_fraction"] == fraction]
+        assert hd["convergence"]["metric"] == "val_dice" and hd["convergence"]["iterations"] == conv["iterations"]
+    md = (exp / "report" / "report.md").read_text()
+    assert "## Convergence: iterations to the target" in md
+    assert "(2/3 reached)" in md
+    text = summary_text(report)
+    assert "iterations to 95 % of random's best validation Dice" in text and "ratio tpp-mae/random" in text
+    names = sorted(Path(p).name for p in report["plots"])
+    assert "convergence_adapter.png" in names and "fractions_glas_adapter.png" in names

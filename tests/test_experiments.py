@@ -434,3 +434,67 @@ def test_slurm_runs_the_graph_with_afterok_and_resumes_a_cancelled_job(slurm_clu
     assert after[ft_key]["attempts"] == 2 and after[ft_key]["resumed"] is True and after[ft_key]["job_id"] != ft_job
     assert json.loads((exp / "runs" / ft_key / "args.json").read_text())["resume"] is True
     assert (exp / "runs" / eval_key / "metrics.json").is_file()
+
+
+def test_paper_small_trimmed_reports_every_item(tmp_path):
+    """``paper-small`` cut to 1 dataset, 1 method, 2 seeds and a few iterations (both label fractions kept): its
+    report holds, per metric and fraction, the gain with its interval, the paper's gain, the detectable effect, the
+    seeds needed and a verdict; convergence per fine-tuning run, recomputed here from each run's history.csv; the
+    convergence and label-fraction plots."""
+    import csv
+    import statistics
+
+    import yaml
+
+    from tpp_monai.experiments.report import write_report
+
+    data = {k: v for k, v in load_plan("paper-small").to_dict().items() if k not in ("source", "grids")}
+    assert (data["datasets"], data["methods"], data["label_fractions"]) == (["mhist", "glas"], ["adapter", "lora"],
+                                                                            [0.1, 1.0])  # fmt: skip
+    assert data["init"] == ["random", "tpp-mae"] and data["seeds"] == [0, 1, 2] and data["overlays"] == ["demo"]
+    data.update(name="paper_small_trim", datasets=["glas"], methods=["adapter"], seeds=[0, 1],
+                overrides={**data["overrides"], "val_interval": 1},
+                stage_overrides={"pretrain_tpp": {"tpp_epochs": 2, "warmup_epochs": 1},
+                                 "finetune": {"iterations": 8}})  # fmt: skip
+    plan = tmp_path / "trim.yaml"
+    plan.write_text(yaml.safe_dump(data))
+    out = subprocess.run(_cli("run", str(plan), "--out", str(tmp_path), "--no-tracking"), capture_output=True,
+                         text=True, env=_env())  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    exp = tmp_path / "paper_small_trim"
+    report = write_report(exp)
+    assert not report["missing"]
+    assert {(g["label_fraction"], g["metric"]) for g in report["gain"]} == {(f, m) for f in (0.1, 1.0)
+                                                                            for m in ("dice", "hd95")}  # fmt: skip
+    histories = {}
+    for folder in (exp / "runs" / "finetune").glob("*/"):
+        s = json.loads((folder / "run.json").read_text())["settings"]
+        with open(folder / "history.csv", newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("val_dice")]
+        histories[(s["init"], s["label_fraction"], s["seed"])] = [
+            (int(r["iteration"]), float(r["elapsed_s"]), 100 * float(r["val_dice"])) for r in rows
+        ]
+    for g in report["gain"]:
+        assert g["n_seeds"] == 2 and len(g["ci95"]) == 2 and g["ci95"][0] <= g["gain_mean"] <= g["ci95"][1]
+        assert g["paper_gain"] is not None and "Table 4" in g["paper_gain_source"]["table"]
+        assert g["detectable_effect"] is not None or g["seed_gains"][0] == g["seed_gains"][1]
+        assert g["verdict"]["case"] in ("negligible", "paper_order", "no_effect", "better", "worse")
+        assert "with 2 seeds the interval is just the seeds' range" in g["verdict"]["text"]
+        conv = g["convergence"]
+        assert conv["metric"] == "val_dice" and conv["seeds"] == [0, 1]
+        fraction = g["label_fraction"]
+        best = [max(v for _, _, v in histories[("random", fraction, s)]) for s in (0, 1)]
+        target = 0.95 * statistics.mean(best)
+        assert conv["target"] == pytest.approx(target)
+        for init in ("random", "tpp-mae"):
+            hits = [next(((i, t) for i, t, v in histories[(init, fraction, s)] if v >= target), (None, None))
+                    for s in (0, 1)]  # fmt: skip
+            assert conv["iterations"][init] == [h[0] for h in hits]
+            assert conv["seconds"][init] == pytest.approx([h[1] for h in hits])
+        assert any(conv["reached"]["random"])  # the seed with the highest best is at least 95 % of their mean
+    names = {Path(p).name for p in report["plots"]}
+    assert {"convergence_adapter.png", "fractions_glas_adapter.png", "gain_adapter.png"} <= names
+    md = (exp / "report" / "report.md").read_text()
+    for words in ("paper's gain", "detectable effect", "## Convergence: iterations to the target",
+                  "## Label-fraction curves"):  # fmt: skip
+        assert words in md
