@@ -1,0 +1,84 @@
+"""huggingface peft as a method source (``peft.<tuner>``) against the built-in methods and the TPP stage's files."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tpp_monai.backbones import build_backbone
+from tpp_monai.peft import apply_peft, count_parameters, mark_trainable, trainable_parameter_names
+from tpp_monai.peft.lora import SLICES
+
+RANK, ALPHA, TARGETS = 2, 8.0, ("q", "v")
+
+
+def _pair() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """The built-in ``lora`` and ``peft.lora`` on two copies of one ViT with the same backbone and head tensors, and
+    peft's ``lora_B`` entries outside the built-in's blocks (a mask, 1 where the built-in has a parameter).
+
+    The built-in LoRA puts a rank-r update on each target slice of the fused qkv projection; peft's LoRA on the same
+    ``attn.qkv`` with rank ``len(TARGETS) * r`` and the same scaling is that update when its ``A`` holds the slices'
+    ``A`` stacked and its ``B`` the slices' ``B`` block-wise (zeros elsewhere).
+    """
+    torch.manual_seed(0)
+    builtin = build_backbone("vit_tiny", task="cls", num_classes=3)
+    hf = build_backbone("vit_tiny", task="cls", num_classes=3)
+    hf.load_state_dict(builtin.state_dict())
+    apply_peft(builtin, "lora", {"rank": RANK, "alpha": ALPHA, "targets": list(TARGETS)})
+    rank = len(TARGETS) * RANK
+    apply_peft(hf, "peft.lora", {"r": rank, "lora_alpha": ALPHA / RANK * rank, "target_modules": ["attn.qkv"]})
+    params = dict(hf.named_parameters())
+    masks = {}
+    with torch.no_grad():
+        for i, block in enumerate(builtin.blocks):
+            updates = block.peft_sites.qkv.updates
+            for u in updates.values():  # non-zero B: the test must see the update, not only LoRA's identity start
+                u.lora_b.normal_(0, 0.02)
+            a = params[f"blocks.{i}.attn.qkv.lora_A.default.weight"]
+            b = params[f"blocks.{i}.attn.qkv.lora_B.default.weight"]
+            a.copy_(torch.cat([updates[t].lora_a for t in TARGETS]))
+            b.zero_()
+            mask = torch.zeros_like(b)
+            dim = b.shape[0] // len(SLICES)
+            for col, t in enumerate(TARGETS):
+                rows, cols = (
+                    slice(SLICES.index(t) * dim, (SLICES.index(t) + 1) * dim),
+                    slice(col * RANK, (col + 1) * RANK),
+                )
+                b[rows, cols] = updates[t].lora_b
+                mask[rows, cols] = 1
+            masks[b] = mask
+    return builtin, hf, masks
+
+
+def _loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(images), labels)
+
+
+def test_peft_lora_equals_the_builtin_lora_on_the_same_vit() -> None:
+    builtin, hf, masks = _pair()
+    gen = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(4, 3, 224, 224, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+    counts = count_parameters(builtin), count_parameters(hf)
+    free = sum(int(m.sum()) for m in masks.values())  # peft's lora_B entries the built-in has
+    dense = sum(m.numel() for m in masks.values())
+    assert counts[0]["trainable"] == counts[1]["trainable"] - dense + free, counts
+    builtin.eval(), hf.eval()  # no dropout: the same function
+    torch.testing.assert_close(builtin(images), hf(images), rtol=1e-4, atol=1e-5)
+
+    # one SGD step; peft's lora_B entries outside the built-in's blocks are held at zero (gradient mask), the rest
+    # of the update is peft's own autograd
+    for b, mask in masks.items():
+        b.register_hook(lambda grad, mask=mask: grad * mask)
+    losses = []
+    for model in (builtin, hf):
+        params = mark_trainable(model, trainable_parameter_names(model))  # as the workflows do (peft froze the head)
+        opt = torch.optim.SGD(params, lr=0.5)
+        before = _loss(model, images, labels)
+        before.backward()
+        opt.step()
+        with torch.no_grad():
+            losses.append((before.item(), _loss(model, images, labels).item()))
+    (b0, b1), (h0, h1) = losses
+    assert abs(b1 - b0) > 1e-3, "the step must change the loss, else the comparison says nothing"
+    assert abs(b0 - h0) < 1e-5 and abs(b1 - h1) < 1e-4, losses
