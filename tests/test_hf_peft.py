@@ -82,3 +82,49 @@ def test_peft_lora_equals_the_builtin_lora_on_the_same_vit() -> None:
     (b0, b1), (h0, h1) = losses
     assert abs(b1 - b0) > 1e-3, "the step must change the loss, else the comparison says nothing"
     assert abs(b0 - h0) < 1e-5 and abs(b1 - h1) < 1e-4, losses
+
+
+LOAD_IN_PEFT = """
+import sys, torch
+from tpp_monai.compat import import_peft
+from tpp_monai.backbones import build_backbone
+peft = import_peft()
+folder, expected = sys.argv[1], torch.load(sys.argv[2], weights_only=True)
+loaded = peft.PeftModel.from_pretrained(build_backbone("vit_tiny", task="cls", num_classes=2), folder)
+params = dict(loaded.base_model.model.named_parameters())
+assert set(expected) <= set(params), sorted(set(expected) - set(params))[:3]
+for name, tensor in expected.items():
+    assert torch.equal(params[name], tensor), name
+print("loaded", len(expected))
+"""
+
+
+def test_peft_target_folder_loads_in_peft_and_back(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from tpp_monai.peft import load_target_state, target_parameter_names
+    from tpp_monai.peft.files import write_target_folder
+
+    torch.manual_seed(0)
+    model = build_backbone("vit_tiny", task="cls", num_classes=2)
+    apply_peft(model, "peft.lora", {"r": 4})
+    targets = target_parameter_names(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in targets:
+                p.normal_()  # not peft's initial values: the load must carry these tensors
+    folder = write_target_folder(model, tmp_path / "tpp_target")
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    state = dict(model.named_parameters())
+    expected = {name: state[name].detach().clone() for name in targets}
+    torch.save(expected, tmp_path / "expected.pt")
+    proc = subprocess.run([sys.executable, "-c", LOAD_IN_PEFT, str(folder), str(tmp_path / "expected.pt")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and f"loaded {len(targets)}" in proc.stdout, proc.stderr[-3000:]
+
+    fresh = build_backbone("vit_tiny", task="cls", num_classes=2)
+    apply_peft(fresh, "peft.lora", {"r": 4})  # finetune's start: a new wrapped network, then the target folder
+    load_target_state(fresh, folder)
+    now = dict(fresh.named_parameters())
+    assert all(torch.equal(now[name], tensor) for name, tensor in expected.items())
