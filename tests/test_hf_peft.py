@@ -128,3 +128,16 @@ def test_peft_target_folder_loads_in_peft_and_back(tmp_path) -> None:
     load_target_state(fresh, folder)
     now = dict(fresh.named_parameters())
     assert all(torch.equal(now[name], tensor) for name, tensor in expected.items())
+
+
+def test_a_tuner_that_cannot_wrap_is_refused_with_the_reason_and_the_tuners_that_can() -> None:
+    import pytest
+
+    from tpp_monai.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        apply_peft(build_backbone("vit_tiny", task="cls", num_classes=2), "peft.lora", {"target_modules": ["head"]})
+    message = str(err.value)
+    assert "cannot tune backbone 'vit_tiny'" in message and "task-head layers ['head']" in message, message
+    can = message.split("peft tuners that can: ", 1)[1].split(" (not probed", 1)[0].split(", ")
+    assert {"peft.lora", "peft.dora", "peft.ia3"} <= set(can) and "peft.adalora" not in can, message
