@@ -141,3 +141,26 @@ def test_a_tuner_that_cannot_wrap_is_refused_with_the_reason_and_the_tuners_that
     assert "cannot tune backbone 'vit_tiny'" in message and "task-head layers ['head']" in message, message
     can = message.split("peft tuners that can: ", 1)[1].split(" (not probed", 1)[0].split(", ")
     assert {"peft.lora", "peft.dora", "peft.ia3"} <= set(can) and "peft.adalora" not in can, message
+
+
+def test_glas_bundle_runs_a_peft_method_through_every_workflow(tmp_path, demo_roots) -> None:
+    import json
+
+    import pandas as pd
+    from conftest import run_workflow
+
+    from tpp_monai.peft.files import read_record
+
+    common = {"runs_dir": str(tmp_path), "dataset_dir": str(demo_roots("glas")), "backbone": "vit_tiny",
+              "backbone_ckpt": "none", "method": "peft.lora", "method_options": {"r": 4}}  # fmt: skip
+    run_workflow("glas_adapter", "pretrain_tpp", tpp_epochs=2, **common)
+    folder = tmp_path / "pretrain_tpp" / "tpp_target"
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    losses = pd.read_csv(tmp_path / "pretrain_tpp" / "history.csv")["train_loss"].tolist()
+    assert len(losses) == 2 and losses[1] < losses[0], losses
+    assert read_record(folder)["method"] == "peft.lora"
+    wf = run_workflow("glas_adapter", "finetune", epochs=1, val_interval=1, **common)
+    network = wf.parser.get_parsed_content("network")
+    assert any("lora_A" in n for n, _ in network.named_parameters())
+    run_workflow("glas_adapter", "evaluate", **common)
+    assert json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
