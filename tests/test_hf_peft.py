@@ -164,3 +164,19 @@ def test_glas_bundle_runs_a_peft_method_through_every_workflow(tmp_path, demo_ro
     assert any("lora_A" in n for n, _ in network.named_parameters())
     run_workflow("glas_adapter", "evaluate", **common)
     assert json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
+
+
+def test_tpp_stage_of_peft_dora_and_ia3_writes_their_adapter_folder(tmp_path, demo_roots) -> None:
+    import math
+
+    import pandas as pd
+    from conftest import run_workflow
+
+    for method in ("peft.dora", "peft.ia3"):
+        out = tmp_path / method
+        run_workflow("glas_adapter", "pretrain_tpp", tpp_epochs=1, runs_dir=str(out), backbone="vit_tiny",
+                     dataset_dir=str(demo_roots("glas")), backbone_ckpt="none", method=method)  # fmt: skip
+        folder = out / "pretrain_tpp" / "tpp_target"
+        assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        losses = pd.read_csv(out / "pretrain_tpp" / "history.csv")["train_loss"].tolist()
+        assert losses and all(math.isfinite(v) for v in losses), (method, losses)
