@@ -308,6 +308,14 @@ def _server(env: Path, studies: Path, conf: dict[str, str], log: Path) -> Iterat
             proc.wait(timeout=30)
 
 
+def _binary_png(mask: Path, out: Path) -> Path:
+    from PIL import Image
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.asarray(Image.open(mask)) > 0).astype(np.uint8)).save(out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def served(monailabel_env, demo_roots, tmp_path_factory) -> Iterator[dict[str, Any]]:
     """The three bundles fine-tuned for one epoch on demo data, and a server for them over a studies folder with two
@@ -325,11 +333,13 @@ def served(monailabel_env, demo_roots, tmp_path_factory) -> Iterator[dict[str, A
         for rec in records:
             image = root / rec["image"]
             shutil.copy(image, studies / image.name)
-            label = rec.get("label")
+            label = root / rec["label"] if isinstance(rec.get("label"), str) else rec.get("label")
+            if bundle == SEG2D:  # GlaS masks hold gland instance ids; a binary model's label is 0/1
+                label = _binary_png(label, work / "labels" / f"{image.name.split('.')[0]}.png")
             cases[bundle].append({
                 "id": image.name.split(".")[0],
                 "image": studies / image.name,
-                "label": root / label if isinstance(label, str) else label,
+                "label": label,
                 "class_name": rec.get("class_name"),
             })  # fmt: skip
     conf = {"models": ",".join(MODELS), "ckpt_dir": str(ckpt), "runs_dir": str(runs), "overlays": "demo",
