@@ -189,13 +189,18 @@ def test_environment_pins_hold(monailabel_env) -> None:
 class Client:
     """A few MONAI Label REST calls (stdlib only) against one server."""
 
-    def __init__(self, base: str, log: Path) -> None:
-        self.base, self.log = base, log
+    def __init__(self, base: str, log: Path, headers: dict[str, str] | None = None) -> None:
+        self.base, self.log, self.headers = base, log, headers or {}
+
+    def bearer(self, token: str) -> Client:
+        """The same server, each request sending ``Authorization: Bearer <token>``."""
+        return Client(self.base, self.log, {"Authorization": f"Bearer {token}"})
 
     def send(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
              timeout: float = REQUEST_S) -> tuple[int, bytes, str]:  # fmt: skip
         """The HTTP status, body and content type of one request."""
-        req = urllib.request.Request(self.base + path, data=body, method=method, headers=headers or {})
+        headers = {**self.headers, **(headers or {})}
+        req = urllib.request.Request(self.base + path, data=body, method=method, headers=headers)
         try:
             with _LOOPBACK.open(req, timeout=timeout) as resp:
                 return resp.status, resp.read(), resp.headers.get("content-type", "")
@@ -266,9 +271,10 @@ def _log_tail(log: Path, n: int = 60) -> str:
 
 
 @contextlib.contextmanager
-def _server(env: Path, studies: Path, conf: dict[str, str], log: Path) -> Iterator[Client]:
-    """``monailabel start_server --app tpp_monai/label`` on a free loopback port; stopped (its whole process group,
-    training subprocesses included) on exit."""
+def _server(env: Path, studies: Path, conf: dict[str, str], log: Path, extra_env: dict[str, str] | None = None,
+            probe: str = "/info/") -> Iterator[Client]:  # fmt: skip
+    """``monailabel start_server --app tpp_monai/label`` on a free loopback port, ready once ``probe`` answers;
+    stopped (its whole process group, training subprocesses included) on exit."""
     port = free_port()
     cmd = [str(env / "bin" / "monailabel"), "start_server", "--app", str(REPO / "tpp_monai" / "label"),
            "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
@@ -279,7 +285,7 @@ def _server(env: Path, studies: Path, conf: dict[str, str], log: Path) -> Iterat
     offline = {k: "http://127.0.0.1:9" for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
     run_env = {**os.environ, **offline, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
                "PATH": f"{env / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
-               "MONAI_LABEL_SESSION_PATH": str(log.parent / "sessions")}  # fmt: skip
+               "MONAI_LABEL_SESSION_PATH": str(log.parent / "sessions"), **(extra_env or {})}  # fmt: skip
     run_env.pop("VIRTUAL_ENV", None)
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=run_env, stdout=out, stderr=subprocess.STDOUT,
@@ -291,7 +297,7 @@ def _server(env: Path, studies: Path, conf: dict[str, str], log: Path) -> Iterat
             if proc.poll() is not None:
                 pytest.fail(f"MONAI Label server exited with {proc.returncode}:\n{_log_tail(log)}")
             with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-                client.request("GET", "/info/", timeout=10)
+                client.request("GET", probe, timeout=10)
                 break
             if time.monotonic() > deadline:
                 pytest.fail(f"MONAI Label server did not answer within {STARTUP_S} s:\n{_log_tail(log)}")
@@ -342,11 +348,30 @@ def served(monailabel_env, demo_roots, tmp_path_factory) -> Iterator[dict[str, A
                 "label": label,
                 "class_name": rec.get("class_name"),
             })  # fmt: skip
-    conf = {"models": ",".join(MODELS), "ckpt_dir": str(ckpt), "runs_dir": str(runs), "overlays": "demo",
-            "max_upload_mb": str(MAX_UPLOAD_MB)}  # fmt: skip
+    # Traps present at startup: links leading out of the studies folder (an image, /etc/passwd, a label) and two
+    # files sharing one id. None of them may be served.
+    outside = work / "outside"
+    outside.mkdir()
+    secret = outside / "secret.png"
+    _binary_png(cases[SEG2D][0]["label"], secret)
+    (studies / "escape_link.png").symlink_to(secret)
+    (studies / "passwd_link.png").symlink_to("/etc/passwd")
+    (studies / "labels" / "final").mkdir(parents=True)
+    (studies / "labels" / "final" / f"{cases[CLS][0]['id']}.png").symlink_to(secret)
+    shutil.copy(cases[SEG2D][0]["image"], studies / f"twin{cases[SEG2D][0]['image'].suffix}")
+    shutil.copy(cases[SEG3D][0]["image"], studies / f"twin{cases[SEG3D][0]['image'].suffix}")
+    conf = {
+        "models": ",".join(MODELS),
+        "ckpt_dir": str(ckpt),
+        "runs_dir": str(runs),
+        "overlays": "demo",
+        "max_upload_mb": str(MAX_UPLOAD_MB),
+        "publish_margin": "1",
+    }  # fmt: skip  (margin 1: any finite score)
     log = work / "server.log"
     with _server(monailabel_env, studies, conf, log) as client:
-        yield {"client": client, "cases": cases, "ckpt": ckpt, "runs": runs, "work": work, "log": log}
+        yield {"client": client, "cases": cases, "ckpt": ckpt, "runs": runs, "work": work, "log": log,
+               "studies": studies, "outside": outside, "secret": secret, "env": monailabel_env}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -540,6 +565,264 @@ def test_wrong_dimension_unknown_model_and_unknown_image_get_a_sentence(served) 
     assert status == 404 and "'no_such_image' is not in the studies folder" in detail
     status, detail = client.refused("POST", "/train/no_such_model", b"{}", {"Content-Type": "application/json"})
     assert status == 404 and "no model 'no_such_model'" in detail
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Issue 25: every route guarded; nothing read through links leaving the studies folder; one file per image id;
+# images, labels and classes checked on arrival (a refused upload changes nothing stored)
+
+
+def _venv_json(env: Path, code: str, *args: str) -> Any:
+    """Run ``code`` in the MONAI Label environment (this checkout on its path); the JSON of its last output line."""
+    py = str(environment.python_of(env))
+    run_env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run_env.pop("VIRTUAL_ENV", None)
+    done = subprocess.run([py, "-c", code, *args], capture_output=True, text=True, env=run_env, timeout=REQUEST_S,
+                          check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every entry under ``folder``: a file's SHA-256, a link's target (the lock file, which every write touches,
+    left out)."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        rel = str(path.relative_to(folder))
+        if path.is_symlink():
+            out[rel] = f"-> {os.readlink(path)}"
+        elif path.is_file() and path.name != ".lock":
+            out[rel] = _sha(path)
+    return out
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG signature and header claiming ``width`` x ``height`` RGB pixels, with no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _broken_files(served: dict[str, Any], folder: Path) -> dict[str, Path]:
+    """A truncated PNG and NIfTI volume, a text file named .png and a PNG header claiming 100000 x 100000 pixels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    png, volume = served["cases"][SEG2D][0]["label"], served["cases"][SEG3D][0]["image"]
+    files = {
+        "truncated_png": (folder / "truncated.png", png.read_bytes()[: png.stat().st_size // 2]),
+        "truncated_volume": (folder / f"truncated{volume.suffix}", volume.read_bytes()[: volume.stat().st_size // 2]),
+        "text": (folder / "text.png", b"this is not an image\n" * 10),
+        "huge": (folder / "huge.png", _png_header(100_000, 100_000)),
+    }
+    for path, data in files.values():
+        path.write_bytes(data)
+    return {k: p for k, (p, _) in files.items()}
+
+
+def test_every_monailabel_route_is_served_or_refused_with_its_reason(served) -> None:
+    """Every route the installed MONAI Label registers (enumerated from its FastAPI app) is in the app's policy;
+    each one the app does not need answers 403 with the reason and the --conf key that opens it, another method of
+    a served path 405, an unknown path 404. PUT/DELETE /model leave the served model as it was."""
+    from tpp_monai.label import routes
+
+    code = ("import json; from monailabel.app import app; from tpp_monai.label.server import registered_routes; "
+            "print(json.dumps(sorted(set(registered_routes(app.routes)))))")  # fmt: skip
+    registered = [tuple(r) for r in _venv_json(served["env"], code)]
+    assert {("PUT", "/model/{model}"), ("POST", "/batch/infer/{model}"), ("POST", "/activelearning/{strategy}"),
+            ("POST", "/infer/wsi/{model}"), ("POST", "/reload")} <= set(registered)  # fmt: skip
+    groups = routes.classify(registered, routes.RoutePolicy())
+    assert [r for r, g in groups.items() if g == "unlisted"] == []
+
+    client, model = served["client"], served["ckpt"] / SEG2D / app_conf.MODEL_FILE
+    before = _sha(model)
+    junk = served["work"] / "junk_model.pt"
+    junk.write_bytes(b"not a model")
+    body, headers = client.multipart({"params": "{}", "wsi": "{}"}, {"file": junk})
+    for (method, template), group in sorted(groups.items()):
+        if group == routes.SERVED or method == "HEAD":
+            continue
+        path = template.replace("{model}", SEG2D).replace("{path:path}", "a/b")
+        path = path.replace("{strategy}", "random").replace("{method}", "x").replace("{session_id}", "x")
+        status, detail = client.refused(method, path, body if method in ("POST", "PUT") else None, headers)
+        assert status == 403 and f"--conf open_routes {group}" in detail, (method, path, status, detail)
+    assert model.is_file() and _sha(model) == before
+
+    status, detail = client.refused("PATCH", "/info/")
+    assert status == 405 and "GET" in detail
+    status, detail = client.refused("DELETE", f"/datastore/image/info?image={served['cases'][SEG2D][0]['id']}")
+    assert status == 405 and "PUT" in detail
+    status, _ = client.refused("GET", "/no/such/route")
+    assert status == 404
+
+
+def test_nothing_is_read_through_a_link_leaving_the_studies_folder(served) -> None:
+    """Links out of the folder (an image, /etc/passwd, a label; present at startup or made later) are not listed,
+    not downloadable, not inferred on, and not written through."""
+    from PIL import Image
+
+    client, studies, secret = served["client"], served["studies"], served["secret"]
+    secret_digest = _sha(secret)
+    objects = client.json("GET", "/datastore/?output=all")["objects"]
+    cls_id = served["cases"][CLS][0]["id"]
+    assert not {"escape_link", "passwd_link", "late_link"} & set(objects)
+    assert "final" not in objects[cls_id]["labels"]
+    (studies / "late_link.png").symlink_to(secret)  # while the server runs (its file watcher may see it)
+    try:
+        for image in ("escape_link", "passwd_link", "late_link"):
+            status, detail = client.refused("GET", f"/datastore/image?image={image}")
+            assert status == 404, (image, detail)
+            status, detail = client.form_refused("POST", f"/infer/{SEG2D}?image={image}&output=image",
+                                                 {"params": "{}"})  # fmt: skip
+            assert status == 404 and "not in the studies folder" in detail, (image, detail)
+        status, _ = client.refused("GET", f"/datastore/label?label={cls_id}&tag=final")
+        assert status == 404
+        label = studies.parent / "cls_label.png"
+        Image.fromarray(np.zeros(np.asarray(Image.open(served["cases"][CLS][0]["image"])).shape[:2], np.uint8)).save(
+            label
+        )
+        status, detail = client.form_refused("PUT", f"/datastore/label?image={cls_id}&tag=final", {"params": "{}"},
+                                             {"label": label})  # fmt: skip
+        assert status == 400 and "outside" in detail, detail
+    finally:
+        (studies / "late_link.png").unlink()
+    assert _sha(secret) == secret_digest
+
+
+def test_an_image_id_names_one_file(served, tmp_path) -> None:
+    """Two files sharing a stem at startup: neither is served. An upload under a taken id (another file type, or
+    another image) is refused 409 and changes nothing; the same file again is accepted and changes nothing."""
+    client, studies = served["client"], served["studies"]
+    case, volume = served["cases"][SEG2D][0], served["cases"][SEG3D][0]["image"]
+    status, _ = client.refused("GET", "/datastore/image?image=twin")
+    assert status == 404
+    stored = _tree(studies)
+    for upload in (volume, served["cases"][SEG2D][1]["image"]):
+        for path in (f"/datastore/image?image={case['id']}", f"/datastore/?image={case['id']}"):
+            status, detail = client.form_refused("PUT", path, {"params": "{}"}, {"file": upload})
+            assert status == 409 and f"image id {case['id']!r} is taken" in detail, (upload, detail)
+    assert _tree(studies) == stored
+    data, _ = client.request("GET", f"/datastore/image?image={case['id']}")
+    assert data == case["image"].read_bytes()
+    assert json.loads(client.form("PUT", f"/datastore/image?image={case['id']}", {"params": "{}"},
+                                  {"file": case["image"]})[0]) == {"image": case["id"]}  # fmt: skip
+    assert _tree(studies) == stored
+
+
+def test_labels_are_checked_on_arrival(served, tmp_path) -> None:
+    """A label must decode in full, have one channel, a lossless format, its image's size and the model's class
+    values: each violation is a 4xx naming it, and the label stored before stays as it was."""
+    import nibabel as nib
+    from PIL import Image
+
+    client, studies = served["client"], served["studies"]
+    case = served["cases"][SEG2D][1]
+    client.form("PUT", f"/datastore/label?image={case['id']}&tag=final", {"params": "{}"}, {"label": case["label"]})
+    stored = _tree(studies)
+    good = np.asarray(Image.open(case["label"]))
+    bad_2d = {
+        "instance_ids.png": (
+            Image.fromarray((np.arange(good.size) % 8).reshape(good.shape).astype(np.uint8)),
+            "value(s) 2, 3",
+        ),
+        "mask_0_255.png": (Image.fromarray(good * 255), "0/255"),
+        "rgb.png": (Image.fromarray(np.stack([good] * 3, -1)), "3 channels"),
+        "photo.jpg": (Image.fromarray(good), "lossy"),
+    }
+    broken = _broken_files(served, tmp_path / "broken")
+    uploads = []
+    for name, (img, phrase) in bad_2d.items():
+        img.save(tmp_path / name)
+        uploads.append((tmp_path / name, phrase))
+    jpeg_named_png = tmp_path / "jpeg_named.png"
+    jpeg_named_png.write_bytes((tmp_path / "photo.jpg").read_bytes())
+    uploads += [(jpeg_named_png, "lossy"), (broken["truncated_png"], "not a readable image"),
+                (broken["text"], "not a readable image"), (broken["huge"], "max_image_pixels"),
+                (served["cases"][SEG3D][0]["label"], "takes a 2D label")]  # fmt: skip
+    Image.fromarray(good).save(tmp_path / "other_type.bmp")
+    for label, phrase in uploads:
+        status, detail = client.form_refused("PUT", f"/datastore/label?image={case['id']}&tag=final",
+                                             {"params": "{}"}, {"label": label})  # fmt: skip
+        assert 400 <= status < 500 and phrase in detail, (label.name, status, detail)
+    status, detail = client.form_refused("PUT", f"/datastore/label?image={case['id']}&tag=final", {"params": "{}"},
+                                         {"label": tmp_path / "other_type.bmp"})  # fmt: skip
+    assert status == 409 and "same file type" in detail
+
+    vol_case = served["cases"][SEG3D][1]
+    reference = nib.load(vol_case["label"])
+    values = np.asarray(reference.dataobj)
+    bad_3d = {
+        "class_3.nii.gz": (np.where(values > 0, 3, 0).astype(np.uint8), "value(s) 3"),
+        "halves.nii.gz": ((values > 0) * 0.5, "non-integer"),
+        "short.nii.gz": (values[:-1].astype(np.uint8), "shape"),
+    }
+    for name, (array, phrase) in bad_3d.items():
+        nib.save(nib.Nifti1Image(array, reference.affine), tmp_path / name)
+        status, detail = client.form_refused("PUT", f"/datastore/label?image={vol_case['id']}&tag=final",
+                                             {"params": "{}"}, {"label": tmp_path / name})  # fmt: skip
+        assert status == 400 and phrase in detail, (name, detail)
+    assert _tree(studies) == stored
+
+
+def test_class_values_are_checked_on_arrival(served, tmp_path) -> None:
+    client, studies = served["client"], served["studies"]
+    cls_id = served["cases"][CLS][0]["id"]
+    stored = _tree(studies)
+    for info, phrase in (({"class": "XYZ"}, "HP"), ({"class": 5}, "HP"), ({"class": True}, "HP"),
+                         ({"class": ["SSA"]}, "HP")):  # fmt: skip
+        status, detail = client.form_refused("PUT", f"/datastore/image/info?image={cls_id}", {"info": json.dumps(info)})
+        assert status == 400 and "not one of the served models' classes" in detail and phrase in detail, detail
+    for text in ("{", "[1]"):
+        status, detail = client.form_refused("PUT", f"/datastore/image/info?image={cls_id}", {"info": text})
+        assert status == 400 and ("not valid JSON" in detail or "JSON object" in detail), detail
+    upload = tmp_path / "with_class.png"
+    shutil.copy(served["cases"][CLS][1]["image"], upload)
+    status, detail = client.form_refused("PUT", "/datastore/image?image=with_class",
+                                         {"params": json.dumps({"class": "nope"})}, {"file": upload})  # fmt: skip
+    assert status == 400 and "nope" in detail
+    assert _tree(studies) == stored
+    client.form("PUT", f"/datastore/image/info?image={cls_id}", {"info": json.dumps({"class": "1"})})  # an index
+    assert client.json("GET", f"/datastore/image/info?image={cls_id}")["class"] == "1"
+    client.form("PUT", f"/datastore/image/info?image={cls_id}", {"info": json.dumps({"class": None})})  # unset
+
+
+def test_images_are_decoded_in_full_on_arrival(served, tmp_path) -> None:
+    client, studies = served["client"], served["studies"]
+    broken = _broken_files(served, tmp_path)
+    stored = _tree(studies)
+    for key, (status_wanted, phrase) in {"truncated_png": (400, "not a readable image"),
+                                         "truncated_volume": (400, "not a readable image"),
+                                         "text": (400, "not a readable image"),
+                                         "huge": (413, "max_image_pixels")}.items():  # fmt: skip
+        status, detail = client.form_refused("PUT", f"/datastore/image?image=upload_{key}", {"params": "{}"},
+                                             {"file": broken[key]})  # fmt: skip
+        assert status == status_wanted and phrase in detail, (key, status, detail)
+    assert _tree(studies) == stored
+
+
+def test_infer_on_a_broken_or_oversized_upload_is_4xx(served, tmp_path) -> None:
+    client = served["client"]
+    broken = _broken_files(served, tmp_path)
+    for key, model in (("truncated_png", SEG2D), ("text", SEG2D), ("huge", SEG2D), ("truncated_volume", SEG3D)):
+        status, detail = client.form_refused("POST", f"/infer/{model}?output=image", {"params": "{}"},
+                                             {"file": broken[key]})  # fmt: skip
+        assert status in (400, 413) and ("not a readable image" in detail or "max_image_pixels" in detail), detail
+    big = tmp_path / "big.png"
+    big.write_bytes(os.urandom(MAX_UPLOAD_MB * 1024 * 1024 + 1))
+    status = client.refused_before_body("POST", f"/infer/{SEG2D}?output=image",
+                                        *client.multipart({"params": "{}"}, {"file": big}))  # fmt: skip
+    assert status == 413
+    status, detail = client.form_refused("POST", f"/infer/{SEG2D}?output=image", {"params": "{}"})
+    assert status == 400 and "name an image" in detail
+    data, ctype = client.form("POST", f"/infer/{SEG2D}?output=image", {"params": "{}"},
+                              {"file": served["cases"][SEG2D][0]["image"]})  # fmt: skip
+    assert ctype.startswith("image/png") and data.startswith(b"\x89PNG")
 
 
 def _train(served: dict[str, Any], model: str, params: dict[str, Any], status: str = "DONE") -> dict[str, Any]:

@@ -100,7 +100,8 @@ GROUPS: dict[str, str] = {
     "dataset_download": "it writes a ZIP archive of every image and label outside the studies folder",
     "sessions": "sessions store uploaded images outside the studies folder",
     "batch_infer": "batch inference runs every image of the studies folder at once, unchecked by this app",
-    "activelearning": "the app has no active-learning strategy for its bundles",
+    "activelearning": "the app offers no active-learning strategy (MONAI Label's default picks an unlabelled image "
+    "at random)",
     "scoring": "the app has no scoring method",
     "wsi": "the bundles take whole images, not whole-slide regions",
     "logs": "the server's logs are for its operator",

@@ -326,13 +326,20 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
+        started, body_done = False, False
 
         async def tracking_send(message: dict) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
             await send(message)
 
+        async def tracking_receive() -> dict:
+            nonlocal body_done
+            message = await client_receive()
+            body_done = body_done or message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        client_receive, receive = receive, tracking_receive
         try:
             decision = self.policy.decide(scope["method"], scope["path"])
             if decision.status:
@@ -350,6 +357,10 @@ class RequestGuard:
                 raise
             status, detail = _client_status(err)
             logger.warning("refused %s %s: %s", scope["method"], scope["path"], detail)
+            headers_in = dict(scope.get("headers") or [])
+            if not body_done and b"100-continue" not in headers_in.get(b"expect", b"").lower():
+                while not body_done:  # the client is still sending: read it to the end (discarded), so it gets this
+                    await tracking_receive()  # answer rather than a reset connection (the upload limit applies)
             headers = [(b"www-authenticate", b"Bearer")] if status == 401 else []
             await _send_json(send, status, {"detail": detail}, headers)
 
