@@ -177,5 +177,5 @@ def test_report_and_cli_validation() -> None:
         bench.run(parser.parse_args(["--engine-reps", "0"]))
     with pytest.raises(ConfigError, match="unknown dataset 'foo'"):
         bench.run(parser.parse_args(["--sections", "data", "--dataset", "foo"]))
-    with pytest.raises(ConfigError, match="does not support"):
+    with pytest.raises(ConfigError, match="cannot tune backbone"):
         bench.run(parser.parse_args(["--method", "conv_adapter"]))

@@ -81,6 +81,27 @@ def test_a_run_missing_both_checkpoints_names_both_in_one_message(tmp_path, demo
     assert f"backbone_ckpt {tmp_path / 'b.pth'}: not found" in message and "--backbone_ckpt none" in message
 
 
+@pytest.mark.parametrize("run_id", ["pretrain_tpp", "finetune"])
+def test_a_bad_method_is_named_with_the_other_bad_settings_in_one_message(tmp_path, demo_roots, run_id) -> None:
+    """Registry names (method, backbone, pretext) are checked with the settings, not only when nothing else is
+    wrong: the PEFT registry's own message for the method, beside the bad learning rate."""
+    names = {"method": "lorra", "backbone": "vit_huge", "lr": "fast"}
+    if run_id == "pretrain_tpp":
+        names["pretext"] = "simclr"
+    message = _refusal("glas_lora", run_id, runs_dir=str(tmp_path), dataset_dir=str(demo_roots("glas")),
+                       tpp_ckpt="none", **names)  # fmt: skip
+    assert f"{len(names)} setting(s) cannot be used" in message, message
+    from tpp_monai.peft.registry import get_method
+
+    with pytest.raises(UserError) as unknown:
+        get_method("lorra", "method")
+    assert str(unknown.value) in message and "valid PEFT methods: " in message and "lora" in message
+    assert "unknown backbone 'vit_huge' (from backbone)" in message and "lr 'fast': expected a number > 0" in message
+    if run_id == "pretrain_tpp":
+        assert "unknown pretext 'simclr'" in message and "dino" in message
+    assert not (tmp_path / run_id).exists()
+
+
 def test_the_datalist_builder_refuses_an_unwritable_out_before_building(tmp_path, demo_roots) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

@@ -19,14 +19,26 @@ from tpp_monai.backbones import build_backbone, load_backbone_checkpoint
 from tpp_monai.backbones.checkpoint import read_file
 from tpp_monai.errors import CheckpointError
 from tpp_monai.handlers import GradientClipHandler
-from tpp_monai.peft import METHODS, apply_peft, get_method, make_config, mark_trainable, trainable_parameter_names
+from tpp_monai.peft import (
+    applicable_methods,
+    apply_peft,
+    get_method,
+    make_config,
+    mark_trainable,
+    trainable_parameter_names,
+)
 from tpp_monai.peft.modules import Bottleneck
 from tpp_monai.pretext import PretextHandlers, adamw_betas, build_pretext, lr_schedule, pretext_loss
 from tpp_monai.pretext.dino import teacher_temp_schedule
-from tpp_monai.pretext.transforms import RandIsotropicGaussianSmoothd, RandResizedCropd, dino_transforms
+from tpp_monai.pretext.transforms import (
+    RandIsotropicGaussianSmoothd,
+    RandResizedCropd,
+    dino_transforms,
+    mae_transforms,
+)
 
 get_method("adapter")  # register the built-in methods
-VIT_METHODS = sorted(n for n, s in METHODS.items() if "medcoss" in s.families)
+VIT_METHODS = applicable_methods("medcoss_vit_tiny")
 
 
 def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -235,6 +247,27 @@ def test_random_resized_crop_resizes_like_pil_bicubic() -> None:
     got = crop({"image": image})["image"]
     pil = np.asarray(Image.fromarray(image[0].numpy(), mode="F").resize((96, 96), Image.BICUBIC))
     np.testing.assert_allclose(np.asarray(got[0]), pil, atol=1e-4)
+
+
+def test_random_resized_crop_of_a_hard_edge_is_clamped_like_pil() -> None:
+    """Bicubic overshoots at a hard edge; PIL resizes the 8-bit image and clamps to [0, 255], so the [0, 1] crop
+    is clamped to [0, 1] (the DINO views, whose colour jitter follows, and MAE on [0, 1] inputs)."""
+    image = torch.zeros(1, 200, 200)
+    image[:, 60:140, 60:140] = 1.0  # a white square on black: every edge hard
+    size = dict(size=(96, 96), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    raw = RandResizedCropd("image", **size)({"image": image})["image"]
+    assert raw.min() < -0.01 and raw.max() > 1.01  # the overshoot the clamp removes
+    got = RandResizedCropd("image", **size, value_range=(0.0, 1.0))({"image": image})["image"]
+    assert got.min() == 0.0 and got.max() == 1.0
+    pil = np.asarray(Image.fromarray((255 * image[0].numpy()).astype(np.uint8)).resize((96, 96), Image.BICUBIC))
+    # PIL's 8-bit path rounds and clamps after each of its two 1D passes: a corner differs by just over 1 level
+    np.testing.assert_allclose(255 * np.asarray(got[0]), pil, atol=1.5)
+    views = next(t for t in dino_transforms("mhist").flatten().transforms if hasattr(t, "views")).views
+    crops = [t for v in views for t in v.transforms if isinstance(t, RandResizedCropd)]
+    assert len(crops) == len(views) and all(c.value_range == (0.0, 1.0) for c in crops)
+    for dataset, clamp in (("mhist", (0.0, 1.0)), ("glas", None)):  # GlaS's MAE input is z-scored: no fixed range
+        (crop,) = [t for t in mae_transforms(dataset, 64).transforms if isinstance(t, RandResizedCropd)]
+        assert crop.value_range == clamp, dataset
 
 
 @pytest.mark.parametrize(("h", "w"), [(100, 400), (400, 100), (120, 100)])

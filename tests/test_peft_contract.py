@@ -9,6 +9,7 @@ from tpp_monai.backbones import build_backbone
 from tpp_monai.errors import CheckpointError, ConfigError
 from tpp_monai.peft import (
     METHODS,
+    applicable_methods,
     apply_peft,
     count_parameters,
     get_method,
@@ -29,12 +30,11 @@ CASES = {
     "stunet_tiny": (("seg",), (1, 16, 32, 32)),  # smallest patch that trains: bottleneck 1x2x1
 }
 BACKBONES = tuple(CASES)
-VIT_METHODS = sorted(n for n, s in METHODS.items() if "medcoss" in s.families)
+VIT_METHODS = applicable_methods("medcoss_vit_tiny")
 
 
 def _methods(backbone: str) -> list[str]:
-    family = build_backbone(backbone).family
-    return sorted(n for n, s in METHODS.items() if family in s.families)
+    return applicable_methods(backbone)
 
 
 def _cases(with_features: bool = False) -> list[tuple[str, str, str]]:

@@ -143,6 +143,9 @@ def test_history_matches_the_checkpoint_after_a_kill_and_resume(tmp_path, demo_r
     wf = make_workflow("mhist_lora", "finetune", ("finetune", "demo"), resume=True, **common)
     wf.run()
     assert _history_epochs(history) == [1, 2, 3]
+    with open(history, newline="") as f:  # wall time goes on from the restored epoch's value, never restarts at 0
+        elapsed = [float(row["elapsed_s"]) for row in csv.DictReader(f)]
+    assert 0 < elapsed[0] <= elapsed[1] <= elapsed[2]
     assert [p.name for p in (tmp_path / "finetune" / "checkpoints").iterdir()] == ["checkpoint_epoch=3.pt"]
 
 

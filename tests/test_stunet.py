@@ -310,7 +310,7 @@ def test_conv_adapter_zero_scale_is_identity_and_options_are_checked() -> None:
     ):
         with pytest.raises(ConfigError, match=message):
             apply_peft(_tiny(), "conv_adapter", options)
-    with pytest.raises(ConfigError, match="does not support the timm_vit backbone"):
+    with pytest.raises(ConfigError, match=r"which the timm_vit backbone .vit_tiny. does not provide"):
         apply_peft(build_backbone("vit_tiny"), "conv_adapter")
 
 

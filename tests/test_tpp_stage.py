@@ -16,10 +16,10 @@ from tpp_monai.bundlegen import BASELINES, bundle_names
 from tpp_monai.bundlegen.cli import check_bundles
 from tpp_monai.data.info import DATASETS
 from tpp_monai.io import load_verified
-from tpp_monai.peft import METHODS, get_method, target_parameter_names
+from tpp_monai.peft import METHODS, applicable_methods, get_method, target_parameter_names
 
 get_method("adapter")
-TPP_METHODS = sorted(m for m, s in METHODS.items() if s.pretrainable and "medcoss" in s.families)
+TPP_METHODS = [m for m in applicable_methods("medcoss_vit_tiny") if METHODS[m].pretrainable]
 DATASETS_2D = [d for d, info in DATASETS.items() if info.spatial_dims == 2]
 
 

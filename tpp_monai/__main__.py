@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tpp_monai", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text, add_help=False)
+        sub.add_parser(name, help=help_text.replace("%", "%%"), add_help=False)  # argparse %-formats help texts
     return parser
 
 
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         if argv and not argv[0].startswith("-"):
             parser.error(f"unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}")
-        parser.print_help()
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        parser.print_help()  # the bare command, -h and --help: the list of commands
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
     name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"python -m tpp_monai {name}", description=COMMANDS[name][1])

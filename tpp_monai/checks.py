@@ -100,6 +100,36 @@ INPUT_FILES = {
 }
 
 
+class Unresolved:
+    """The value of a setting that depends on a refused registry name (the MAE/DINO learning rate of an unknown
+    pretext): :func:`validate_settings` skips it and names the cause once; used as a number it raises the cause."""
+
+    def __init__(self, cause: ConfigError) -> None:
+        self.cause = cause
+
+    def __float__(self) -> float:
+        raise self.cause
+
+    __int__ = __index__ = __float__
+
+    def __repr__(self) -> str:
+        return f"<unresolved: {self.cause}>"
+
+
+REGISTRY_NAMES = ("dataset_name", "method", "backbone", "pretext")  # settings whose value must name a registry entry
+
+
+def _registry_lookups() -> dict[str, Callable[[object], object]]:
+    """Setting -> the registry lookup its value must pass (each raises a :class:`ConfigError` naming the valid
+    entries); the registries are imported only when a workflow checks its settings."""
+    from tpp_monai.backbones import get_backbone_spec
+    from tpp_monai.peft.registry import get_method
+    from tpp_monai.pretext import check_pretext
+
+    return {"dataset_name": lambda v: get_dataset(v, "dataset_name"), "method": lambda v: get_method(v, "method"),
+            "backbone": lambda v: get_backbone_spec(v, "backbone"), "pretext": check_pretext}  # fmt: skip
+
+
 def command_line_settings(argv: Sequence[str] | None = None) -> dict:
     """The ``--key value`` overrides of a ``python -m monai.bundle run`` command line, parsed as its CLI (fire)
     parses them; empty in any other program. Settings computed from the data (fine-tuning's ``epochs``) are checked
@@ -121,16 +151,28 @@ def command_line_settings(argv: Sequence[str] | None = None) -> dict:
     return found
 
 
-def validate_settings(settings: Mapping[str, object], files: Mapping[str, object] | None = None) -> None:
+def validate_settings(
+    settings: Mapping[str, object], files: Mapping[str, object] | None = None, names: Mapping[str, object] | None = None
+) -> None:
     """Check ``settings`` (and the command line's values of the other known settings) against :data:`SETTINGS`,
-    and that every input file in ``files`` exists (``none`` = not used); one :class:`ConfigError` lists all."""
+    that every input file in ``files`` exists (``none`` = not used) and that every value of ``names`` (keys of
+    :data:`REGISTRY_NAMES`: dataset, PEFT method, backbone, pretext) is a registry entry; one :class:`ConfigError`
+    lists all, so a bad method is named together with a bad learning rate."""
     from tpp_monai.network import FROM_MODEL_FILE, is_none
 
     values = {**{k: v for k, v in command_line_settings().items() if k in SETTINGS}, **settings}
     problems = []
+    lookups = _registry_lookups() if names else {}
+    for key, value in (names or {}).items():
+        if value is None or key not in lookups:
+            continue
+        try:
+            lookups[key](value)
+        except ConfigError as err:
+            problems.append(str(err))
     for key, value in values.items():
         rule = SETTINGS.get(key)
-        if rule is None or rule.accepts(value):
+        if rule is None or rule.accepts(value) or isinstance(value, Unresolved):
             continue
         fix = "; a 'false' on the command line is read as the text 'false', write False" if value == "false" else ""
         problems.append(f"{key} {value!r}: expected {rule.describe()}{fix}")

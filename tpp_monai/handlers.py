@@ -457,8 +457,12 @@ class ValidationHandler(_ValidationHandler):
 
 
 class HistoryWriter:
-    """``history.csv``: one row per epoch (epoch, iteration, mean training loss, learning rate, then every validation
-    metric, empty where validation did not run), and one log line per epoch and per validation.
+    """``history.csv``: one row per epoch (epoch, iteration, mean training loss, learning rate, ``elapsed_s``, then
+    every validation metric, empty where validation did not run), and one log line per epoch and per validation.
+
+    ``elapsed_s``: wall-clock seconds from the start of training to the end of the epoch, including that epoch's
+    validation when it ran before the row was written (validation handlers attached first, as in the bundles); a
+    resumed run continues from the restored epoch's value. Convergence in wall time is read from it.
 
     The header names every column from the first row; the file is rewritten atomically after each change, so it is
     always well-formed, and a validation that runs after its epoch's row (the final one, on ``COMPLETED``) fills that
@@ -472,10 +476,12 @@ class HistoryWriter:
     ) -> None:  # fmt: skip
         self.path, self.optimizer, self.validator, self.loss_key = Path(path), optimizer, validator, loss_key
         names = [n for m in metrics for n in (m if isinstance(m, Mapping) else [m])]
-        self.columns = ["epoch", "iteration", "train_loss", *(["lr"] if optimizer is not None else []), *names]
+        self.columns = ["epoch", "iteration", "train_loss", *(["lr"] if optimizer is not None else []), "elapsed_s",
+                        *names]  # fmt: skip
         self.rows: list[dict] = []
         self._losses: list[float] = []
         self._started = False
+        self._clock = (time.monotonic(), 0.0)  # (monotonic time training started in this process, seconds before)
         self._validation_line: str | None = None  # logged after its epoch's line
 
     def attach(self, engine: Engine) -> None:
@@ -495,6 +501,8 @@ class HistoryWriter:
         restored = engine.state.epoch - 1
         self.rows = self.read(self.path) if restored > 0 else []
         self.truncate(restored)
+        before = self.rows[-1].get("elapsed_s") if self.rows else None
+        self._clock = (time.monotonic(), float(before) if before not in (None, "") else 0.0)
 
     @staticmethod
     def read(path: str | Path) -> list[dict]:
@@ -521,6 +529,7 @@ class HistoryWriter:
         row = {"epoch": engine.state.epoch, "iteration": engine.state.iteration, "train_loss": loss}
         if self.optimizer is not None:
             row["lr"] = self.optimizer.param_groups[0]["lr"]
+        row["elapsed_s"] = round(self._clock[1] + time.monotonic() - self._clock[0], 3)
         if self.validator is not None and self.validator.state.epoch == engine.state.epoch:
             row.update(self._metrics(self.validator))
         self.rows.append(row)

@@ -13,7 +13,7 @@ import json
 import torch
 
 from tpp_monai.backbones import build_backbone, get_backbone_spec
-from tpp_monai.peft import METHODS, apply_peft, count_parameters, get_method
+from tpp_monai.peft import METHODS, applicable_methods, apply_peft, count_parameters, get_method
 
 TASKS = ("cls", "seg")
 
@@ -50,12 +50,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _method_names(backbone: str | None = None) -> list[str]:
-    """Registered methods (those that support ``backbone``'s family, when given)."""
-    get_method("adapter")  # registers the built-in methods
+    """Registered built-in methods (those that apply to ``backbone``, when given)."""
     if backbone is None:
         return sorted(METHODS)
-    family = get_backbone_spec(backbone, "--backbone").family
-    return sorted(n for n, spec in METHODS.items() if family in spec.families)
+    get_backbone_spec(backbone, "--backbone")
+    return applicable_methods(backbone)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from tpp_monai_bench.workloads import STUNET_SCALING, _family
 SECTIONS = ("pairs", "steps", "engine", "data", "scaling")
 DEFAULT_SECTIONS = ("pairs", "engine", "data")
 
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="medcoss_vit_b16", help="medcoss_vit_b16 (default) or stunet_b for 3D")
     parser.add_argument("--method", default=None, help="PEFT method (default adapter; conv_adapter for STU-Net)")
@@ -74,6 +75,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", default=None, help="gpu suite: JSON path (default tpp_monai_bench/results/...)")
 
+
 def run_gpu_suite(args: argparse.Namespace) -> int:
     from tpp_monai_bench.gpu_suite import STEP_GROUPS, format_suite, run_suite
 
@@ -97,7 +99,7 @@ def run_gpu_suite(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tpp_monai.peft import get_method
+    from tpp_monai.peft import get_method, why_not_applicable
 
     if args.suite == "gpu":
         return run_gpu_suite(args)
@@ -109,8 +111,9 @@ def run(args: argparse.Namespace) -> int:
     family = _family(args.backbone)
     args.method = args.method or ("conv_adapter" if family == "stunet" else "adapter")
     spec = get_method(args.method, "--method")
-    if family not in spec.families:
-        raise ConfigError(f"--method {args.method} does not support the {family} backbone {args.backbone}")
+    reason = why_not_applicable(spec, args.backbone)
+    if reason:
+        raise ConfigError(f"--method {args.method} cannot tune backbone {args.backbone}: {reason}")
     # TPP needs target parameters: the baselines pre-train nothing, so the TPP rows use the adapter instead.
     args.tpp_method = args.method if spec.pretrainable else ("conv_adapter" if family == "stunet" else "adapter")
     args.pairs_batch = args.batch_size  # None: the pairs run at the bundles' batch sizes

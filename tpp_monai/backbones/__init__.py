@@ -21,6 +21,7 @@ from tpp_monai.backbones.stunet import CHECKPOINT_UNUSED as _STUNET_UNUSED
 from tpp_monai.backbones.stunet import VARIANTS as _STUNET_VARIANTS
 from tpp_monai.backbones.stunet import STUNet
 from tpp_monai.backbones.vit import UNETR_MODULES, TimmViT, ViTBase
+from tpp_monai.contract import is_peft_parameter
 from tpp_monai.errors import ConfigError, unknown_choice
 
 # Checkpoint entries a MedCoSS model may meet and ignore, by reason (``keys/medcoss_*.json``).
@@ -116,6 +117,11 @@ def get_backbone_spec(name: str, where: str = "") -> BackboneSpec:
         raise unknown_choice("backbone", name, BACKBONES, where) from None
 
 
+def family_class(name: str, where: str = "") -> type:
+    """The class of backbone ``name``'s family: its ``HOOKS`` say which slot methods apply, before anything is built."""
+    return _FAMILIES[get_backbone_spec(name, where).family]
+
+
 def build_backbone(
     name: str, task: str = "features", num_classes: int = 0, out_channels: int = 1, **overrides: object
 ) -> ViTBase:
@@ -131,8 +137,6 @@ def build_backbone(
 
 def backbone_parameter_names(model: nn.Module) -> list[str]:
     """Names of the pre-trained backbone tensors (everything but the task head and PEFT additions)."""
-    from tpp_monai.peft import is_peft_parameter  # local import: peft imports this package
-
     head = set(model.head_parameter_names())
     return [n for n, _ in model.named_parameters() if n not in head and not is_peft_parameter(n)]
 
@@ -162,6 +166,7 @@ __all__ = [
     "ViTBase",
     "backbone_parameter_names",
     "build_backbone",
+    "family_class",
     "get_backbone_spec",
     "load_backbone_checkpoint",
 ]

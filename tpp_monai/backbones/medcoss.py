@@ -10,6 +10,8 @@ exist as in the public checkpoints, so both load strictly.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -114,6 +116,11 @@ class MedCoSSViT(ViTBase):
     """
 
     family = "medcoss"
+    # the fused q/k/v projection is a raw parameter (self_attn.in_proj_weight), not a module a wrapper can replace
+    WRAP_TARGETS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "attention_out": ("self_attn.out_proj",),
+        "mlp": ("linear1", "linear2"),
+    }
 
     def __init__(
         self,

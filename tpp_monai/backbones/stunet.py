@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tpp_monai.contract import DENSE_FEATURE, GLOBAL_FEATURE, BackboneInterface
 from tpp_monai.errors import ConfigError
 
 TASKS = ("seg", "features")
@@ -142,6 +143,7 @@ class STUNet(nn.Module):
     family = "stunet"
     backbone_name = ""
     peft_method: str | None = None
+    HOOKS = frozenset({"conv:conv1", "conv:conv2", "conv:residual", GLOBAL_FEATURE, DENSE_FEATURE})
 
     def __init__(
         self,
@@ -209,11 +211,49 @@ class STUNet(nn.Module):
             )
         return given.pop()
 
-    # ----- model API shared with the ViT backbones ---------------------------------------------------------------
+    # ----- the backbone contract (tpp_monai.contract) ---------------------------------------------------------------
+    def interface(self) -> BackboneInterface:
+        return BackboneInterface(
+            family=self.family, layout="feature_maps", spatial_dims=3, width=self.dims[-1],
+            # the stride of dense_features: the full-resolution decoder output
+            in_channels=self.input_channels, patch_size=(1, 1, 1),
+            wrap_targets={"conv": ("conv1", "conv2")},
+        )  # fmt: skip
+
+    def encoder_blocks(self) -> list[nn.Module]:
+        """The residual blocks of the encoder, then of the decoder."""
+        parts = (self.conv_blocks_context, self.conv_blocks_localization)
+        return [block for part in parts for stage in part for block in stage]
+
+    def block_widths(self) -> list[int]:
+        return [b.out_channels for b in self.encoder_blocks()]
+
     @property
     def feature_dims(self) -> list[int]:
         """Channels of :meth:`forward_features`' levels: the bottleneck, then decoder levels 0 (coarsest) .. 4."""
         return [self.dims[-1], *(self.dims[-2 - u] for u in range(NUM_STAGES - 1))]
+
+    def global_feature_dims(self) -> list[int]:
+        return self.feature_dims
+
+    def global_features(self, x: Tensor) -> list[Tensor]:
+        """The pooled bottleneck, then the pooled decoder levels 0 .. 4 (heads there train decoder-side targets)."""
+        return self.forward_features(x)
+
+    def global_feature(self, x: Tensor) -> Tensor:
+        """The pooled bottleneck ``[B, C]`` (the encoder alone)."""
+        bottleneck, _ = self._encode(x)
+        return bottleneck.mean(dim=(2, 3, 4))
+
+    def dense_features(self, x: Tensor) -> Tensor:
+        """The last decoder stage's output ``[B, dims[0], D, H, W]`` at full resolution (what the segmentation head
+        reads): masked-image modelling on it trains the adapters of the encoder and the decoder alike."""
+        bottleneck, skips = self._encode(x)
+        return self._decode(bottleneck, skips)[-1]
+
+    def dense_feature_dim(self) -> int:
+        """Channels of :meth:`dense_features`."""
+        return self.dims[0]
 
     def head_parameter_names(self) -> list[str]:
         """The deep-supervision heads ``seg_outputs.*`` (re-created for each task, as the official fine-tuning)."""

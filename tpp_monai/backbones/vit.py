@@ -1,4 +1,5 @@
-"""Vision-transformer machinery shared by the MedCoSS and timm/DINO backbones, with the hook points PEFT methods use.
+"""Vision-transformer machinery shared by the MedCoSS and timm/DINO backbones, with the hook points PEFT methods use
+(their names and the rest of the contract: :mod:`tpp_monai.contract`).
 
 Both backbones keep the exact parameter names of their public checkpoints, so each defines its own embedding and
 block modules; everything else (the block forward, the encoder loop with masking, prompts and feature taps, and the
@@ -15,7 +16,7 @@ PEFT methods plug in at two levels (see :mod:`tpp_monai.peft`):
   block (prompts, per-layer prompts, side networks).
 
 Every module a method adds lives in a container whose name starts with ``peft``; that naming is what
-:func:`tpp_monai.peft.is_peft_parameter` relies on.
+:func:`tpp_monai.contract.is_peft_parameter` relies on.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,7 @@ import torch.utils.checkpoint
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import Tensor, nn
 
+from tpp_monai.contract import DENSE_FEATURE, DROPS_TOKENS, GLOBAL_FEATURE, VIT_HOOKS, BackboneInterface
 from tpp_monai.errors import ConfigError
 
 TASKS = ("cls", "seg", "features")
@@ -229,6 +232,9 @@ class ViTBase(nn.Module):
     backbone_name: str = ""
     peft_method: str | None = None
     activation_checkpointing: bool = False  # see set_activation_checkpointing
+    HOOKS = VIT_HOOKS | {GLOBAL_FEATURE, DROPS_TOKENS, DENSE_FEATURE}
+    #: module-name suffixes of the tunable linear layers per role (for wrapping methods); set by each family
+    WRAP_TARGETS: ClassVar[dict[str, tuple[str, ...]]] = {}
     embed_dim: int
     depth: int
     patch_size: int
@@ -243,6 +249,31 @@ class ViTBase(nn.Module):
         if name in self.peft_embed_sites:
             return self.peft_embed_sites[name](tokens)
         return tokens
+
+    # ----- the backbone contract (tpp_monai.contract) --------------------------------------------------------------
+    def interface(self) -> BackboneInterface:
+        return BackboneInterface(
+            family=self.family, layout="tokens", spatial_dims=2, width=self.embed_dim, in_channels=self.in_chans,
+            patch_size=(self.patch_size, self.patch_size), wrap_targets=dict(self.WRAP_TARGETS),
+        )  # fmt: skip
+
+    def block_widths(self) -> list[int]:
+        return [self.embed_dim] * len(self.encoder_blocks())
+
+    def global_feature_dims(self) -> list[int]:
+        return [self.embed_dim]
+
+    def global_feature(self, x: Tensor) -> Tensor:
+        """Mean of the patch tokens (prompts and class token excluded), ``[B, D]``."""
+        return self.forward_features(x).patches.mean(dim=1)
+
+    def global_features(self, x: Tensor) -> list[Tensor]:
+        return [self.global_feature(x)]
+
+    def dense_features(self, x: Tensor) -> Tensor:
+        """The last layer's patch tokens as a map ``[B, D, H/p, W/p]``."""
+        out = self.forward_features(x, with_prefix=False)
+        return out.layout.patches_to_grid(out.patches)
 
     # ----- subclass API -------------------------------------------------------------------------------------------
     def encoder_blocks(self) -> nn.ModuleList:
@@ -478,6 +509,11 @@ class TimmViT(ViTBase):
     """
 
     family = "timm_vit"
+    WRAP_TARGETS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "attention": ("attn.qkv",),
+        "attention_out": ("attn.proj",),
+        "mlp": ("mlp.fc1", "mlp.fc2"),
+    }
 
     def __init__(
         self,

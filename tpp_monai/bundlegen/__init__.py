@@ -16,7 +16,7 @@ from tpp_monai.bundlegen.stunet3d import STUNetBundle
 from tpp_monai.bundlegen.vit2d import ViTBundle
 from tpp_monai.data.info import DATASETS
 from tpp_monai.data.recipes import BASELINES, recipe_for
-from tpp_monai.peft import METHODS, get_method
+from tpp_monai.peft import applicable_methods, get_method
 
 BUNDLES_DIR = Path(__file__).resolve().parents[2] / "bundles"
 KINDS: dict[int, type[BundleKind]] = {2: ViTBundle, 3: STUNetBundle}
@@ -28,11 +28,8 @@ __all__ = ["BASELINES", "BUNDLES_DIR", "KINDS", "WORKFLOW_FILES", "BundleKind", 
 def _methods_for(dims: int, methods: tuple[str, ...] | None) -> list[str]:
     if methods is not None:
         return list(methods)
-    get_method("adapter")  # registers the methods
-    family = "medcoss" if dims == 2 else "stunet"
-    return [
-        m for m, spec in sorted(METHODS.items()) if family in spec.families and (spec.pretrainable or m in BASELINES)
-    ]
+    backbone = "medcoss_vit_b16" if dims == 2 else "stunet_b"
+    return [m for m in applicable_methods(backbone) if get_method(m).pretrainable or m in BASELINES]
 
 
 def all_bundles() -> list[BundleKind]:

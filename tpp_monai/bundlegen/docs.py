@@ -68,13 +68,13 @@ KEY_DOCS = {
     "cache_rate": "fraction of the resampled volumes kept in memory",
     "sw_batch_size": "sliding-window batch size",
     "sw_overlap": "sliding-window overlap",
-    "pretext": "TPP pretext: mae or dino",
+    "pretext": "TPP pretext: mae, mim or dino (default: the backbone's, tpp_monai.pretext.default_pretext)",
     "resume": "continue the run in output_dir from its last checkpoint",
     "distributed": "set by multi_gpu.json under torchrun",
     "tpp_epochs": "epochs of the TPP stage",
     "epochs": "epochs (fine-tuning: from iterations and the loader length)",
     "batch_size": "training batch size",
-    "pretext_size": "MAE input size",
+    "pretext_size": "MAE / MIM input size",
     "lr": "learning rate (TPP: from the pretext's recipe)",
     "weight_decay": "weight decay (TPP: cosine from weight_decay to weight_decay_end)",
     "weight_decay_end": "final weight decay of the TPP stage",
@@ -82,6 +82,7 @@ KEY_DOCS = {
     "mae_decoder": "MAE decoder: freeze, update or random",
     "mask_ratio": "MAE mask ratio",
     "dino": "DINO options (heads, temperatures, crops), e.g. \"{'out_dim': 4096}\"",
+    "mim": "MIM options (mask_patch, mask_ratio, clip_grad), e.g. \"{'mask_ratio': 0.5}\"",
     "activation_checkpointing": "recompute transformer blocks in backward to save memory",
     "checkpoint_dir": "folder of the resumable checkpoints",
     "tpp_ckpt": "target parameters to start from (none = random, the PEFT baseline)",
@@ -294,6 +295,8 @@ The bundle: Apache-2.0 (`LICENSE`). {kind.info.title}: see the dataset's own ter
 
 
 def readme_2d(kind: BundleKind) -> str:
+    from tpp_monai.pretext.mim import DEFAULT_MASK_PATCH
+
     info, name, method = kind.info, kind.name, kind.method
     recipe, ft = kind.recipe.tpp, kind.recipe.finetune
     decoder = "frozen" if recipe.mae_decoder == "freeze" else "updated"
@@ -307,13 +310,16 @@ def readme_2d(kind: BundleKind) -> str:
         )
         tpp_note = ""
     else:
-        stage = f"""## TPP stage (MAE by default; `--pretext dino` for DINO)
+        stage = f"""## TPP stage (MAE by default; `--pretext dino` for DINO, `--pretext mim` for masked-image modelling)
 
     python -m monai.bundle run pretrain_tpp --config_file configs/pretrain_tpp.json \\
         --dataset_dir /path/to/download --backbone_ckpt /path/to/medcoss/checkpoint-299.pth
 
 Defaults follow the paper: AdamW lr {recipe.mae_lr:g}, weight decay 1.5e-2, batch {recipe.batch_size}, 40 warm-up
-epochs then cosine, {recipe.epochs} epochs, the MedCoSS MAE decoder inherited and {decoder}. The stage writes
+epochs then cosine, {recipe.epochs} epochs, the MedCoSS MAE decoder inherited and {decoder}. `--pretext mim`
+(SimMIM-style, `tpp_monai/pretext/mim.py`): {DEFAULT_MASK_PATCH[2]}-pixel cells (60 %) set to a learned value, a 1x1
+convolution and pixel shuffle on the last layer's patch tokens reconstruct them (L1 on the masked pixels), with the
+same rate and schedule, SimMIM's betas (0.9, 0.999), weight decay 0.05 and gradient clipping at 5. The stage writes
 `runs/pretrain_tpp/tpp_target.pt`: the target parameters only, with the method, options and backbone recorded.
 """
         tpp_note = (
@@ -357,6 +363,8 @@ decay 1e-4), per-epoch poly(0.9) decay, gradient clipping 12; the best validatio
 
 
 def readme_3d(kind: BundleKind) -> str:
+    from tpp_monai.pretext.mim import DEFAULT_MASK_PATCH
+
     info, name, method = kind.info, kind.name, kind.method
     DINO_3D = kind.dino_crops
     tpp, ft = kind.recipe.tpp, kind.recipe.finetune
@@ -387,9 +395,13 @@ level, each matched to the teacher's distribution, so the decoder adapters learn
 Views: 2 global {g[0]}x{g[1]}x{g[2]} and {DINO_3D["num_local"]} local {loc[0]}x{loc[1]}x{loc[2]} crops (x, y, z) of
 one region of each volume, in-plane scale jitter, flips, noise, blur, brightness, contrast. AdamW lr {tpp.lr:g}
 (DINO's base rate), weight decay 0.04 -> 0.4, {tpp.warmup_epochs[1]} warm-up epochs then cosine, {tpp.epochs} epochs,
-batch {tpp.batch_size} volumes; teacher momentum 0.996 -> 1, centering and temperatures as DINO. MAE is not
-available on STU-Net (`--pretext mae` is refused). The stage writes `runs/pretrain_tpp/tpp_target.pt`: the adapters
-only, with the method, options and backbone recorded.
+batch {tpp.batch_size} volumes; teacher momentum 0.996 -> 1, centering and temperatures as DINO. `--pretext mim`
+pre-trains the adapters by masked-image modelling instead (SimMIM-style, `tpp_monai/pretext/mim.py`): random
+{DEFAULT_MASK_PATCH[3]}^3-voxel cells (60 %) of a training-patch-sized crop are set to a learned value and a 1x1x1
+convolution on the full-resolution decoder output reconstructs them (L1 on the masked voxels), weight decay 0.05,
+gradient clipping at 5.
+MAE needs a backbone that drops tokens (`--pretext mae` is refused on STU-Net). The stage writes
+`runs/pretrain_tpp/tpp_target.pt`: the adapters only, with the method, options and backbone recorded.
 """
         tpp_note = (
             " It starts from `runs/pretrain_tpp/tpp_target.pt`; `--tpp_ckpt none` fine-tunes from randomly "

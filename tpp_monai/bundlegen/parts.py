@@ -265,13 +265,14 @@ def with_input_checks(cfg: dict, workflow: str, merged: dict | None = None) -> d
     ``preflight_inference`` (``--skip_bad_files``). ``merged``: the whole config of an overlay (``evaluate.json``
     over ``finetune.json``). Settings computed from the data are checked from the command line only, since
     resolving them would build the data pipeline."""
-    from tpp_monai.checks import INPUT_FILES, SETTINGS
+    from tpp_monai.checks import INPUT_FILES, REGISTRY_NAMES, SETTINGS
 
     whole = merged if merged is not None else cfg
     settings = {k: f"@{k}" for k in SETTINGS if k in whole and _plain(whole[k])}
     files = {k: f"@{k}" for k in INPUT_FILES if k in whole and whole[k] != "none"}
+    names = {k: f"@{k}" for k in REGISTRY_NAMES if k in whole and _plain(whole[k])}
     init = cfg["initialize"] = list(cfg["initialize"])
-    init.insert(1, comp("tpp_monai.checks.validate_settings", settings=settings, files=files))
+    init.insert(1, comp("tpp_monai.checks.validate_settings", settings=settings, files=files, names=names))
     at = _index_of(init, ".check_output")
     if "resume" in whole and at is not None:  # resume only with the recorded settings, before any model is built
         recorded = {k: f"@{k}" for k in whole if k not in NOT_SETTINGS and _plain(whole[k])}

@@ -6,8 +6,9 @@ What differs from the 2D bundles (``shared/reference/stunet.md``):
 * backbone ``stunet_b`` (the size the STU-Net authors recommend for transfer, §1.7, #46), patches of ``image_size``
   (x, y, z after ``Orientationd("RAS")``) from volumes at 0.8 x 0.8 x 1.5 mm with per-volume z-score, sampled
   with tumour oversampling (:mod:`tpp_monai.data.transforms`);
-* TPP stage: DINO only (:mod:`tpp_monai.pretext.dino`: teacher on the bottleneck, DeSD-style student heads on every
-  decoder level so decoder adapters learn; 3D multi-crop in :mod:`tpp_monai.pretext.transforms`);
+* TPP stage: DINO by default (:mod:`tpp_monai.pretext.dino`: teacher on the bottleneck, DeSD-style student heads on
+  every decoder level so decoder adapters learn; 3D multi-crop in :mod:`tpp_monai.pretext.transforms`), or
+  masked-image modelling on the full-resolution decoder output (``--pretext mim``, :mod:`tpp_monai.pretext.mim`);
 * fine-tuning: deep supervision on all five STU-Net heads with nnU-Net's Dice + CE weights, the STU-Net/nnU-Net
   optimiser (:class:`tpp_monai.data.recipes.FinetuneRecipe`);
 * validation, evaluation and inference: Gaussian sliding window over whole volumes (deep supervision off in eval),
@@ -86,16 +87,22 @@ class STUNetBundle(BundleKind):
 
     def pretrain_tpp(self) -> dict:
         tpp = self.recipe.tpp
-        settings = {"pretext": tpp.pretext, "tpp_epochs": tpp.epochs, "epochs": "@tpp_epochs",
-                    "batch_size": tpp.batch_size, "lr": tpp.lr, "weight_decay": 0.04, "weight_decay_end": 0.4,
-                    "warmup_epochs": tpp.warmup_epochs[1], "dino": dict(DINO_3D)}  # fmt: skip
+        settings = {"pretext": comp("tpp_monai.pretext.default_pretext", backbone="@backbone"),
+                    "tpp_epochs": tpp.epochs, "epochs": "@tpp_epochs", "batch_size": tpp.batch_size,
+                    # MIM: SimMIM's weight decay 0.05, constant; the rate and warm-up as DINO's here
+                    "lr": tpp.lr, "weight_decay": comp("pretext_setting", pretext="@pretext", mae=0.05, dino=0.04,
+                                                       mim=0.05),
+                    "weight_decay_end": comp("pretext_setting", pretext="@pretext", mae="@weight_decay", dino=0.4,
+                                             mim="@weight_decay"),
+                    "warmup_epochs": tpp.warmup_epochs[1], "dino": dict(DINO_3D), "mim": {}}  # fmt: skip
+        # MIM (and MAE) views are crops of the training patch size, image_size
         pretext_net = {"_target_": "tpp_monai.pretext.build_pretext", "pretext": "@pretext", "encoder": "@network_def",
-                       "dino": "@dino"}  # fmt: skip
+                       "image_size": "@image_size", "dino": "@dino", "mim": "@mim"}  # fmt: skip
         transforms = comp("tpp_monai.pretext.pretext_transforms", pretext="@pretext", dataset="@dataset_name",
-                          dino="@dino")  # fmt: skip
+                          pretext_size="@image_size", dino="@dino")  # fmt: skip
+        check = self._check_3d(pretext="@pretext", dino="@dino", mim="@mim")
         return self._pretrain(settings, self._network_def("@backbone_ckpt", "none", stage="tpp"), pretext_net,
-                              transforms, [self._check_3d(pretext="@pretext", dino="@dino")],
-                              cache_rate="@cache_rate")  # fmt: skip
+                              transforms, [check], cache_rate="@cache_rate")  # fmt: skip
 
     def finetune(self) -> dict:
         ft = self.recipe.finetune

@@ -72,20 +72,23 @@ class ViTBundle(BundleKind):
     def pretrain_tpp(self) -> dict:
         tpp = self.recipe.tpp
         settings = {
-            "pretext": tpp.pretext,
+            "pretext": comp("tpp_monai.pretext.default_pretext", backbone="@backbone"),
             "tpp_epochs": tpp.epochs,
             "epochs": "@tpp_epochs",
             "batch_size": tpp.batch_size,
             "pretext_size": 224,
+            # MIM: the paper's TPP rate and schedule (tuned for target parameters), SimMIM's weight decay 0.05
             "lr": comp("pretext_lr", pretext="@pretext", batch_size="@batch_size", mae=tpp.mae_lr,
-                       dino_base=tpp.dino_base_lr),
-            "weight_decay": comp("pretext_setting", pretext="@pretext", mae=1.5e-2, dino=0.04),
-            "weight_decay_end": comp("pretext_setting", pretext="@pretext", mae="@weight_decay", dino=0.4),
+                       dino_base=tpp.dino_base_lr, mim=tpp.mae_lr),
+            "weight_decay": comp("pretext_setting", pretext="@pretext", mae=1.5e-2, dino=0.04, mim=0.05),
+            "weight_decay_end": comp("pretext_setting", pretext="@pretext", mae="@weight_decay", dino=0.4,
+                                     mim="@weight_decay"),
             "warmup_epochs": comp("pretext_setting", pretext="@pretext", mae=tpp.warmup_epochs[0],
-                                  dino=tpp.warmup_epochs[1]),
+                                  dino=tpp.warmup_epochs[1], mim=tpp.warmup_epochs[0]),
             "mae_decoder": tpp.mae_decoder,
             "mask_ratio": 0.75,
             "dino": {},
+            "mim": {},
         }  # fmt: skip
         network_def = {
             "_target_": "tpp_monai.network.build_network",
@@ -95,11 +98,12 @@ class ViTBundle(BundleKind):
             "method_options": "@method_options",
             "backbone_ckpt": "@backbone_ckpt",
             "stage": "tpp",
-            "keep_mae_decoder": comp("pretext_setting", pretext="@pretext", mae=True, dino=False),
+            "keep_mae_decoder": comp("pretext_setting", pretext="@pretext", mae=True, dino=False, mim=False),
         }
         pretext_net = {"_target_": "tpp_monai.pretext.build_pretext", "pretext": "@pretext", "encoder": "@network_def",
                        "image_size": "@pretext_size", "mae_decoder": "@mae_decoder", "mask_ratio": "@mask_ratio",
-                       "decoder": comp("mae_decoder_geometry", backbone="@backbone"), "dino": "@dino"}  # fmt: skip
+                       "decoder": comp("mae_decoder_geometry", backbone="@backbone"), "dino": "@dino",
+                       "mim": "@mim"}  # fmt: skip
         transforms = comp("tpp_monai.pretext.pretext_transforms", pretext="@pretext", dataset="@dataset_name",
                           pretext_size="@pretext_size", image_size="@image_size", dino="@dino")  # fmt: skip
         return self._pretrain(settings, network_def, pretext_net, transforms, checks=[])
@@ -183,6 +187,7 @@ class ViTBundle(BundleKind):
                 "local_size": 32,
                 "num_local": 2,
             },
+            "mim": {"mask_patch": 16},  # 16 cells of the 64 x 64 demo images, 10 masked
         }
 
     def metadata(self) -> dict:

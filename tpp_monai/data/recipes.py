@@ -17,7 +17,7 @@ from tpp_monai.errors import ConfigError
 
 @dataclass(frozen=True)
 class TPPRecipe:
-    """The TPP stage.
+    """The TPP stage (its pretext is the backbone's default, :func:`tpp_monai.pretext.default_pretext`).
 
     2D (paper §4.2): MAE, AdamW lr 1.5e-3, wd 1.5e-2, batch 64, 40 warm-up epochs then cosine; 500 epochs for
     classification and 1000 for segmentation; the inherited MAE decoder frozen for classification and updated for
@@ -30,7 +30,6 @@ class TPPRecipe:
     """
 
     epochs: int
-    pretext: str = "mae"
     batch_size: int = 64
     mae_decoder: str = "freeze"
     mae_lr: float = 1.5e-3
@@ -89,7 +88,7 @@ BASELINES = ("full_finetune", "linear_probe")
 MHIST_LR = {"full_finetune": 1e-5, "linear_probe": 1e-2, "evp": 5e-5, "vpt": 1e-4, "ssf": 1e-3, "bitfit": 1e-3,
             "adapter": 1e-4, "adaptformer": 1e-3, "dtl": 5e-3, "lora": 5e-4}  # fmt: skip
 _CLS_TPP, _SEG_TPP = TPPRecipe(epochs=500, mae_decoder="freeze"), TPPRecipe(epochs=1000, mae_decoder="update")
-_TPP_3D = TPPRecipe(epochs=300, pretext="dino", batch_size=4, lr=5e-4, warmup_epochs=(10, 10))
+_TPP_3D = TPPRecipe(epochs=300, batch_size=4, lr=5e-4, warmup_epochs=(10, 10))
 _FT_3D = FinetuneRecipe(batch_size=2, iterations=250_000, lr_by_method={"full_finetune": 1e-3, "conv_adapter": 1e-2},
                         optimizer="sgd", weight_decay=3e-5)  # fmt: skip
 

@@ -27,6 +27,7 @@ from monai.bundle import ConfigParser
 from monai.transforms import LoadImage, MapTransform
 from monai.utils import convert_to_numpy
 
+from tpp_monai.compat import import_torchvision
 from tpp_monai.label.app_conf import (
     CLASS_INFO_KEY,
     DEFAULT_PUBLISH_MARGIN,
@@ -54,10 +55,9 @@ from tpp_monai.label.guard import (
     refuse_expressions,
     stratified_split,
 )
-from tpp_monai.label.torchvision_compat import import_torchvision
 from tpp_monai.network import FROM_MODEL_FILE
 
-import_torchvision()  # before monailabel.tasks.infer.bundle imports torchvision.utils (see torchvision_compat)
+import_torchvision()  # before monailabel.tasks.infer.bundle imports torchvision.utils (see tpp_monai.compat)
 
 from monailabel.config import settings  # noqa: E402
 from monailabel.interfaces.datastore import Datastore  # noqa: E402

@@ -21,28 +21,57 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from tpp_monai.backbones import BACKBONES, family_class
+from tpp_monai.contract import is_peft_parameter, missing_hooks
 from tpp_monai.errors import CheckpointError, ConfigError
-from tpp_monai.peft import methods  # noqa: F401  (the built-in methods register themselves)
-from tpp_monai.peft.registry import METHODS, MethodSpec, config_dict, get_method, is_peft_parameter, make_config
+from tpp_monai.peft import methods  # noqa: F401  (the built-in methods and sources register themselves)
+from tpp_monai.peft.registry import METHODS, MethodSpec, config_dict, get_method, make_config, method_names
 
 TARGET_FORMAT = "tpp_monai.target_state"
 STAGES = ("finetune", "tpp")
 
 
+def why_not_applicable(method: str | MethodSpec, backbone: str, options: Mapping | None = None) -> str | None:
+    """Why ``method`` (with ``options``) cannot tune backbone ``backbone``, or ``None`` when it can.
+
+    Slot methods need hook points the backbone family provides (:mod:`tpp_monai.contract`); a method with its own
+    check (a wrapping tuner: can its library wrap the backbone's layers?) answers for itself. Nothing is built here
+    beyond what that check needs.
+    """
+    spec = method if isinstance(method, MethodSpec) else get_method(method)
+    if spec.attach == "slot":
+        config = make_config(spec.name, options) if options else None
+        missing = missing_hooks(spec.hooks(config), family_class(backbone))
+        if missing:
+            return f"it needs the hook point(s) {missing}, which backbone {backbone!r} does not provide"
+    if spec.applies is not None:
+        return spec.applies(backbone, dict(options or {}))
+    return None
+
+
+def applicable_methods(backbone: str, with_sources: bool = False) -> list[str]:
+    """The methods that can tune ``backbone`` with their default options (``with_sources``: peft tuners too)."""
+    return [m for m in method_names(with_sources) if why_not_applicable(m, backbone) is None]
+
+
 def apply_peft(model: nn.Module, method: str, options: Mapping | None = None, where: str = "") -> nn.Module:
     """Inject ``method`` (with ``options`` overriding its defaults) into ``model`` and record what was applied."""
     spec = get_method(method, where)
-    family = getattr(model, "family", None)
-    if family not in spec.families:
-        raise ConfigError(
-            f"PEFT method {method!r} does not support the {family} backbone {getattr(model, 'backbone_name', '')!r}; "
-            f"it supports: {', '.join(spec.families)}"
-        )
     if getattr(model, "peft_method", None) is not None:
         raise ConfigError(f"the model already has PEFT method {model.peft_method!r}; build a fresh model")
-    resolved = spec.inject(model, make_config(method, options, where))
+    config = make_config(method, options, where)
+    if spec.attach == "slot":
+        missing = missing_hooks(spec.hooks(config), model)
+        if missing:
+            backbone = getattr(model, "backbone_name", "") or type(model).__name__
+            valid = ", ".join(applicable_methods(backbone)) if backbone in BACKBONES else "(see params)"
+            raise ConfigError(
+                f"PEFT method {method!r} needs the hook point(s) {missing}, which the {model.family} backbone "
+                f"{backbone!r} does not provide; methods that apply to it: {valid}"
+            )
+    resolved = spec.inject(model, config)
     model.peft_method = method
-    model.peft_options = config_dict(resolved)
+    model.peft_options = config_dict(resolved, spec)
     return model
 
 
@@ -159,6 +188,7 @@ def _normalise(value: object) -> object:
 
 __all__ = [
     "METHODS",
+    "applicable_methods",
     "apply_peft",
     "count_parameters",
     "get_method",
@@ -169,4 +199,5 @@ __all__ = [
     "target_parameter_names",
     "target_state",
     "trainable_parameter_names",
+    "why_not_applicable",
 ]

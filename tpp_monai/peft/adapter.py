@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 from torch import Tensor, nn
 
+from tpp_monai.contract import attach_site, site
 from tpp_monai.errors import ConfigError
 from tpp_monai.peft.modules import Bottleneck
 from tpp_monai.peft.registry import register_added
@@ -72,15 +73,22 @@ def inject(model: nn.Module, cfg: AdapterConfig) -> AdapterConfig:
         raise ConfigError(f"adapter positions must be a non-empty subset of ['attn', 'mlp'], got {list(cfg.positions)}")
     if cfg.layer_scale not in PLACEMENTS:
         raise ConfigError(f"adapter layer_scale {cfg.layer_scale!r} unknown; valid: {', '.join(PLACEMENTS)}")
-    for block in model.encoder_blocks():
+    for block, width in zip(model.encoder_blocks(), model.block_widths()):
         for pos in cfg.positions:
             if cfg.layer_scale == "inside":
-                block.peft_sites[_SUBLAYER_OUTPUT_SITE[pos]] = SublayerAdapter(
-                    model.embed_dim, cfg.bottleneck, cfg.activation, cfg.init
-                )
+                attach_site(model, block, _SUBLAYER_OUTPUT_SITE[pos],
+                            SublayerAdapter(width, cfg.bottleneck, cfg.activation, cfg.init))  # fmt: skip
             else:
-                block.peft_deltas[pos] = SerialAdapter(model.embed_dim, cfg.bottleneck, cfg.activation, cfg.init)
+                block.peft_deltas[pos] = SerialAdapter(width, cfg.bottleneck, cfg.activation, cfg.init)
     return cfg
+
+
+def _hooks(cfg: AdapterConfig) -> frozenset[str]:
+    if cfg.layer_scale == "inside":
+        return frozenset(site(_SUBLAYER_OUTPUT_SITE[p]) for p in cfg.positions if p in _SUBLAYER_OUTPUT_SITE)
+    if cfg.layer_scale == "outside":
+        return frozenset(f"delta:{p}" for p in cfg.positions if p in _SUBLAYER_OUTPUT_SITE)
+    return frozenset()  # an unknown placement: inject names the valid ones
 
 
 SPEC = register_added(
@@ -89,4 +97,5 @@ SPEC = register_added(
     inject,
     identity_at_init=True,
     summary="Houlsby adapter: two serial bottlenecks (76) per block",
+    requires=_hooks,
 )

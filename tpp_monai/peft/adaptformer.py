@@ -39,8 +39,8 @@ class ParallelAdapter(nn.Module):
 
 def inject(model: nn.Module, cfg: AdaptFormerConfig) -> AdaptFormerConfig:
     cfg = replace(cfg, bottleneck=cfg.bottleneck or max(1, model.embed_dim // 4))
-    for block in model.encoder_blocks():
-        block.peft_deltas["mlp"] = ParallelAdapter(model.embed_dim, cfg.bottleneck, cfg.scale, cfg.dropout)
+    for block, width in zip(model.encoder_blocks(), model.block_widths()):
+        block.peft_deltas["mlp"] = ParallelAdapter(width, cfg.bottleneck, cfg.scale, cfg.dropout)
     return cfg
 
 
@@ -50,4 +50,5 @@ SPEC = register_added(
     inject,
     identity_at_init=True,
     summary="AdaptFormer: parallel scaled bottleneck (192) next to every MLP",
+    requires=lambda cfg: frozenset({"delta:mlp"}),
 )

@@ -5,7 +5,8 @@ Neither has new parameters to pre-train, so TPP does not apply to them (their bu
 
 from __future__ import annotations
 
-from tpp_monai.peft.registry import MethodSpec, NoOptions, is_peft_parameter, register
+from tpp_monai.contract import is_peft_parameter
+from tpp_monai.peft.registry import MethodSpec, NoOptions, register
 
 FULL = register(
     MethodSpec(
@@ -13,7 +14,8 @@ FULL = register(
         config=NoOptions,
         inject=lambda m, cfg: cfg,
         target=lambda m, n: not is_peft_parameter(n),
-        families=("medcoss", "timm_vit", "stunet"),
+        attach="select",
+        requires=lambda cfg: frozenset(),
         identity_at_init=True,
         pretrainable=False,
         summary="full fine-tuning: every backbone tensor is trained",
@@ -25,7 +27,8 @@ LINEAR = register(
         config=NoOptions,
         inject=lambda m, cfg: cfg,
         target=lambda m, n: False,
-        families=("medcoss", "timm_vit", "stunet"),
+        attach="select",
+        requires=lambda cfg: frozenset(),
         identity_at_init=True,
         pretrainable=False,
         summary="linear probe: only the task head (classifier or decoder) is trained",

@@ -28,8 +28,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from tpp_monai.contract import is_peft_parameter
 from tpp_monai.errors import ConfigError
-from tpp_monai.peft.registry import MethodSpec, is_peft_parameter, register
+from tpp_monai.peft.registry import MethodSpec, register
 
 PLACEMENTS = ("conv1", "conv2", "residual")
 PARTS = ("encoder", "decoder")
@@ -131,7 +132,9 @@ SPEC = register(
         config=ConvAdapterConfig,
         inject=inject,
         target=_target,
-        families=("stunet",),
+        attach="slot",
+        # an unknown placement needs nothing here: inject names the valid ones
+        requires=lambda cfg: frozenset({f"conv:{cfg.placement}"} if cfg.placement in PLACEMENTS else ()),
         identity_at_init=False,  # scale starts at 1.0 as released; true only with scale_init=0
         pretrainable=True,
         summary="Conv-Adapter: grouped-conv bottleneck (gamma 8) parallel to conv2 of every STU-Net residual block",

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tpp_monai.contract import attach_site, site
 from tpp_monai.errors import ConfigError
 from tpp_monai.peft.modules import LowRank
 from tpp_monai.peft.registry import register_added
@@ -70,8 +71,8 @@ def inject(model: nn.Module, cfg: LoRAConfig) -> LoRAConfig:
     if not targets or set(targets) - set(SLICES) or len(set(targets)) != len(targets):
         raise ConfigError(f"LoRA targets must be distinct names from {list(SLICES)}, got {list(cfg.targets)}")
     cfg = LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, targets=targets)
-    for block in model.encoder_blocks():
-        block.peft_sites["qkv"] = FusedQKVLoRA(model.embed_dim, cfg)
+    for block, width in zip(model.encoder_blocks(), model.block_widths()):
+        attach_site(model, block, "qkv", FusedQKVLoRA(width, cfg))
     return cfg
 
 
@@ -81,4 +82,5 @@ SPEC = register_added(
     inject,
     identity_at_init=True,
     summary="LoRA rank 8 on the q and v slices of the fused attention projection",
+    requires=lambda cfg: frozenset({site("qkv")}),
 )

@@ -7,7 +7,7 @@
   student's distribution on every other crop; the centre is an EMA of the teacher's batch mean (all-reduced across
   processes under DDP), which keeps the teacher from collapsing to one dimension.
 
-Features by backbone family (:func:`feature_fns`):
+Features: what the backbone gives as ``global_features`` / ``global_feature`` (:mod:`tpp_monai.contract`):
 
 * ViTs: the head reads the mean of the patch tokens (the feature the fine-tuning head uses; MedCoSS never trained its
   class token as an output).
@@ -25,8 +25,7 @@ The heads are discarded after the stage; the teacher's target parameters are exp
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from tpp_monai.contract import GLOBAL_FEATURE, hooks_of
 from tpp_monai.errors import ConfigError
 from tpp_monai.peft import target_parameter_names
 
@@ -86,52 +86,10 @@ class DINOHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))
 
 
-def pooled_features(backbone: nn.Module, images: Tensor) -> Tensor:
-    """Mean of the patch tokens (prompts and class token excluded): the ViT feature of student and teacher."""
-    return backbone.forward_features(images).patches.mean(dim=1)
-
-
-def _vit_levels(backbone: nn.Module, images: Tensor) -> list[Tensor]:
-    return [pooled_features(backbone, images)]
-
-
-def _stunet_levels(backbone: nn.Module, images: Tensor) -> list[Tensor]:
-    return backbone.forward_features(images)  # pooled bottleneck, then decoder levels 0 (coarsest) .. 4
-
-
-def _stunet_bottleneck(backbone: nn.Module, images: Tensor) -> Tensor:
-    return backbone(images)  # the features task runs the encoder only and pools the bottleneck
-
-
-@dataclass(frozen=True)
-class FeatureFns:
-    """How DINO reads a backbone family.
-
-    Args:
-        dims: channels of each student level (level 0 is the one the teacher reads).
-        student: ``(backbone, images) -> [B, C_l]`` per level.
-        teacher: ``(backbone, images) -> [B, C_0]``, level 0 only (need not run what only the student needs).
-    """
-
-    dims: Callable[[nn.Module], list[int]]
-    student: Callable[[nn.Module, Tensor], list[Tensor]]
-    teacher: Callable[[nn.Module, Tensor], Tensor]
-
-
-_VIT_FNS = FeatureFns(lambda b: [b.embed_dim], _vit_levels, pooled_features)
-FEATURE_FNS: dict[str, FeatureFns] = {
-    "medcoss": _VIT_FNS,
-    "timm_vit": _VIT_FNS,
-    "stunet": FeatureFns(lambda b: list(b.feature_dims), _stunet_levels, _stunet_bottleneck),
-}
-
-
-def feature_fns(backbone: nn.Module) -> FeatureFns:
-    """The DINO feature functions of ``backbone``'s family."""
-    family = getattr(backbone, "family", None)
-    if family not in FEATURE_FNS:
-        raise ConfigError(f"DINO has no feature function for the {family} backbone family; known: {list(FEATURE_FNS)}")
-    return FEATURE_FNS[family]
+def _require_global_feature(backbone: nn.Module) -> None:
+    if GLOBAL_FEATURE not in hooks_of(backbone):
+        name = getattr(backbone, "backbone_name", "") or type(backbone).__name__
+        raise ConfigError(f"DINO needs a global feature, which the {backbone.family} backbone {name!r} does not give")
 
 
 class DINOPretext(nn.Module):
@@ -155,8 +113,8 @@ class DINOPretext(nn.Module):
     ) -> None:  # fmt: skip
         super().__init__()
         self.num_global = num_global
-        self.features = feature_fns(encoder)
-        dims = self.features.dims(encoder)
+        _require_global_feature(encoder)
+        dims = encoder.global_feature_dims()
         self.student = nn.ModuleDict({"backbone": encoder, "head": DINOHead(dims[0], out_dim, hidden_dim,
                                                                              bottleneck_dim)})  # fmt: skip
         self.ema_names = [f"backbone.{n}" for n in target_parameter_names(encoder)]
@@ -196,7 +154,7 @@ class DINOPretext(nn.Module):
             end = start
             while end < len(crops) and crops[end].shape[2:] == crops[start].shape[2:]:
                 end += 1
-            levels = self.features.student(self.student["backbone"], torch.cat(list(crops[start:end])))
+            levels = self.student["backbone"].global_features(torch.cat(list(crops[start:end])))
             logits = [head(f) for head, f in zip(heads, levels)]
             joined = logits[0] if len(logits) == 1 else torch.stack(logits)  # [B, K] or [L, B, K]
             out.extend(joined.chunk(end - start, dim=-2))
@@ -206,7 +164,7 @@ class DINOPretext(nn.Module):
     def forward(self, crops: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         with torch.no_grad():
             globals_ = torch.cat(list(crops[: self.num_global]))
-            teacher = self.teacher["head"](self.features.teacher(self.teacher["backbone"], globals_))
+            teacher = self.teacher["head"](self.teacher["backbone"].global_feature(globals_))
         return self._student(crops), list(teacher.chunk(self.num_global))
 
     @torch.no_grad()

@@ -1,7 +1,7 @@
 """Random views for the pretext stages, on top of each dataset's deterministic loading chain.
 
 * MAE: a random resized crop (area 0.2-1, anti-aliased bicubic) to the pretext size and a horizontal flip, as
-  MedCoSS's MAE.
+  MedCoSS's MAE; MIM the same with SimMIM's area 0.67-1.
 * DINO: two global crops (area 0.4-1) and ``num_local`` local crops (0.05-0.4), each flipped, colour-jittered
   (0.4, 0.4, 0.2, 0.1; p 0.8), greyscaled (p 0.2), blurred (one sigma in 0.1-2 for both axes; p 1.0 / 0.1 / 0.5)
   and, for the second global crop, solarised (p 0.2), as DINO's ``DataAugmentationDINO``. Colour operations run on
@@ -16,6 +16,9 @@
   and given DeSD's intensity set: Gaussian noise, blur (one sigma for all axes as batchgenerators' default; DINO's
   p 1.0 / 0.1 / 0.5 for global 1 / global 2 / local), multiplicative brightness 0.75-1.25, additive shift and gamma
   contrast.
+* MAE and MIM on 3D volumes (:func:`masked_transforms_3d`): the same loading and body crop, then one random box of
+  the pretext size per volume with the in-plane scale jitter of the DINO views, flipped on every axis; no intensity
+  changes (the reconstruction target is the view itself).
 """
 
 from __future__ import annotations
@@ -60,14 +63,21 @@ class RandResizedCropd(Randomizable, MapTransform):
     PIL filter that torchvision applies to PIL images), so a downscaled crop is low-pass filtered as in MAE and DINO.
     MONAI's ``RandSpatialCrop`` draws each side independently and has no area/aspect parametrisation, and MONAI's
     ``Resize`` has no PIL-style anti-aliased bicubic, hence this transform.
+
+    Bicubic weights are negative near an edge, so a hard edge overshoots (a 0/1 image gives about [-0.03, 1.03]).
+    PIL and torchvision resize 8-bit images and clamp to [0, 255]; ``value_range`` (the range of the intensities
+    this transform receives, e.g. ``(0, 1)``) clamps the same way, so later colour operations see valid values.
+    ``None``: no clamp (z-scored inputs have no fixed range).
     """
 
     def __init__(
         self, keys: KeysCollection, size: Sequence[int], scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3), mode: str = "bicubic",
+        value_range: tuple[float, float] | None = None,
     ) -> None:  # fmt: skip
         super().__init__(keys)
         self.size, self.scale, self.ratio, self.mode = tuple(int(v) for v in size), scale, ratio, mode
+        self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
         self._box = (0, 0, 1, 1)
 
     def randomize(self, shape: Sequence[int]) -> None:
@@ -89,7 +99,8 @@ class RandResizedCropd(Randomizable, MapTransform):
         top, left, ch, cw = self._box
         for key in self.key_iterator(d):
             crop = torch.as_tensor(d[key][..., top : top + ch, left : left + cw]).float()
-            d[key] = F.interpolate(crop[None], size=self.size, mode=self.mode, antialias=True, align_corners=False)[0]
+            out = F.interpolate(crop[None], size=self.size, mode=self.mode, antialias=True, align_corners=False)[0]
+            d[key] = out if self.value_range is None else out.clamp_(*self.value_range)
         return d
 
 
@@ -159,14 +170,24 @@ def _unit_range_chain(dataset: str, image_size: Sequence[int] | None) -> tuple[l
     return [*chain[:-1], ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0)], True
 
 
-def mae_transforms(dataset: str, pretext_size: int, image_size: Sequence[int] | None = None) -> Compose:
-    """Image loading (cacheable) + MAE's random resized crop (area 0.2-1) and horizontal flip."""
+def mae_transforms(
+    dataset: str, pretext_size: int, image_size: Sequence[int] | None = None, scale: tuple[float, float] = (0.2, 1.0)
+) -> Compose:
+    """Image loading (cacheable) + MAE's random resized crop (area ``scale``: 0.2-1) and horizontal flip; the crop is
+    clamped to [0, 1] where the loading chain gives [0, 1] intensities (classification; segmentation is z-scored)."""
     chain = list(image_transforms(dataset, image_size))
+    unit = (0.0, 1.0) if get_dataset(dataset).task == "cls" else None
     chain += [
-        RandResizedCropd(keys="image", size=(pretext_size, pretext_size), scale=(0.2, 1.0)),
+        RandResizedCropd(keys="image", size=(pretext_size, pretext_size), scale=scale, value_range=unit),
         RandFlipd(keys="image", spatial_axis=W_AXIS, prob=0.5),
     ]
     return Compose(chain)
+
+
+def mim_transforms(dataset: str, pretext_size: int, image_size: Sequence[int] | None = None) -> Compose:
+    """Image loading (cacheable) + SimMIM's views (``SimMIMTransform``): a random resized crop of area 0.67-1 and a
+    horizontal flip (the mask is drawn by the pretext network)."""
+    return mae_transforms(dataset, pretext_size, image_size, scale=(0.67, 1.0))
 
 
 class MultiCropd(Randomizable, MapTransform):
@@ -206,7 +227,7 @@ def dino_transforms(
 
     def view(size: int, scale: tuple[float, float], blur: float, solarize: float) -> Compose:
         steps = [
-            RandResizedCropd(keys="image", size=(size, size), scale=scale),
+            RandResizedCropd(keys="image", size=(size, size), scale=scale, value_range=(0.0, 1.0)),  # [0, 1] in
             RandFlipd(keys="image", spatial_axis=W_AXIS, prob=0.5),
             RandColorJitterd(keys="image", prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1),
             RandGrayscaled(keys="image", prob=0.2),
@@ -289,5 +310,25 @@ def dino_transforms_3d(
             SpatialPadd(keys="image", spatial_size=region),
             RandSpatialCropd(keys="image", roi_size=region, random_size=False),
             MultiCropd(views, zscore=False),
+        ]
+    )
+
+
+def masked_transforms_3d(
+    dataset: str, size: Sequence[int], scale: tuple[float, float] = (0.8, 1.2)
+) -> Compose:  # fmt: skip
+    """Volume loading as in fine-tuning (cacheable, body-cropped) + one random view of ``size`` (x, y, z) per volume
+    for the reconstruction pretexts (MAE, MIM): in-plane scale jitter and flips on every axis."""
+    info = get_dataset(dataset)
+    if info.spatial_dims != 3:
+        raise ConfigError(f"the 3D masked-modelling views do not apply to the 2D dataset {dataset!r}")
+    size = tuple(int(s) for s in size)
+    return Compose(
+        [
+            *image_transforms(dataset),
+            CropForegroundd(keys="image", source_key="image", allow_smaller=True),
+            SpatialPadd(keys="image", spatial_size=size),
+            RandInPlaneScaledCropd(keys="image", size=size, scale=scale),
+            *(RandFlipd(keys="image", spatial_axis=a, prob=0.5) for a in range(3)),
         ]
     )

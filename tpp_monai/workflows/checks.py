@@ -32,7 +32,7 @@ def check_settings(
     spec = get_method(method, "method")
     get_backbone_spec(backbone, "backbone")
     if pretext is not None:
-        check_pretext(pretext)
+        check_pretext(pretext, backbone)
         if not spec.pretrainable:
             raise ConfigError(
                 f"pretrain_tpp does not apply to {method!r}: {spec.summary}; it adds no target parameters to "
@@ -91,13 +91,16 @@ def check_output(output_dir: str, resume: bool, ckpt_dir: str | None = None) -> 
 
 def check_3d(
     dataset: str, backbone: str, image_size: Sequence[int], backbone_options: Mapping | None = None,
-    pretext: str | None = None, dino: Mapping | None = None,
+    pretext: str | None = None, dino: Mapping | None = None, pretext_size: Sequence[int] | None = None,
+    mim: Mapping | None = None,
 ) -> None:  # fmt: skip
     """Raise a :class:`ConfigError` naming the value and the fix unless the 3D settings fit together.
 
-    ``image_size`` is the training patch and the sliding-window ROI; with ``pretext`` the DINO crops are checked too.
+    ``image_size`` is the training patch and the sliding-window ROI; with ``pretext`` the inputs it makes are checked
+    too (DINO's crops; MAE's and MIM's views, of ``pretext_size``, by default the training patch, and MIM's mask
+    cells).
     """
-    from tpp_monai.pretext import DINO_DEFAULTS, check_pretext
+    from tpp_monai.pretext import check_pretext, check_pretext_inputs
 
     info = get_dataset(dataset, "dataset")
     if info.spatial_dims != 3:
@@ -113,15 +116,11 @@ def check_3d(
     options = {k: v for k, v in dict(backbone_options or {}).items() if k != "deep_supervision"}
     with torch.device("meta"):  # shapes only: no memory, even for STU-Net-H
         model = build_backbone(backbone, task="features", **options)
-    sizes = {"image_size": image_size}
+    cube = [int(image_size)] * 3 if isinstance(image_size, (int, float)) else [int(s) for s in image_size]
+    try:
+        model.check_input_size(cube)
+    except ConfigError as err:
+        raise ConfigError(f"image_size {list(cube)}: {err}") from None
     if pretext is not None:
-        d = {**DINO_DEFAULTS, **dict(dino or {})}
-        sizes["dino global_size"] = d["global_size"]
-        if d["num_local"]:
-            sizes["dino local_size"] = d["local_size"]
-    for what, size in sizes.items():
-        cube = [int(size)] * 3 if isinstance(size, (int, float)) else [int(s) for s in size]
-        try:
-            model.check_input_size(cube)
-        except ConfigError as err:
-            raise ConfigError(f"{what} {list(cube)}: {err}") from None
+        size, setting = (cube, "image_size") if pretext_size is None else (pretext_size, "pretext_size")
+        check_pretext_inputs(pretext, model, size, dino, mim, setting)

@@ -1,6 +1,7 @@
-"""Import torchvision on a CPU-only torch when the installed torchvision is a CUDA build.
+"""Import torchvision, and the libraries that import it (timm; peft through transformers), on a CPU-only torch.
 
-MONAI Label imports ``torchvision.utils`` (``make_grid``/``save_image``: pure Python) at module level. PyPI has
+MONAI Label imports ``torchvision.utils`` (``make_grid``/``save_image``: pure Python) at module level, timm imports
+``torchvision.ops.misc`` and transformers (which peft imports) ``torchvision.transforms``. PyPI has
 torchvision for torch 2.13 only as a CUDA build; on the CPU build of torch its C++ extension cannot load (it links
 ``libtorch_cuda.so``), which torchvision tolerates, except that ``torchvision/_meta_registrations.py`` registers fake
 kernels for ``torchvision::nms``/``qnms`` without checking that the extension loaded, so ``import torchvision``
@@ -11,6 +12,7 @@ custom C++ ops" error. Nothing changes where torchvision's extension loads (a CU
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from types import ModuleType
@@ -42,3 +44,20 @@ def import_torchvision() -> ModuleType:
             _keep_alive[0].define(_SCHEMAS[match.group(1)])  # type: ignore[attr-defined]
             sys.modules.pop("torchvision", None)
     raise RuntimeError("torchvision could not be imported")  # pragma: no cover - every schema is declared by then
+
+
+def import_peft() -> ModuleType:
+    """``import peft`` (transformers imports torchvision when it is installed: declare what that import needs)."""
+    with contextlib.suppress(ModuleNotFoundError):  # no torchvision: transformers then does not import it
+        import_torchvision()
+    import peft
+
+    return peft
+
+
+def import_timm() -> ModuleType:
+    """``import timm`` (timm imports torchvision at import time)."""
+    import_torchvision()
+    import timm
+
+    return timm
