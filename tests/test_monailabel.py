@@ -909,3 +909,77 @@ def test_train_classification_on_image_info_classes(served) -> None:
     )
     assert datalist["validation"] == datalist["training"]  # no held-out split asked for: validated on training
     assert _sha(model) != before
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MONAI Label's own client, as a user runs it (no field patched), and a publish the check refuses
+
+
+_CLIENT_SESSION = r"""
+import json, sys, time
+from monailabel.client import MONAILabelClient
+
+base, image, label, model, train_s = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
+client = MONAILabelClient(base)
+out = {"models": sorted(client.info()["models"])}
+out["upload"] = client.upload_image(image, image_id="client_upload")
+out["label"] = client.save_label("client_upload", label, tag="final")
+mask, params = client.infer(model, "client_upload", {})
+out["mask"] = mask
+out["train_start"] = client.train_start(model, {"max_epochs": 1, "val_split": 0.5})
+deadline = time.monotonic() + train_s
+while (status := client.train_status())["status"] in ("SUBMITTED", "RUNNING") and time.monotonic() < deadline:
+    time.sleep(2)
+out["train_status"] = {k: status.get(k) for k in ("status", "details")}
+print(json.dumps(out))
+"""
+
+
+def test_monailabel_client_end_to_end(served, tmp_path) -> None:
+    """``monailabel.client.MONAILabelClient`` as it ships: info, upload_image, save_label, infer, train_start and
+    train_status against the live server; the trained model is published and served."""
+    from PIL import Image
+
+    case = served["cases"][SEG2D][0]
+    image = tmp_path / f"client_upload{case['image'].suffix}"
+    shutil.copy(case["image"], image)  # the same pixels under a new id
+    model = served["ckpt"] / SEG2D / app_conf.MODEL_FILE
+    before = _sha(model)
+    out = _venv_json(served["env"], _CLIENT_SESSION, served["client"].base, str(image), str(case["label"]), SEG2D,
+                     str(TRAIN_S))  # fmt: skip
+    assert out["models"] == sorted(MODELS)
+    assert out["upload"]["image"] == "client_upload" and out["label"]["image"] == "client_upload"
+    assert (
+        served["studies"] / "labels" / "final" / Path(case["label"]).name.replace(case["id"], "client_upload")
+    ).is_file()
+    with Image.open(out["mask"]) as mask:
+        assert mask.size == Image.open(image).size and set(np.unique(np.asarray(mask)).tolist()) <= {0, 1}
+    status = out["train_status"]
+    assert status["status"] == "DONE", "\n".join(status.get("details") or []) + _log_tail(served["log"])
+    assert _sha(model) != before  # published (the served fixture's margin accepts any finite score)
+
+
+def test_a_refused_publish_keeps_the_served_model_and_says_so(served, tmp_path) -> None:
+    """A server whose margin no Dice can meet (``publish_margin -1.5``: at least the served score + 1.5): /train
+    ends in ERROR, its last status line says the model is not published, publish.json records both scores, and
+    the served model's digest is unchanged."""
+    studies, ckpt = tmp_path / "studies", tmp_path / "ckpt"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for case in served["cases"][SEG2D]:
+        shutil.copy(case["image"], studies / case["image"].name)
+        shutil.copy(case["label"], studies / "labels" / "final" / f"{case['id']}{Path(case['label']).suffix}")
+    shutil.copytree(served["ckpt"] / SEG2D, ckpt / SEG2D)
+    model = ckpt / SEG2D / app_conf.MODEL_FILE
+    before = _sha(model)
+    conf = {"models": SEG2D, "ckpt_dir": str(ckpt), "runs_dir": str(tmp_path / "runs"), "overlays": "demo",
+            "publish_margin": "-1.5"}  # fmt: skip
+    log = tmp_path / "server.log"
+    with _server(served["env"], studies, conf, log) as client:
+        task = _train({"client": client, "log": log}, SEG2D, {"max_epochs": 1, "val_split": 0.5}, status="ERROR")
+        stats = client.json("GET", "/info/")["train_stats"][SEG2D]
+    assert any("not published, the served model stays" in line for line in task["details"]), task["details"]
+    assert "not published, the served model stays" in log.read_text(errors="replace")
+    decision = stats["publish"]
+    assert decision["published"] is False and decision["margin"] == -1.5
+    assert np.isfinite(decision["score"]) and np.isfinite(decision["served_score"])
+    assert _sha(model) == before
