@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -224,7 +225,25 @@ class TppInferTask(BundleInferTask):
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: str | None = None) -> Any:
         if self.kind == "segmentation" and self.dims == 2:  # MONAI Label would reuse the input's format (JPEG)
             extension, dtype = MASK_2D, "uint8"
-        return super().writer(data, extension, dtype)
+        result, result_json = super().writer(data, extension, dtype)
+        if isinstance(result, str) and os.path.isfile(result):
+            # MONAI Label writes the result to <tmp>/<random>.<ext>, sends that file name, and deletes the file after
+            # answering; MONAILabelClient saves the answer to <its tmpdir>/<that name>, by default the same path, so
+            # the server would delete the client's copy. The result lives in a folder of the server's own instead.
+            private = os.path.join(_results_dir(), os.path.basename(result))
+            os.replace(result, private)
+            result = private
+        return result, result_json
+
+
+_RESULTS_DIR: list[str] = []
+
+
+def _results_dir() -> str:
+    """The server's own folder for inference results (one per process, private to its user)."""
+    if not _RESULTS_DIR:
+        _RESULTS_DIR.append(tempfile.mkdtemp(prefix="tpp_monai_label_results_"))
+    return _RESULTS_DIR[0]
 
 
 def _state_dict(checkpoint: Any) -> dict[str, Any]:
