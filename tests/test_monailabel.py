@@ -983,3 +983,90 @@ def test_a_refused_publish_keeps_the_served_model_and_says_so(served, tmp_path) 
     assert decision["published"] is False and decision["margin"] == -1.5
     assert np.isfinite(decision["score"]) and np.isfinite(decision["served_score"])
     assert _sha(model) == before
+
+
+_REALM_KEYS = r"""
+import base64, json, time
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+realm, other = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+der = realm.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+def token(key, roles, lifetime=3600):
+    claims = {"preferred_username": "tester", "realm_access": {"roles": roles}, "exp": int(time.time()) + lifetime}
+    return jwt.encode(claims, key, algorithm="RS256")
+
+print(json.dumps({"public_key": base64.b64encode(der).decode(), "user": token(realm, ["monailabel-user"]),
+                  "annotator": token(realm, ["monailabel-user", "monailabel-annotator"]),
+                  "admin": token(realm, ["monailabel-admin"]), "forged": token(other, ["monailabel-admin"]),
+                  "expired": token(realm, ["monailabel-admin"], -3600)}))
+"""
+
+
+@contextlib.contextmanager
+def _realm(public_key: str) -> Iterator[str]:
+    """A stand-in OpenID realm on loopback: its URI answers ``{"public_key": ...}``, as Keycloak's realm URI does
+    (all MONAI Label's token check asks of it)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = json.dumps({"realm": "test", "public_key": public_key}).encode()
+
+    class Realm(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Realm)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/realms/test"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_monailabel_auth_settings_guard_every_served_route(served, tmp_path) -> None:
+    """The server started with MONAI Label's own auth settings (``MONAI_LABEL_AUTH_ENABLE``, a realm URI): no token,
+    a forged or expired token: 401; a valid token without the route's role: 403 naming it, before the body is read;
+    the right role: the request reaches the app's own checks."""
+    keys = _venv_json(served["env"], _REALM_KEYS)
+    case = served["cases"][SEG2D][0]
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(case["image"], studies / case["image"].name)
+    conf = {"models": SEG2D, "ckpt_dir": str(served["ckpt"]), "runs_dir": str(tmp_path / "runs"), "overlays": "demo"}
+    log = tmp_path / "server.log"
+    with _realm(keys["public_key"]) as realm_uri:
+        auth_env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm_uri}
+        with _server(served["env"], studies, conf, log, extra_env=auth_env, probe="/auth/") as client:
+            assert client.json("GET", "/auth/")["enabled"] is True
+            status, detail = client.refused("GET", "/info/")
+            assert status == 401 and "Bearer" in detail
+            for name in ("forged", "expired"):
+                status, detail = client.bearer(keys[name]).refused("GET", "/info/")
+                assert status == 401 and "not valid" in detail, (name, detail)
+            user, annotator, admin = (client.bearer(keys[k]) for k in ("user", "annotator", "admin"))
+            assert set(user.json("GET", "/info/")["models"]) == {SEG2D}
+            body, headers = client.multipart({"params": "{}"}, {"label": case["label"]})
+            status = user.refused_before_body("PUT", f"/datastore/label?image={case['id']}&tag=final", body, headers)
+            assert status == 403
+            status, detail = user.refused("PUT", f"/datastore/label?image={case['id']}&tag=final", body, headers)
+            assert status == 403 and "monailabel-annotator" in detail
+            train = json.dumps({"max_epochs": 0}).encode(), {"Content-Type": "application/json"}
+            status, detail = annotator.refused("POST", f"/train/{SEG2D}", *train)
+            assert status == 403 and "monailabel-admin" in detail
+            status, detail = admin.refused("POST", f"/train/{SEG2D}", *train)
+            assert status == 400 and "max_epochs" in detail  # past the token check, refused by the app's own
+            status, detail = admin.refused("PUT", f"/model/{SEG2D}", body, headers)
+            assert status == 403 and "--conf open_routes model_upload" in detail
+    assert not (studies / "labels" / "final").exists() or not any((studies / "labels" / "final").iterdir())
