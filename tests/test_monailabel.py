@@ -250,7 +250,12 @@ class Client:
         conn = http.client.HTTPConnection(url.hostname, url.port, timeout=REQUEST_S)
         try:
             conn.putrequest(method, path)
-            for key, value in {**headers, "Content-Length": str(len(body)), "Expect": "100-continue"}.items():
+            for key, value in {
+                **self.headers,
+                **headers,
+                "Content-Length": str(len(body)),
+                "Expect": "100-continue",
+            }.items():
                 conn.putheader(key, value)
             conn.endheaders()
             return conn.getresponse().status
