@@ -189,13 +189,18 @@ def test_environment_pins_hold(monailabel_env) -> None:
 class Client:
     """A few MONAI Label REST calls (stdlib only) against one server."""
 
-    def __init__(self, base: str, log: Path) -> None:
-        self.base, self.log = base, log
+    def __init__(self, base: str, log: Path, headers: dict[str, str] | None = None) -> None:
+        self.base, self.log, self.headers = base, log, headers or {}
+
+    def bearer(self, token: str) -> Client:
+        """The same server, each request sending ``Authorization: Bearer <token>``."""
+        return Client(self.base, self.log, {"Authorization": f"Bearer {token}"})
 
     def send(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
              timeout: float = REQUEST_S) -> tuple[int, bytes, str]:  # fmt: skip
         """The HTTP status, body and content type of one request."""
-        req = urllib.request.Request(self.base + path, data=body, method=method, headers=headers or {})
+        headers = {**self.headers, **(headers or {})}
+        req = urllib.request.Request(self.base + path, data=body, method=method, headers=headers)
         try:
             with _LOOPBACK.open(req, timeout=timeout) as resp:
                 return resp.status, resp.read(), resp.headers.get("content-type", "")
@@ -245,7 +250,12 @@ class Client:
         conn = http.client.HTTPConnection(url.hostname, url.port, timeout=REQUEST_S)
         try:
             conn.putrequest(method, path)
-            for key, value in {**headers, "Content-Length": str(len(body)), "Expect": "100-continue"}.items():
+            for key, value in {
+                **self.headers,
+                **headers,
+                "Content-Length": str(len(body)),
+                "Expect": "100-continue",
+            }.items():
                 conn.putheader(key, value)
             conn.endheaders()
             return conn.getresponse().status
@@ -266,9 +276,10 @@ def _log_tail(log: Path, n: int = 60) -> str:
 
 
 @contextlib.contextmanager
-def _server(env: Path, studies: Path, conf: dict[str, str], log: Path) -> Iterator[Client]:
-    """``monailabel start_server --app tpp_monai/label`` on a free loopback port; stopped (its whole process group,
-    training subprocesses included) on exit."""
+def _server(env: Path, studies: Path, conf: dict[str, str], log: Path, extra_env: dict[str, str] | None = None,
+            probe: str = "/info/") -> Iterator[Client]:  # fmt: skip
+    """``monailabel start_server --app tpp_monai/label`` on a free loopback port, ready once ``probe`` answers;
+    stopped (its whole process group, training subprocesses included) on exit."""
     port = free_port()
     cmd = [str(env / "bin" / "monailabel"), "start_server", "--app", str(REPO / "tpp_monai" / "label"),
            "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
@@ -279,7 +290,7 @@ def _server(env: Path, studies: Path, conf: dict[str, str], log: Path) -> Iterat
     offline = {k: "http://127.0.0.1:9" for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
     run_env = {**os.environ, **offline, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
                "PATH": f"{env / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
-               "MONAI_LABEL_SESSION_PATH": str(log.parent / "sessions")}  # fmt: skip
+               "MONAI_LABEL_SESSION_PATH": str(log.parent / "sessions"), **(extra_env or {})}  # fmt: skip
     run_env.pop("VIRTUAL_ENV", None)
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=run_env, stdout=out, stderr=subprocess.STDOUT,
@@ -291,7 +302,7 @@ def _server(env: Path, studies: Path, conf: dict[str, str], log: Path) -> Iterat
             if proc.poll() is not None:
                 pytest.fail(f"MONAI Label server exited with {proc.returncode}:\n{_log_tail(log)}")
             with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-                client.request("GET", "/info/", timeout=10)
+                client.request("GET", probe, timeout=10)
                 break
             if time.monotonic() > deadline:
                 pytest.fail(f"MONAI Label server did not answer within {STARTUP_S} s:\n{_log_tail(log)}")
@@ -306,6 +317,14 @@ def _server(env: Path, studies: Path, conf: dict[str, str], log: Path) -> Iterat
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+def _binary_png(mask: Path, out: Path) -> Path:
+    from PIL import Image
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.asarray(Image.open(mask)) > 0).astype(np.uint8)).save(out)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -325,18 +344,39 @@ def served(monailabel_env, demo_roots, tmp_path_factory) -> Iterator[dict[str, A
         for rec in records:
             image = root / rec["image"]
             shutil.copy(image, studies / image.name)
-            label = rec.get("label")
+            label = root / rec["label"] if isinstance(rec.get("label"), str) else rec.get("label")
+            if bundle == SEG2D:  # GlaS masks hold gland instance ids; a binary model's label is 0/1
+                label = _binary_png(label, work / "labels" / f"{image.name.split('.')[0]}.png")
             cases[bundle].append({
                 "id": image.name.split(".")[0],
                 "image": studies / image.name,
-                "label": root / label if isinstance(label, str) else label,
+                "label": label,
                 "class_name": rec.get("class_name"),
             })  # fmt: skip
-    conf = {"models": ",".join(MODELS), "ckpt_dir": str(ckpt), "runs_dir": str(runs), "overlays": "demo",
-            "max_upload_mb": str(MAX_UPLOAD_MB)}  # fmt: skip
+    # Traps present at startup: links leading out of the studies folder (an image, /etc/passwd, a label) and two
+    # files sharing one id. None of them may be served.
+    outside = work / "outside"
+    outside.mkdir()
+    secret = outside / "secret.png"
+    _binary_png(cases[SEG2D][0]["label"], secret)
+    (studies / "escape_link.png").symlink_to(secret)
+    (studies / "passwd_link.png").symlink_to("/etc/passwd")
+    (studies / "labels" / "final").mkdir(parents=True)
+    (studies / "labels" / "final" / f"{cases[CLS][0]['id']}.png").symlink_to(secret)
+    shutil.copy(cases[SEG2D][0]["image"], studies / f"twin{cases[SEG2D][0]['image'].suffix}")
+    shutil.copy(cases[SEG3D][0]["image"], studies / f"twin{cases[SEG3D][0]['image'].suffix}")
+    conf = {
+        "models": ",".join(MODELS),
+        "ckpt_dir": str(ckpt),
+        "runs_dir": str(runs),
+        "overlays": "demo",
+        "max_upload_mb": str(MAX_UPLOAD_MB),
+        "publish_margin": "1",
+    }  # fmt: skip  (margin 1: any finite score)
     log = work / "server.log"
     with _server(monailabel_env, studies, conf, log) as client:
-        yield {"client": client, "cases": cases, "ckpt": ckpt, "runs": runs, "work": work, "log": log}
+        yield {"client": client, "cases": cases, "ckpt": ckpt, "runs": runs, "work": work, "log": log,
+               "studies": studies, "outside": outside, "secret": secret, "env": monailabel_env}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -532,6 +572,264 @@ def test_wrong_dimension_unknown_model_and_unknown_image_get_a_sentence(served) 
     assert status == 404 and "no model 'no_such_model'" in detail
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Issue 25: every route guarded; nothing read through links leaving the studies folder; one file per image id;
+# images, labels and classes checked on arrival (a refused upload changes nothing stored)
+
+
+def _venv_json(env: Path, code: str, *args: str) -> Any:
+    """Run ``code`` in the MONAI Label environment (this checkout on its path); the JSON of its last output line."""
+    py = str(environment.python_of(env))
+    run_env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run_env.pop("VIRTUAL_ENV", None)
+    done = subprocess.run([py, "-c", code, *args], capture_output=True, text=True, env=run_env, timeout=REQUEST_S,
+                          check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every entry under ``folder``: a file's SHA-256, a link's target (the lock file, which every write touches,
+    left out)."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        rel = str(path.relative_to(folder))
+        if path.is_symlink():
+            out[rel] = f"-> {os.readlink(path)}"
+        elif path.is_file() and path.name != ".lock":
+            out[rel] = _sha(path)
+    return out
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG signature and header claiming ``width`` x ``height`` RGB pixels, with no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _broken_files(served: dict[str, Any], folder: Path) -> dict[str, Path]:
+    """A truncated PNG and NIfTI volume, a text file named .png and a PNG header claiming 100000 x 100000 pixels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    png, volume = served["cases"][SEG2D][0]["label"], served["cases"][SEG3D][0]["image"]
+    files = {
+        "truncated_png": (folder / "truncated.png", png.read_bytes()[: png.stat().st_size // 2]),
+        "truncated_volume": (folder / f"truncated{volume.suffix}", volume.read_bytes()[: volume.stat().st_size // 2]),
+        "text": (folder / "text.png", b"this is not an image\n" * 10),
+        "huge": (folder / "huge.png", _png_header(100_000, 100_000)),
+    }
+    for path, data in files.values():
+        path.write_bytes(data)
+    return {k: p for k, (p, _) in files.items()}
+
+
+def test_every_monailabel_route_is_served_or_refused_with_its_reason(served) -> None:
+    """Every route the installed MONAI Label registers (enumerated from its FastAPI app) is in the app's policy;
+    each one the app does not need answers 403 with the reason and the --conf key that opens it, another method of
+    a served path 405, an unknown path 404. PUT/DELETE /model leave the served model as it was."""
+    from tpp_monai.label import routes
+
+    code = ("import json; from monailabel.app import app; from tpp_monai.label.server import registered_routes; "
+            "print(json.dumps(sorted(set(registered_routes(app.routes)))))")  # fmt: skip
+    registered = [tuple(r) for r in _venv_json(served["env"], code)]
+    assert {("PUT", "/model/{model}"), ("POST", "/batch/infer/{model}"), ("POST", "/activelearning/{strategy}"),
+            ("POST", "/infer/wsi/{model}"), ("POST", "/reload")} <= set(registered)  # fmt: skip
+    groups = routes.classify(registered, routes.RoutePolicy())
+    assert [r for r, g in groups.items() if g == "unlisted"] == []
+
+    client, model = served["client"], served["ckpt"] / SEG2D / app_conf.MODEL_FILE
+    before = _sha(model)
+    junk = served["work"] / "junk_model.pt"
+    junk.write_bytes(b"not a model")
+    body, headers = client.multipart({"params": "{}", "wsi": "{}"}, {"file": junk})
+    for (method, template), group in sorted(groups.items()):
+        if group == routes.SERVED or method == "HEAD":
+            continue
+        path = template.replace("{model}", SEG2D).replace("{path:path}", "a/b")
+        path = path.replace("{strategy}", "random").replace("{method}", "x").replace("{session_id}", "x")
+        status, detail = client.refused(method, path, body if method in ("POST", "PUT") else None, headers)
+        assert status == 403 and f"--conf open_routes {group}" in detail, (method, path, status, detail)
+    assert model.is_file() and _sha(model) == before
+
+    status, detail = client.refused("PATCH", "/info/")
+    assert status == 405 and "GET" in detail
+    status, detail = client.refused("DELETE", f"/datastore/image/info?image={served['cases'][SEG2D][0]['id']}")
+    assert status == 405 and "PUT" in detail
+    status, _ = client.refused("GET", "/no/such/route")
+    assert status == 404
+
+
+def test_nothing_is_read_through_a_link_leaving_the_studies_folder(served) -> None:
+    """Links out of the folder (an image, /etc/passwd, a label; present at startup or made later) are not listed,
+    not downloadable, not inferred on, and not written through."""
+    from PIL import Image
+
+    client, studies, secret = served["client"], served["studies"], served["secret"]
+    secret_digest = _sha(secret)
+    objects = client.json("GET", "/datastore/?output=all")["objects"]
+    cls_id = served["cases"][CLS][0]["id"]
+    assert not {"escape_link", "passwd_link", "late_link"} & set(objects)
+    assert "final" not in objects[cls_id]["labels"]
+    (studies / "late_link.png").symlink_to(secret)  # while the server runs (its file watcher may see it)
+    try:
+        for image in ("escape_link", "passwd_link", "late_link"):
+            status, detail = client.refused("GET", f"/datastore/image?image={image}")
+            assert status == 404, (image, detail)
+            status, detail = client.form_refused("POST", f"/infer/{SEG2D}?image={image}&output=image",
+                                                 {"params": "{}"})  # fmt: skip
+            assert status == 404 and "not in the studies folder" in detail, (image, detail)
+        status, _ = client.refused("GET", f"/datastore/label?label={cls_id}&tag=final")
+        assert status == 404
+        label = studies.parent / "cls_label.png"
+        Image.fromarray(np.zeros(np.asarray(Image.open(served["cases"][CLS][0]["image"])).shape[:2], np.uint8)).save(
+            label
+        )
+        status, detail = client.form_refused("PUT", f"/datastore/label?image={cls_id}&tag=final", {"params": "{}"},
+                                             {"label": label})  # fmt: skip
+        assert status == 400 and "outside" in detail, detail
+    finally:
+        (studies / "late_link.png").unlink()
+    assert _sha(secret) == secret_digest
+
+
+def test_an_image_id_names_one_file(served, tmp_path) -> None:
+    """Two files sharing a stem at startup: neither is served. An upload under a taken id (another file type, or
+    another image) is refused 409 and changes nothing; the same file again is accepted and changes nothing."""
+    client, studies = served["client"], served["studies"]
+    case, volume = served["cases"][SEG2D][0], served["cases"][SEG3D][0]["image"]
+    status, _ = client.refused("GET", "/datastore/image?image=twin")
+    assert status == 404
+    stored = _tree(studies)
+    for upload in (volume, served["cases"][SEG2D][1]["image"]):
+        for path in (f"/datastore/image?image={case['id']}", f"/datastore/?image={case['id']}"):
+            status, detail = client.form_refused("PUT", path, {"params": "{}"}, {"file": upload})
+            assert status == 409 and f"image id {case['id']!r} is taken" in detail, (upload, detail)
+    assert _tree(studies) == stored
+    data, _ = client.request("GET", f"/datastore/image?image={case['id']}")
+    assert data == case["image"].read_bytes()
+    assert json.loads(client.form("PUT", f"/datastore/image?image={case['id']}", {"params": "{}"},
+                                  {"file": case["image"]})[0]) == {"image": case["id"]}  # fmt: skip
+    assert _tree(studies) == stored
+
+
+def test_labels_are_checked_on_arrival(served, tmp_path) -> None:
+    """A label must decode in full, have one channel, a lossless format, its image's size and the model's class
+    values: each violation is a 4xx naming it, and the label stored before stays as it was."""
+    import nibabel as nib
+    from PIL import Image
+
+    client, studies = served["client"], served["studies"]
+    case = served["cases"][SEG2D][1]
+    client.form("PUT", f"/datastore/label?image={case['id']}&tag=final", {"params": "{}"}, {"label": case["label"]})
+    stored = _tree(studies)
+    good = np.asarray(Image.open(case["label"]))
+    bad_2d = {
+        "instance_ids.png": (
+            Image.fromarray((np.arange(good.size) % 8).reshape(good.shape).astype(np.uint8)),
+            "value(s) 2, 3",
+        ),
+        "mask_0_255.png": (Image.fromarray(good * 255), "0/255"),
+        "rgb.png": (Image.fromarray(np.stack([good] * 3, -1)), "3 channels"),
+        "photo.jpg": (Image.fromarray(good), "lossy"),
+    }
+    broken = _broken_files(served, tmp_path / "broken")
+    uploads = []
+    for name, (img, phrase) in bad_2d.items():
+        img.save(tmp_path / name)
+        uploads.append((tmp_path / name, phrase))
+    jpeg_named_png = tmp_path / "jpeg_named.png"
+    jpeg_named_png.write_bytes((tmp_path / "photo.jpg").read_bytes())
+    uploads += [(jpeg_named_png, "lossy"), (broken["truncated_png"], "not a readable image"),
+                (broken["text"], "not a readable image"), (broken["huge"], "max_image_pixels"),
+                (served["cases"][SEG3D][0]["label"], "takes a 2D label")]  # fmt: skip
+    Image.fromarray(good).save(tmp_path / "other_type.bmp")
+    for label, phrase in uploads:
+        status, detail = client.form_refused("PUT", f"/datastore/label?image={case['id']}&tag=final",
+                                             {"params": "{}"}, {"label": label})  # fmt: skip
+        assert 400 <= status < 500 and phrase in detail, (label.name, status, detail)
+    status, detail = client.form_refused("PUT", f"/datastore/label?image={case['id']}&tag=final", {"params": "{}"},
+                                         {"label": tmp_path / "other_type.bmp"})  # fmt: skip
+    assert status == 409 and "same file type" in detail
+
+    vol_case = served["cases"][SEG3D][1]
+    reference = nib.load(vol_case["label"])
+    values = np.asarray(reference.dataobj)
+    bad_3d = {
+        "class_3.nii.gz": (np.where(values > 0, 3, 0).astype(np.uint8), "value(s) 3"),
+        "halves.nii.gz": ((values > 0) * 0.5, "non-integer"),
+        "short.nii.gz": (values[:-1].astype(np.uint8), "shape"),
+    }
+    for name, (array, phrase) in bad_3d.items():
+        nib.save(nib.Nifti1Image(array, reference.affine), tmp_path / name)
+        status, detail = client.form_refused("PUT", f"/datastore/label?image={vol_case['id']}&tag=final",
+                                             {"params": "{}"}, {"label": tmp_path / name})  # fmt: skip
+        assert status == 400 and phrase in detail, (name, detail)
+    assert _tree(studies) == stored
+
+
+def test_class_values_are_checked_on_arrival(served, tmp_path) -> None:
+    client, studies = served["client"], served["studies"]
+    cls_id = served["cases"][CLS][0]["id"]
+    stored = _tree(studies)
+    for info, phrase in (({"class": "XYZ"}, "HP"), ({"class": 5}, "HP"), ({"class": True}, "HP"),
+                         ({"class": ["SSA"]}, "HP")):  # fmt: skip
+        status, detail = client.form_refused("PUT", f"/datastore/image/info?image={cls_id}", {"info": json.dumps(info)})
+        assert status == 400 and "not one of the served models' classes" in detail and phrase in detail, detail
+    for text in ("{", "[1]"):
+        status, detail = client.form_refused("PUT", f"/datastore/image/info?image={cls_id}", {"info": text})
+        assert status == 400 and ("not valid JSON" in detail or "JSON object" in detail), detail
+    upload = tmp_path / "with_class.png"
+    shutil.copy(served["cases"][CLS][1]["image"], upload)
+    status, detail = client.form_refused("PUT", "/datastore/image?image=with_class",
+                                         {"params": json.dumps({"class": "nope"})}, {"file": upload})  # fmt: skip
+    assert status == 400 and "nope" in detail
+    assert _tree(studies) == stored
+    client.form("PUT", f"/datastore/image/info?image={cls_id}", {"info": json.dumps({"class": "1"})})  # an index
+    assert client.json("GET", f"/datastore/image/info?image={cls_id}")["class"] == "1"
+    client.form("PUT", f"/datastore/image/info?image={cls_id}", {"info": json.dumps({"class": None})})  # unset
+
+
+def test_images_are_decoded_in_full_on_arrival(served, tmp_path) -> None:
+    client, studies = served["client"], served["studies"]
+    broken = _broken_files(served, tmp_path)
+    stored = _tree(studies)
+    for key, (status_wanted, phrase) in {"truncated_png": (400, "not a readable image"),
+                                         "truncated_volume": (400, "not a readable image"),
+                                         "text": (400, "not a readable image"),
+                                         "huge": (413, "max_image_pixels")}.items():  # fmt: skip
+        status, detail = client.form_refused("PUT", f"/datastore/image?image=upload_{key}", {"params": "{}"},
+                                             {"file": broken[key]})  # fmt: skip
+        assert status == status_wanted and phrase in detail, (key, status, detail)
+    assert _tree(studies) == stored
+
+
+def test_infer_on_a_broken_or_oversized_upload_is_4xx(served, tmp_path) -> None:
+    client = served["client"]
+    broken = _broken_files(served, tmp_path)
+    for key, model in (("truncated_png", SEG2D), ("text", SEG2D), ("huge", SEG2D), ("truncated_volume", SEG3D)):
+        status, detail = client.form_refused("POST", f"/infer/{model}?output=image", {"params": "{}"},
+                                             {"file": broken[key]})  # fmt: skip
+        assert status in (400, 413) and ("not a readable image" in detail or "max_image_pixels" in detail), detail
+    big = tmp_path / "big.png"
+    big.write_bytes(os.urandom(MAX_UPLOAD_MB * 1024 * 1024 + 1))
+    status = client.refused_before_body("POST", f"/infer/{SEG2D}?output=image",
+                                        *client.multipart({"params": "{}"}, {"file": big}))  # fmt: skip
+    assert status == 413
+    status, detail = client.form_refused("POST", f"/infer/{SEG2D}?output=image", {"params": "{}"})
+    assert status == 400 and "name an image" in detail
+    data, ctype = client.form("POST", f"/infer/{SEG2D}?output=image", {"params": "{}"},
+                              {"file": served["cases"][SEG2D][0]["image"]})  # fmt: skip
+    assert ctype.startswith("image/png") and data.startswith(b"\x89PNG")
+
+
 def _train(served: dict[str, Any], model: str, params: dict[str, Any], status: str = "DONE") -> dict[str, Any]:
     """``POST /train/<model>``, then poll ``GET /train/`` until the task ends (bounded); check how it ended."""
     client = served["client"]
@@ -616,3 +914,164 @@ def test_train_classification_on_image_info_classes(served) -> None:
     )
     assert datalist["validation"] == datalist["training"]  # no held-out split asked for: validated on training
     assert _sha(model) != before
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MONAI Label's own client, as a user runs it (no field patched), and a publish the check refuses
+
+
+_CLIENT_SESSION = r"""
+import json, sys, time
+from monailabel.client import MONAILabelClient
+
+base, image, label, model, train_s = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
+client = MONAILabelClient(base)
+out = {"models": sorted(client.info()["models"])}
+out["upload"] = client.upload_image(image, image_id="client_upload")
+out["label"] = client.save_label("client_upload", label, tag="final")
+mask, params = client.infer(model, "client_upload", {})
+out["mask"] = mask
+out["train_start"] = client.train_start(model, {"max_epochs": 1, "val_split": 0.5})
+deadline = time.monotonic() + train_s
+while (status := client.train_status())["status"] in ("SUBMITTED", "RUNNING") and time.monotonic() < deadline:
+    time.sleep(2)
+out["train_status"] = {k: status.get(k) for k in ("status", "details")}
+print(json.dumps(out))
+"""
+
+
+def test_monailabel_client_end_to_end(served, tmp_path) -> None:
+    """``monailabel.client.MONAILabelClient`` as it ships: info, upload_image, save_label, infer, train_start and
+    train_status against the live server; the trained model is published and served."""
+    from PIL import Image
+
+    case = served["cases"][SEG2D][0]
+    image = tmp_path / f"client_upload{case['image'].suffix}"
+    shutil.copy(case["image"], image)  # the same pixels under a new id
+    model = served["ckpt"] / SEG2D / app_conf.MODEL_FILE
+    before = _sha(model)
+    out = _venv_json(served["env"], _CLIENT_SESSION, served["client"].base, str(image), str(case["label"]), SEG2D,
+                     str(TRAIN_S))  # fmt: skip
+    assert out["models"] == sorted(MODELS)
+    assert out["upload"]["image"] == "client_upload" and out["label"]["image"] == "client_upload"
+    assert (
+        served["studies"] / "labels" / "final" / Path(case["label"]).name.replace(case["id"], "client_upload")
+    ).is_file()
+    with Image.open(out["mask"]) as mask:
+        assert mask.size == Image.open(image).size and set(np.unique(np.asarray(mask)).tolist()) <= {0, 1}
+    status = out["train_status"]
+    assert status["status"] == "DONE", "\n".join(status.get("details") or []) + _log_tail(served["log"])
+    assert _sha(model) != before  # published (the served fixture's margin accepts any finite score)
+
+
+def test_a_refused_publish_keeps_the_served_model_and_says_so(served, tmp_path) -> None:
+    """A server whose margin no Dice can meet (``publish_margin -1.5``: at least the served score + 1.5): /train
+    ends in ERROR, its last status line says the model is not published, publish.json records both scores, and
+    the served model's digest is unchanged."""
+    studies, ckpt = tmp_path / "studies", tmp_path / "ckpt"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for case in served["cases"][SEG2D]:
+        shutil.copy(case["image"], studies / case["image"].name)
+        shutil.copy(case["label"], studies / "labels" / "final" / f"{case['id']}{Path(case['label']).suffix}")
+    shutil.copytree(served["ckpt"] / SEG2D, ckpt / SEG2D)
+    model = ckpt / SEG2D / app_conf.MODEL_FILE
+    before = _sha(model)
+    conf = {"models": SEG2D, "ckpt_dir": str(ckpt), "runs_dir": str(tmp_path / "runs"), "overlays": "demo",
+            "publish_margin": "-1.5"}  # fmt: skip
+    log = tmp_path / "server.log"
+    with _server(served["env"], studies, conf, log) as client:
+        task = _train({"client": client, "log": log}, SEG2D, {"max_epochs": 1, "val_split": 0.5}, status="ERROR")
+        stats = client.json("GET", "/info/")["train_stats"][SEG2D]
+    assert any("not published, the served model stays" in line for line in task["details"]), task["details"]
+    assert "not published, the served model stays" in log.read_text(errors="replace")
+    decision = stats["publish"]
+    assert decision["published"] is False and decision["margin"] == -1.5
+    assert np.isfinite(decision["score"]) and np.isfinite(decision["served_score"])
+    assert _sha(model) == before
+
+
+_REALM_KEYS = r"""
+import base64, json, time
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+realm, other = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+der = realm.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+def token(key, roles, lifetime=3600):
+    claims = {"preferred_username": "tester", "realm_access": {"roles": roles}, "exp": int(time.time()) + lifetime}
+    return jwt.encode(claims, key, algorithm="RS256")
+
+print(json.dumps({"public_key": base64.b64encode(der).decode(), "user": token(realm, ["monailabel-user"]),
+                  "annotator": token(realm, ["monailabel-user", "monailabel-annotator"]),
+                  "admin": token(realm, ["monailabel-admin"]), "forged": token(other, ["monailabel-admin"]),
+                  "expired": token(realm, ["monailabel-admin"], -3600)}))
+"""
+
+
+@contextlib.contextmanager
+def _realm(public_key: str) -> Iterator[str]:
+    """A stand-in OpenID realm on loopback: its URI answers ``{"public_key": ...}``, as Keycloak's realm URI does
+    (all MONAI Label's token check asks of it)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = json.dumps({"realm": "test", "public_key": public_key}).encode()
+
+    class Realm(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Realm)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/realms/test"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_monailabel_auth_settings_guard_every_served_route(served, tmp_path) -> None:
+    """The server started with MONAI Label's own auth settings (``MONAI_LABEL_AUTH_ENABLE``, a realm URI): no token,
+    a forged or expired token: 401; a valid token without the route's role: 403 naming it, before the body is read;
+    the right role: the request reaches the app's own checks."""
+    keys = _venv_json(served["env"], _REALM_KEYS)
+    case = served["cases"][SEG2D][0]
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(case["image"], studies / case["image"].name)
+    conf = {"models": SEG2D, "ckpt_dir": str(served["ckpt"]), "runs_dir": str(tmp_path / "runs"), "overlays": "demo"}
+    log = tmp_path / "server.log"
+    with _realm(keys["public_key"]) as realm_uri:
+        auth_env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm_uri}
+        with _server(served["env"], studies, conf, log, extra_env=auth_env, probe="/auth/") as client:
+            assert client.json("GET", "/auth/")["enabled"] is True
+            status, detail = client.refused("GET", "/info/")
+            assert status == 401 and "Bearer" in detail
+            for name in ("forged", "expired"):
+                status, detail = client.bearer(keys[name]).refused("GET", "/info/")
+                assert status == 401 and "not valid" in detail, (name, detail)
+            user, annotator, admin = (client.bearer(keys[k]) for k in ("user", "annotator", "admin"))
+            assert set(user.json("GET", "/info/")["models"]) == {SEG2D}
+            body, headers = client.multipart({"params": "{}"}, {"label": case["label"]})
+            status = user.refused_before_body("PUT", f"/datastore/label?image={case['id']}&tag=final", body, headers)
+            assert status == 403
+            status, detail = user.refused("PUT", f"/datastore/label?image={case['id']}&tag=final", body, headers)
+            assert status == 403 and "monailabel-annotator" in detail
+            train = json.dumps({"max_epochs": 0}).encode(), {"Content-Type": "application/json"}
+            status, detail = annotator.refused("POST", f"/train/{SEG2D}", *train)
+            assert status == 403 and "monailabel-admin" in detail
+            status, detail = admin.refused("POST", f"/train/{SEG2D}", *train)
+            assert status == 400 and "max_epochs" in detail  # past the token check, refused by the app's own
+            status, detail = admin.refused("PUT", f"/model/{SEG2D}", body, headers)
+            assert status == 403 and "--conf open_routes model_upload" in detail
+    assert not (studies / "labels" / "final").exists() or not any((studies / "labels" / "final").iterdir())

@@ -9,6 +9,14 @@
                               (``configs/demo.json``: the synthetic-data overlay with its tiny backbone); a name is
                               looked up in the bundle's ``configs/``, a path is used as is
 ``--conf max_upload_mb N``    largest request body (an uploaded image or label) the server accepts; default 256
+``--conf max_image_pixels N`` largest image or label (pixels or voxels, times channels) it decodes; default 2**28
+``--conf publish_margin X``   ``/train`` publishes its model only when its best validation score is at least the
+                              served model's (on the same validation images) minus X; default 0.02 (scores are
+                              fractions: Dice, AUC); a negative X asks for an improvement of at least -X
+``--conf open_routes a,b``    MONAI Label routes the app refuses by default, opened (groups in
+                              :mod:`tpp_monai.label.routes`: model_download, model_upload, model_delete,
+                              datastore_delete, dataset_download, sessions, batch_infer, activelearning, scoring,
+                              wsi, logs, ohif, dicom_proxy, reload, docs)
 
 Bundles are local folders only: nothing is looked up in or downloaded from the model zoo.
 """
@@ -16,6 +24,7 @@ Bundles are local folders only: nothing is looked up in or downloaded from the m
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 REPO_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
+DEFAULT_PUBLISH_MARGIN = 0.02
+CLASS_INFO_KEY = "class"  # image info key holding an image's class (name or index) for classification training
 MODEL_FILE = "model.pt"  # what finetune's best-model saver writes into ckpt_dir (key_metric_filename)
 
 
@@ -83,6 +94,26 @@ def class_names(metadata: Mapping[str, Any]) -> list[str]:
     out = next(iter(metadata["network_data_format"]["outputs"].values()))
     channels = out.get("channel_def", {})
     return [channels[k] for k in sorted(channels, key=int)]
+
+
+def label_values(metadata: Mapping[str, Any]) -> list[int]:
+    """The values a segmentation bundle's label holds: 0 and 1 for a single (sigmoid) channel, else the channel
+    indices (channel 0 is the background)."""
+    return list(range(max(2, len(class_names(metadata)))))
+
+
+def number_conf(conf: Mapping[str, str], key: str, default: float, low: float = -math.inf) -> float:
+    """A numeric ``--conf`` value; ``ValueError`` naming the key when it is not a finite number >= ``low``."""
+    text = conf.get(key)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < low:
+        raise ValueError(f"--conf {key} {text!r} is not a finite number" + (f" >= {low}" if low > -math.inf else ""))
+    return value
 
 
 def _overlay_path(bundle: str, item: str) -> str:

@@ -12,9 +12,11 @@ import contextlib
 import csv
 import json
 import logging
+import math
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -27,9 +29,20 @@ from monai.transforms import LoadImage, MapTransform
 from monai.utils import convert_to_numpy
 
 from tpp_monai.compat import import_torchvision
-from tpp_monai.label.app_conf import MODEL_FILE, BundleSpec, class_names, output_kind, spatial_dims
+from tpp_monai.label.app_conf import (
+    CLASS_INFO_KEY,
+    DEFAULT_PUBLISH_MARGIN,
+    MODEL_FILE,
+    BundleSpec,
+    class_names,
+    number_conf,
+    output_kind,
+    spatial_dims,
+)
+from tpp_monai.label.files import IMAGE_2D, IMAGE_3D
 from tpp_monai.label.guard import (
     BOOL,
+    CLIENT_ID_PARAM,
     DEVICE_PARAM,
     NAME_PARAM,
     Param,
@@ -56,15 +69,13 @@ from monailabel.tasks.train.bundle import BundleTrainTask  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-CLASS_INFO_KEY = "class"  # image info key holding an image's class (name or index) for classification training
-IMAGE_2D = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-IMAGE_3D = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd", ".dcm")
 Records = list[dict[str, Any]]
 GPUS = re.compile(r"all|\d{1,2}(,\d{1,2})*")
 RUN_ID = "finetune"  # our training workflow's run id (model-zoo bundles use "run")
 MASK_2D = ".png"  # 2D masks are written losslessly whatever the input's format (a JPEG mask would invent labels)
 MASKS_3D = (".nii.gz", ".nii", ".nrrd")
 DTYPES = ("uint8", "uint16", "int16", "int32", "float32")
+PUBLISH_RECORD = "publish.json"  # in a /train run folder: the publishing decision and both validation scores
 
 
 def _load_config(spec: BundleSpec, config_path: str) -> ConfigParser:
@@ -144,7 +155,7 @@ class TppInferTask(BundleInferTask):
             "result_dtype": choice(DTYPES),
             "result_compress": BOOL,
             "logging": choice(("DEBUG", "INFO", "WARNING", "ERROR")),
-            "client_id": NAME_PARAM,
+            "client_id": CLIENT_ID_PARAM,
         }
 
     def check_params(self, params: Mapping[str, Any]) -> None:
@@ -156,6 +167,33 @@ class TppInferTask(BundleInferTask):
             raise RequestRefused(
                 f"model_filename {value!r} is not one of this model's files {self._config['model_filename']}"
             )
+
+    def check_model_upload(self, path: str) -> None:
+        """``PUT /model/<model>`` (when the operator opened it): the file must hold the served model's weights, every
+        name and shape the same and every value finite, or the next ``/infer`` would fail."""
+        import torch
+
+        where = f"PUT /model/{self.spec.name}"
+        try:
+            new = _state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as err:  # not a checkpoint of plain tensors
+            raise RequestRefused(
+                f"{where}: the file is not a PyTorch checkpoint of weights ({type(err).__name__})"
+            ) from None
+        if not os.path.isfile(self.spec.model_path):
+            raise RequestRefused(f"{where}: there is no served model to compare with; /train creates one", 409)
+        old = _state_dict(torch.load(self.spec.model_path, map_location="cpu", weights_only=True))
+        problems = [f"missing {k}" for k in sorted(set(old) - set(new))] + [
+            f"unexpected {k}" for k in sorted(set(new) - set(old))
+        ]
+        for key in sorted(set(old) & set(new)):
+            if not isinstance(new[key], torch.Tensor) or new[key].shape != old[key].shape:
+                problems.append(f"{key}: {getattr(new[key], 'shape', type(new[key]).__name__)} for {old[key].shape}")
+            elif new[key].is_floating_point() and not torch.isfinite(new[key]).all():
+                problems.append(f"{key}: non-finite values")
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
+            raise RequestRefused(f"{where}: the weights do not fit the served model: {shown}")
 
     def check_image(self, path: str, image: str) -> None:
         """Refuse an image whose file type does not have this model's spatial dimension."""
@@ -187,7 +225,33 @@ class TppInferTask(BundleInferTask):
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: str | None = None) -> Any:
         if self.kind == "segmentation" and self.dims == 2:  # MONAI Label would reuse the input's format (JPEG)
             extension, dtype = MASK_2D, "uint8"
-        return super().writer(data, extension, dtype)
+        result, result_json = super().writer(data, extension, dtype)
+        if isinstance(result, str) and os.path.isfile(result):
+            # MONAI Label writes the result to <tmp>/<random>.<ext>, sends that file name, and deletes the file after
+            # answering; MONAILabelClient saves the answer to <its tmpdir>/<that name>, by default the same path, so
+            # the server would delete the client's copy. The result lives in a folder of the server's own instead.
+            private = os.path.join(_results_dir(), os.path.basename(result))
+            os.replace(result, private)
+            result = private
+        return result, result_json
+
+
+_RESULTS_DIR: list[str] = []
+
+
+def _results_dir() -> str:
+    """The server's own folder for inference results (one per process, private to its user)."""
+    if not _RESULTS_DIR:
+        _RESULTS_DIR.append(tempfile.mkdtemp(prefix="tpp_monai_label_results_"))
+    return _RESULTS_DIR[0]
+
+
+def _state_dict(checkpoint: Any) -> dict[str, Any]:
+    """The weights of a model file as MONAI Label's loader reads them (``checkpoint["model"]`` or the whole)."""
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise TypeError("no state dict")
+    return state
 
 
 class FinetuneConstants(TrainConstants):
@@ -215,8 +279,11 @@ class TppTrainTask(BundleTrainTask):
     (``PUT /datastore/image/info`` with ``{"class": "<name or index>"}``). The run continues from the served model
     when ``pretrained`` (the default) and it exists; it validates every epoch, and when it ends its best model
     replaces the served one (atomically; inference reloads it on its next request) only if every validation score
-    is finite. Its training set must hold every class (classification: split per class; segmentation: some
-    training mask shows each class).
+    is finite and the best is no worse than the served model's on the same validation images, by at most ``--conf
+    publish_margin`` (the served model is validated by the bundle's own evaluator first). Otherwise the served model
+    stays, the job ends in ERROR with the reason as its last log line, and ``publish.json`` in the run folder (shown
+    in ``/info/``'s ``train_stats``) records both scores. Its training set must hold every class (classification:
+    split per class; segmentation: some training mask shows each class).
     """
 
     def __init__(self, spec: BundleSpec, conf: Mapping[str, str]) -> None:
@@ -224,8 +291,10 @@ class TppTrainTask(BundleTrainTask):
         metadata = spec.metadata()
         self.kind, self.dims, self.classes = output_kind(metadata), spatial_dims(metadata), class_names(metadata)
         self.runs_root = os.path.join(spec.runs_root(), "monailabel")
+        self.margin = number_conf(conf, "publish_margin", DEFAULT_PUBLISH_MARGIN)
         self.run_dir = ""
         self._request: dict[str, Any] = {}
+        self._validation_overrides: dict[str, Any] = {}
         super().__init__(spec.path, dict(conf), const=FinetuneConstants(), load_strict=True)
 
     def _load_bundle_config(self, path: str, config: str) -> ConfigParser:
@@ -257,6 +326,7 @@ class TppTrainTask(BundleTrainTask):
             "model_filename": choice((MODEL_FILE,)),
             "backbone_ckpt": own,
             "tpp_ckpt": own,
+            "client_id": CLIENT_ID_PARAM,
         }
 
     def _own_checkpoint(self, value: str) -> bool:
@@ -291,6 +361,9 @@ class TppTrainTask(BundleTrainTask):
                 rows = list(csv.DictReader(f))
             if rows:
                 out["last_epoch"] = rows[-1]
+            decision = history.parent / PUBLISH_RECORD
+            if decision.is_file():
+                out["publish"] = json.loads(decision.read_text())
         if os.path.isfile(self.spec.model_path):
             out["model_mtime"] = os.path.getmtime(self.spec.model_path)
         return out
@@ -331,17 +404,56 @@ class TppTrainTask(BundleTrainTask):
 
     def _publish(self, model: str) -> None:
         """Replace the served model by the run's best one (copy + rename: inference never reads a partial file),
-        provided every validation score of the run is finite."""
+        provided every validation score of the run is finite and the best is at least the served model's (on the
+        same validation images) minus the margin; the decision goes to ``publish.json`` and the log."""
         if not os.path.isfile(model):
             raise RuntimeError(f"{self.spec.name}: the run in {self.run_dir} finished without a best model ({model})")
         key = next(iter(self.bundle_config.get("validate#key_metric")))
-        score = check_scores(os.path.join(self.run_dir, "history.csv"), key)
-        logger.info("%s: best %s %.4f", self.spec.name, key, score)
+        decision: dict[str, Any] = {"key": key, "margin": self.margin, "published": False}
+        try:
+            decision["score"] = score = check_scores(os.path.join(self.run_dir, "history.csv"), key)
+            served = self._served_score(key) if os.path.isfile(self.spec.model_path) else None
+            decision["served_score"] = served
+            logger.info("%s: best %s %.4f; served model %s", self.spec.name, key, score,
+                        "none" if served is None else f"{served:.4f}")  # fmt: skip
+            if served is not None and math.isfinite(served) and score < served - self.margin:
+                raise RequestRefused(
+                    f"{self.spec.name}: the new model is not published, the served model stays: its best {key} "
+                    f"{score:.4f} is below the served model's {served:.4f} on the same validation images minus the "
+                    f"margin {self.margin:g} (--conf publish_margin)",
+                    422,
+                )
+        except RequestRefused as err:
+            decision["reason"] = str(err)
+            self._record(decision)
+            logger.error("%s", err)
+            raise
         os.makedirs(self.spec.ckpt_dir, exist_ok=True)
         partial = self.spec.model_path + ".partial"
         shutil.copyfile(model, partial)
         os.replace(partial, self.spec.model_path)
+        decision["published"] = True
+        self._record(decision)
         logger.info("%s: served model updated from %s", self.spec.name, model)
+
+    def _record(self, decision: dict[str, Any]) -> None:
+        with open(os.path.join(self.run_dir, PUBLISH_RECORD), "w", encoding="utf-8") as f:
+            json.dump(decision, f, indent=1)
+
+    def _served_score(self, key: str) -> float:
+        """The served model's ``key`` on this run's validation images, by the bundle's own validation evaluator
+        (without its best-model saver: nothing is written)."""
+        from monai.handlers import CheckpointLoader
+
+        parser = _load_config(self.spec, self.bundle_config_path)
+        parser.update(self._validation_overrides)
+        parser["validate#handlers"] = []
+        evaluator = parser.get_parsed_content("validate#evaluator")
+        network = parser.get_parsed_content("network_def")
+        CheckpointLoader(self.spec.model_path, {"model": network}, name="ServedModelLoader", strict=True,
+                         map_location=parser.get_parsed_content("device")).attach(evaluator)  # fmt: skip
+        evaluator.run()
+        return float(evaluator.state.metrics[key])
 
     def _fetch_datalist(self, request: Mapping[str, Any], datastore: Datastore) -> list[dict[str, Any]]:
         if self.kind == "classification":
@@ -417,6 +529,14 @@ class TppTrainTask(BundleTrainTask):
         for key in ("backbone_ckpt", "tpp_ckpt"):  # or as the request says
             if self._request.get(key):
                 overrides[key] = self._request[key]
+        served = os.path.join(self.run_dir, "served_model_validation")
+        self._validation_overrides = {
+            **{k: overrides[k] for k in (self.const.key_device(), "datalist", "dataset_dir") if k in overrides},
+            "output_dir": served,
+            "ckpt_dir": served,
+            "backbone_ckpt": FROM_MODEL_FILE,
+            "tpp_ckpt": "none",
+        }
         return overrides
 
     def run_single_gpu(self, request: Mapping[str, Any], overrides: dict[str, Any]) -> None:

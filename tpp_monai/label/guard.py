@@ -119,6 +119,8 @@ def number(kind: type, low: float, high: float, *, high_open: bool = False) -> P
 
 BOOL = Param((bool,), "true or false")
 NAME_PARAM = Param((str,), "a plain name", lambda v: v == "" or bool(NAME.fullmatch(v)))
+# MONAILabelClient sends client_id=null unless given one (3D Slicer and OHIF send their user's id): the default client
+CLIENT_ID_PARAM = Param((str, type(None)), "a plain name or null", lambda v: v is None or NAME_PARAM.valid(v))
 DEVICE_PARAM = Param((str, list), "'cpu', 'cuda' or 'cuda:<n>'",
                      lambda v: isinstance(_first(v), str) and bool(DEVICE.fullmatch(_first(v))))  # fmt: skip
 

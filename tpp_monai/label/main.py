@@ -20,6 +20,7 @@ local bundles) is not used.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from typing import Any
@@ -32,8 +33,17 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import strtobool
 
 import tpp_monai
-from tpp_monai.label.app_conf import bundle_specs
+from tpp_monai.label.app_conf import (
+    DEFAULT_PUBLISH_MARGIN,
+    bundle_specs,
+    class_names,
+    label_values,
+    number_conf,
+    output_kind,
+    spatial_dims,
+)
 from tpp_monai.label.bundle_tasks import TppInferTask, TppTrainTask
+from tpp_monai.label.files import DEFAULT_MAX_PIXELS, read_image
 from tpp_monai.label.guard import (
     DEFAULT_MAX_UPLOAD_MB,
     RequestRefused,
@@ -41,30 +51,34 @@ from tpp_monai.label.guard import (
     confined,
     refuse_expressions,
 )
-from tpp_monai.label.server import ConfinedDatastore, install
+from tpp_monai.label.routes import RoutePolicy, open_groups
+from tpp_monai.label.server import SERVED_EXTENSIONS, ConfinedDatastore, StudyRules, install
 
 logger = logging.getLogger(__name__)
-
-# 2D formats of the project's datasets that MONAI Label's default list lacks (GlaS is .bmp, Chest X-ray .jpeg).
-EXTRA_EXTENSIONS = ["*.bmp", "*.jpeg", "*.tiff"]
 
 
 class TppApp(MONAILabelApp):
     """One inference and one training task per bundle named in ``--conf models``.
 
-    Requests are checked before MONAI Label runs them (see :mod:`tpp_monai.label.guard`): ``/infer`` and
-    ``/train`` take only their listed parameters, no value is a config expression, an image is one of the studies
-    folder's (or the request's own upload) and fits the model's dimension, uploads are at most ``--conf
-    max_upload_mb`` (default ``guard.DEFAULT_MAX_UPLOAD_MB``), and the datastore keeps every write inside the studies
-    folder.
+    Requests are checked before MONAI Label runs them (see :mod:`tpp_monai.label.server`): routes the app does not
+    serve are refused (``--conf open_routes`` opens groups of them), ``/infer`` and ``/train`` take only their
+    listed parameters, no value is a config expression, an image is one of the studies folder's (or the request's
+    own upload), decodes in full and fits the model's dimension, uploads are at most ``--conf max_upload_mb``
+    (default ``guard.DEFAULT_MAX_UPLOAD_MB``) and images at most ``--conf max_image_pixels``, and the datastore
+    checks every image and label before storing it and keeps every read and write inside the studies folder.
     """
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.specs = bundle_specs(conf)
-        try:
-            self.max_upload_mb = float(conf.get("max_upload_mb", DEFAULT_MAX_UPLOAD_MB))
-        except ValueError:
-            raise ValueError(f"--conf max_upload_mb {conf['max_upload_mb']!r} is not a number of megabytes") from None
+        self.max_upload_mb = number_conf(conf, "max_upload_mb", DEFAULT_MAX_UPLOAD_MB, low=0)
+        self.max_pixels = int(number_conf(conf, "max_image_pixels", DEFAULT_MAX_PIXELS, low=1))
+        number_conf(conf, "publish_margin", DEFAULT_PUBLISH_MARGIN)  # read by each training task; checked here
+        self.policy = RoutePolicy(open_groups(conf.get("open_routes")), settings.MONAI_LABEL_API_STR)
+        self._checked_images: dict[str, tuple[float, int]] = {}
+        from PIL import Image
+
+        # PIL refuses images over 2 * MAX_IMAGE_PIXELS when it opens them: at this server's limit, not below it.
+        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, math.ceil(self.max_pixels / 2))
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -74,14 +88,38 @@ class TppApp(MONAILabelApp):
             version=tpp_monai.__version__,
         )
 
+    def study_rules(self) -> StudyRules:
+        """What labels and class values the served bundles accept, for the datastore's checks on arrival."""
+        values: dict[int, set[int]] = {}
+        described: dict[int, list[str]] = {}
+        classes: set[str] = set()
+        class_text = []
+        for name, spec in self.specs.items():
+            metadata = spec.metadata()
+            names, dims = class_names(metadata), spatial_dims(metadata)
+            if output_kind(metadata) == "classification":
+                classes |= {n.lower() for n in names} | {str(i) for i in range(len(names))}
+                class_text.append(f"{name}: " + ", ".join(f"{i} {n}" for i, n in enumerate(names)))
+                continue
+            allowed = label_values(metadata)
+            values.setdefault(dims, set()).update(allowed)
+            shown = ["background", *names] if len(names) == 1 else names
+            described.setdefault(dims, []).append(f"{name}: " + ", ".join(f"{v} {n}" for v, n in zip(allowed, shown)))
+        return StudyRules(
+            label_values={d: sorted(v) for d, v in values.items()},
+            label_classes={d: "; ".join(t) for d, t in described.items()},
+            classes=frozenset(classes),
+            class_names="; ".join(class_text),
+            max_pixels=self.max_pixels,
+        )
+
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()
-        extensions = list(settings.MONAI_LABEL_DATASTORE_FILE_EXT)
-        extensions += [e for e in EXTRA_EXTENSIONS if e not in extensions]
         return ConfinedDatastore(
             self.studies,
-            extensions=extensions,
+            rules=self.study_rules(),
+            extensions=SERVED_EXTENSIONS,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
@@ -115,19 +153,43 @@ class TppApp(MONAILabelApp):
         if mode:
             from monailabel.app import app as api
 
-            install(api, self._check_endpoint, int(self.max_upload_mb * 1024 * 1024), settings.MONAI_LABEL_API_STR)
+            install(api, self._check_endpoint, int(self.max_upload_mb * 1024 * 1024), self.policy,
+                    bool(settings.MONAI_LABEL_AUTH_ENABLE))  # fmt: skip
 
     def _check_endpoint(self, kind: str, model: str, query: dict[str, str], params: dict[str, Any]) -> None:
-        """``POST /infer/<model>``, ``/train/<model>`` or ``/train/`` (all models) as the client sent it."""
+        """A request as the client sent it: ``infer`` (``params``: the form's params and upload field names),
+        ``train`` (one model), ``train_all`` (``POST /train/``: every model), ``model_upload`` (``params["file"]``)."""
         if kind == "infer":
             task = self._infer_task(model)
-            task.check_params(params)
-            if query.get("image"):
+            task.check_params(params["params"])
+            if "label" in params["uploads"]:
+                raise RequestRefused(f"/infer/{model}: the model takes no label input; send the image only")
+            if query.get("session_id") and "sessions" not in self.policy.opened:
+                raise RequestRefused("sessions are not served here (--conf open_routes sessions opens them)", 403)
+            if query.get("output") == "dicom_seg":
+                raise RequestRefused("output=dicom_seg needs a DICOMweb datastore; use output=image, json or all")
+            if not (query.get("image") or query.get("session_id") or "file" in params["uploads"]):
+                raise RequestRefused(f"/infer/{model}: name an image (?image=<id>) or upload one (form field 'file')")
+            if query.get("image") and "file" not in params["uploads"]:
                 self._image_path(task, query["image"])
-        elif model:
+        elif kind == "train":
             self._train_task(model).check_params(params)
-        else:  # MONAI Label merges every model's parameters into each request; deprecated upstream
-            raise RequestRefused("POST /train/ (all models) is not served; train one model: POST /train/<model>")
+        elif kind == "train_all":
+            self._check_train_all(params)
+        elif kind == "model_upload":
+            self._infer_task(model).check_model_upload(params["file"])
+        else:
+            raise RequestRefused(f"unexpected request kind {kind!r}", 500)
+
+    def _check_train_all(self, params: dict[str, Any]) -> None:
+        """``POST /train/``: MONAI Label trains every model; a key naming a model holds that model's parameters
+        (OHIF sends them so), any other key goes to every model (MONAILabelClient's ``client_id``)."""
+        shared = {k: v for k, v in params.items() if k not in self._trainers}
+        for name, task in self._trainers.items():
+            own = params.get(name, {})
+            if not isinstance(own, dict):
+                raise RequestRefused(f"/train/ params[{name!r}] must be an object of {name}'s parameters")
+            task.check_params({**own, **shared})
 
     def _infer_task(self, model: Any) -> TppInferTask:
         task = self._infers.get(model) if isinstance(model, str) else None
@@ -145,26 +207,37 @@ class TppApp(MONAILabelApp):
 
     def _image_path(self, task: TppInferTask, image: str, session: bool = False) -> str:
         """The file of a studies image id (or of this request's upload or session), checked against the model's
-        dimension."""
+        dimension and decoded in full (once per file version)."""
         if os.path.isabs(image) and os.path.dirname(image) == tempfile.gettempdir() and os.path.isfile(image):
-            path = image  # MONAI Label's /infer saved the request's uploaded file here
+            path, name = image, "the uploaded image"  # MONAI Label's /infer saved the request's uploaded file here
         elif session and os.path.isabs(image) and self.sessions() is not None:
-            path = confined("session image", image, [self.sessions().store_path])
+            path, name = confined("session image", image, [self.sessions().store_path]), "the session's image"
         else:
-            path = self.datastore().get_image_uri(check_name("image", image))
+            path, name = self.datastore().get_image_uri(check_name("image", image)), f"image {image!r}"
             if not path:
                 raise RequestRefused(f"image {image!r} is not in the studies folder ({self.studies})", 404)
         task.check_image(path, image)
+        stat = os.stat(path)
+        if self._checked_images.get(path) != (stat.st_mtime, stat.st_size):
+            read_image(path, name, self.max_pixels)
+            self._checked_images[path] = (stat.st_mtime, stat.st_size)
         return path
 
     def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
         refuse_expressions(request, "infer request")
         task = self._infer_task(request.get("model"))
         if isinstance(request.get("image"), str):
-            self._image_path(task, request["image"], session=bool(request.get("session")))
+            # MONAI Label reads an existing path as given: hand it the checked file, never the id itself.
+            request = {
+                **request,
+                "image": self._image_path(task, request["image"], session=bool(request.get("session"))),
+            }
         task.check_model_filename(request.get("model_filename"))
         return super().infer(request, datastore)
 
     def train(self, request: dict[str, Any]) -> dict[str, Any]:
+        # POST /train/ (every model) leaves each model's parameter object in every model's request: already
+        # checked at the endpoint and merged into this model's request by MONAI Label.
+        request = {k: v for k, v in request.items() if not (k in self._trainers and isinstance(v, dict))}
         self._train_task(request.get("model")).check_request(request)
         return super().train(request)

@@ -1,71 +1,181 @@
-"""The app's guards inside MONAI Label's server: a confined datastore, an upload limit and checked endpoints.
+"""The app's guards inside MONAI Label's server: a confined datastore, a route policy, authentication, checked
+requests and an upload limit.
 
 MONAI Label's REST endpoints (``monailabel.endpoints``) pass query values and form parameters on unchecked; its
-``LocalDatastore`` joins ids and tags to the studies folder as given. The app therefore supplies its own datastore
-(:class:`ConfinedDatastore`), and :func:`install` puts Starlette's ``RequestBodyLimitMiddleware`` (413 before an
-upload is stored) and :class:`RequestGuard` in front of the endpoints: id-like query values are plain names,
-``/infer`` and ``/train`` parameters are checked by the app before MONAI Label sees them, and the app's refusals and
-MONAI Label's "not found" errors become 4xx answers with their sentence instead of a bare 500.
+``LocalDatastore`` joins ids and tags to the studies folder as given, follows symbolic links and stores whatever
+file arrives. The app therefore supplies its own datastore (:class:`ConfinedDatastore`), and :func:`install` puts
+Starlette's ``RequestBodyLimitMiddleware`` (413 before an upload is stored) and :class:`RequestGuard` in front of
+the endpoints: the route policy (:mod:`tpp_monai.label.routes`) first, then the caller's token and role when MONAI
+Label's authentication is on, then the request's own values; the app's refusals and MONAI Label's "not found" errors
+become 4xx answers with their sentence instead of a bare 500.
 """
 
+from __future__ import annotations
+
+import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl
 
 from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import (
     ImageNotFoundException,
     LabelNotFoundException,
     MONAILabelError,
     MONAILabelException,
 )
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.requests import Request
 
+from tpp_monai.label.app_conf import CLASS_INFO_KEY
+from tpp_monai.label.files import DEFAULT_MAX_PIXELS, IMAGE_2D, IMAGE_3D, check_label, dims_of, read_image
 from tpp_monai.label.guard import RequestRefused, check_name, confined, parse_params
+from tpp_monai.label.routes import ADMIN, ANNOTATOR, USER, RoutePolicy
 
 logger = logging.getLogger(__name__)
 
-IMAGE_2D = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 ID_QUERY_PARAMS = ("image", "label", "tag", "id", "session_id")  # query values that name a stored file
+SERVED_EXTENSIONS = [f"*{e}" for e in IMAGE_3D + IMAGE_2D]  # what the bundles read; nothing else is listed
+Check = Callable[[str, str, dict[str, str], dict[str, Any]], None]
 
 
-def spatial_shape(path: str) -> tuple[int, ...]:
-    """An image file's spatial shape from its header: ``(H, W)`` for 2D files, the volume's shape otherwise."""
-    name = path.lower()
-    if name.endswith(IMAGE_2D):
-        from PIL import Image
+@dataclass(frozen=True)
+class StudyRules:
+    """What the served bundles accept: label values per spatial dimension (2, 3) with a description of them, the
+    class values of the classification bundles (lower-case names and indices), and the pixel limit."""
 
-        with Image.open(path) as img:
-            return img.size[1], img.size[0]
-    if name.endswith((".nii", ".nii.gz")):
-        import nibabel as nib
+    label_values: dict[int, list[int]] = field(default_factory=dict)
+    label_classes: dict[int, str] = field(default_factory=dict)
+    classes: frozenset[str] = frozenset()
+    class_names: str = ""
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
-        return tuple(int(n) for n in nib.load(path).shape[:3])
-    import SimpleITK as sitk
+    def check_class(self, info: Any, where: str) -> None:
+        """An image info's ``class`` (when given) is one of the classification bundles' classes."""
+        if not isinstance(info, dict) or info.get(CLASS_INFO_KEY) is None:
+            return
+        value = info[CLASS_INFO_KEY]
+        if not self.classes:
+            raise RequestRefused(f"{where}: {CLASS_INFO_KEY}={value!r}, but no classification model is served here")
+        known = isinstance(value, (str, int)) and not isinstance(value, bool)
+        if not known or str(value).strip().lower() not in self.classes:
+            raise RequestRefused(
+                f"{where}: {CLASS_INFO_KEY}={json.dumps(value)} is not one of the served models' classes "
+                f"({self.class_names}); give a class name or its index"
+            )
 
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    reader.ReadImageInformation()
-    return tuple(int(n) for n in reader.GetSize())[::-1]
 
-
-def _readable_shape(kind: str, path: str, name: str) -> tuple[int, ...]:
-    try:
-        return spatial_shape(path)
-    except Exception as err:  # any reader error means the upload is not an image this server can use
-        raise RequestRefused(f"{kind} {name!r} is not a readable image ({type(err).__name__}: {err})") from None
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class ConfinedDatastore(LocalDatastore):
-    """``LocalDatastore`` whose writes stay inside the studies folder and whose labels fit their images.
+    """``LocalDatastore`` that reads and writes only inside the studies folder and stores only checked files.
 
-    Image ids and label tags must be plain names and resolve inside the folder; an image's file type must be one
-    the datastore lists; a label is refused unless it is readable and has its image's spatial shape.
+    * nothing is read through a symbolic link that leaves the folder: such images and labels are not listed (a
+      warning names them), and ids resolving outside are not found; the datastore's own files and label folders
+      must not leave it (refused at start);
+    * one image id is one file: files sharing a stem under two extensions are not served (a warning names them),
+      and an upload whose id is taken is refused (409) unless it is the same file;
+    * an uploaded image is decoded in full within the pixel limit; a label is decoded in full and must be
+      single-channel, lossless, of its image's size, with values among the served segmentation models' classes; an
+      image's ``class`` info is one of the classification models' classes. Nothing is written before these pass.
     """
+
+    def __init__(self, datastore_path: str, rules: StudyRules | None = None, **kwargs: Any) -> None:
+        self.root = os.path.realpath(datastore_path)
+        self.rules = rules or StudyRules()
+        labels = os.path.join(datastore_path, kwargs.get("labels_dir", "labels"))
+        own = [os.path.join(datastore_path, kwargs.get("datastore_config", "datastore_v2.json")),
+               os.path.join(datastore_path, ".lock"), labels,
+               *(os.path.join(labels, t.value) for t in DefaultLabelTag)]  # fmt: skip
+        if os.path.isdir(labels):
+            own += [os.path.join(labels, t) for t in os.listdir(labels)]
+        leaving = [p for p in own if os.path.lexists(p) and not self._inside(p)]
+        if leaving:
+            raise ValueError(
+                f"studies folder {datastore_path}: {', '.join(leaving)} lead(s) outside it (symbolic links); the "
+                "server reads and writes only inside its studies folder: replace them by real files and folders"
+            )
+        super().__init__(datastore_path, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Reading: only inside the folder, one file per id
+
+    def _inside(self, path: str) -> bool:
+        resolved = os.path.realpath(path)
+        return resolved == self.root or resolved.startswith(self.root.rstrip(os.sep) + os.sep)
+
+    def _list_files(self, path: str, patterns: Any) -> dict[str, str]:
+        files = super()._list_files(path, patterns)
+        by_id: dict[str, list[str]] = {}
+        for name in files:
+            by_id.setdefault(self._to_id(name)[0], []).append(name)
+        kept = {}
+        for image_id, names in by_id.items():
+            if len(names) > 1:
+                logger.warning("not served: %s in %s share the id %r; rename all but one", ", ".join(sorted(names)),
+                               path, image_id)  # fmt: skip
+                continue
+            name = names[0]
+            full = os.path.join(path, name)
+            if not self._inside(full) or not os.path.isfile(full):
+                logger.warning("not served: %s leads outside the studies folder %s (or is no file)", full, self.root)
+                continue
+            kept[name] = files[name]
+        return kept
+
+    def _reconcile_datastore(self) -> None:
+        super()._reconcile_datastore()
+        # Entries of an earlier datastore file that now lead outside or share their id with another file go too.
+        listed = set(self._list_files(self._datastore.image_path(), self._extensions))
+        dropped = [i for i, obj in self._datastore.objects.items() if self._filename(i, obj.image.ext) not in listed]
+        for image_id in dropped:
+            logger.warning("not served: image id %r (its file leads outside the studies folder or is ambiguous)",
+                           image_id)  # fmt: skip
+            del self._datastore.objects[image_id]
+        for image_id, obj in self._datastore.objects.items():
+            for tag in [t for t in obj.labels if not self._inside(self._label_file(image_id, t, obj.labels[t].ext))]:
+                logger.warning("not served: label %s/%s leads outside the studies folder", tag, image_id)
+                del obj.labels[tag]
+                dropped.append(image_id)
+        if dropped:
+            self._update_datastore_file()
+
+    def _label_file(self, image_id: str, tag: str, ext: str) -> str:
+        return os.path.join(self._datastore.label_path(tag), self._filename(image_id, ext))
+
+    def get_image_uri(self, image_id: str) -> str:
+        uri = super().get_image_uri(image_id)
+        if uri and not self._inside(uri):
+            logger.warning("image %r leads outside the studies folder (%s): not served", image_id, uri)
+            return ""
+        return uri
+
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        uri = super().get_label_uri(label_id, label_tag)
+        if uri and not self._inside(uri):
+            logger.warning("label %s/%s leads outside the studies folder (%s): not served", label_tag, label_id, uri)
+            return ""
+        return uri
+
+    def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
+        return [d for d in super().datalist(full_path) if all(self._inside(str(d[k])) for k in ("image", "label"))]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Writing: checked first, never outside, never replacing another file
 
     def _served_extension(self, filename: str) -> str:
         _, ext = self._to_id(os.path.basename(filename))
@@ -74,29 +184,120 @@ class ConfinedDatastore(LocalDatastore):
             raise RequestRefused(f"file type {ext!r} is not served here; upload one of {', '.join(served)}", 415)
         return ext
 
+    def _stored_files(self, folder: str, image_id: str) -> list[str]:
+        """Files in ``folder`` whose id is ``image_id`` (any served extension)."""
+        if not os.path.isdir(folder):
+            return []
+        return sorted(n for n in super()._list_files(folder, self._extensions) if self._to_id(n)[0] == image_id)
+
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         ext = self._served_extension(image_filename)
         image_id = check_name("image id", image_id or self._to_id(os.path.basename(image_filename))[0])
-        confined("image", os.path.join(self._datastore.image_path(), image_id + ext), [self._datastore.image_path()])
-        _readable_shape("image", image_filename, image_id)
+        folder = self._datastore.image_path()
+        dest = os.path.join(folder, image_id + ext)
+        confined("image", dest, [self.root])
+        self.rules.check_class(image_info, f"image {image_id!r} info")
+        read_image(image_filename, f"image {image_id!r}", self.rules.max_pixels)
+        stored = self._stored_files(folder, image_id)
+        if stored:
+            if stored == [image_id + ext] and _sha256(dest) == _sha256(image_filename):
+                return image_id  # the same file again: nothing to store
+            raise RequestRefused(
+                f"image id {image_id!r} is taken ({', '.join(stored)}); an image id names one file: upload this one "
+                "under another id",
+                409,
+            )
         return super().add_image(image_id, image_filename, image_info)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         check_name("image id", image_id)
         check_name("label tag", label_tag)
-        labels_root = self._datastore.label_path(None)
-        confined("label tag", self._datastore.label_path(label_tag), [labels_root])
+        ext = self._served_extension(label_filename)
+        folder = self._datastore.label_path(label_tag)
+        confined("label tag", folder, [self.root])
         image = self.get_image_uri(image_id)
         if not image:
             raise RequestRefused(f"image {image_id!r} is not in the studies folder; upload it first", 404)
-        label_shape = _readable_shape("label", label_filename, f"{label_tag}/{image_id}")
-        image_shape = spatial_shape(image)
-        if label_shape != image_shape:
+        dims = dims_of(image)
+        name = f"label {label_tag}/{image_id}"
+        if dims_of(label_filename) != dims:
+            raise RequestRefused(f"{name}: a {dims}D image takes a {dims}D label file, not {ext!r}", 415)
+        values = self.rules.label_values.get(dims)
+        if not values:
+            raise RequestRefused(f"{name}: no segmentation model served here takes {dims}D labels")
+        shape = read_image(image, f"image {image_id!r}", self.rules.max_pixels).shape
+        check_label(label_filename, name, shape, values, self.rules.label_classes[dims], self.rules.max_pixels)
+        others = [n for n in self._stored_files(folder, image_id) if n != image_id + ext]
+        if others:
             raise RequestRefused(
-                f"label for image {image_id!r} has shape {label_shape}, its image {image_shape}: a label must have "
-                "its image's size (one value per pixel/voxel)"
+                f"{name} is stored as {', '.join(others)}; a new version must have the same file type ({others[0]})",
+                409,
             )
+        confined("label", os.path.join(folder, image_id + ext), [self.root])
         return super().save_label(image_id, label_filename, label_tag, label_info)
+
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        self.rules.check_class(info, f"image {image_id!r} info")
+        super().update_image_info(image_id, info)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Authentication: MONAI Label's own settings, with its token check made to work
+
+
+def fix_token_check() -> None:
+    """MONAI Label 0.8.5's ``from_token`` calls ``jwt.decode`` without ``algorithms``, which PyJWT 2 requires, so
+    with ``MONAI_LABEL_AUTH_ENABLE`` every token is refused (401). Replaced by the same check (the realm's public
+    key, signature and expiry verified, audience not) naming the RSA algorithms the realm key signs with."""
+    import jwt
+    from monailabel.config import settings
+    from monailabel.endpoints.user import auth
+
+    def from_token(token: str) -> auth.User:
+        if not settings.MONAI_LABEL_AUTH_ENABLE:
+            return auth.DEFAULT_USER
+        key = auth.get_public_key(settings.MONAI_LABEL_AUTH_REALM_URI)
+        payload = jwt.decode(token, key, algorithms=["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"],
+                             options={"verify_signature": True, "verify_aud": False, "verify_exp": True})  # fmt: skip
+        roles: Any = payload
+        for part in settings.MONAI_LABEL_AUTH_TOKEN_ROLES.split("#"):
+            roles = roles.get(part) if isinstance(roles, dict) else None
+        return auth.User(
+            username=payload.get(settings.MONAI_LABEL_AUTH_TOKEN_USERNAME),
+            email=payload.get(settings.MONAI_LABEL_AUTH_TOKEN_EMAIL),
+            name=payload.get(settings.MONAI_LABEL_AUTH_TOKEN_NAME),
+            roles=list(roles or []),
+        )
+
+    auth.from_token = from_token  # looked up at call time by get_current_user, so every endpoint uses this one
+
+
+def _role_names() -> dict[str, list[str]]:
+    from monailabel.config import settings
+
+    admin, annotator = settings.MONAI_LABEL_AUTH_ROLE_ADMIN, settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR
+    return {ADMIN: [admin], ANNOTATOR: [annotator], USER: [settings.MONAI_LABEL_AUTH_ROLE_USER]}
+
+
+async def _authorize(scope: dict, role: str) -> None:
+    """The caller's bearer token is valid and carries ``role`` (MONAI Label's RBAC, checked before any body is
+    read); raises :class:`RequestRefused` 401/403, or 503 when the realm's key cannot be fetched."""
+    import jwt
+    from monailabel.endpoints.user import auth
+
+    header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise RequestRefused("not authenticated: send Authorization: Bearer <token> (POST /auth/token gives one)", 401)
+    try:
+        user = await run_in_threadpool(auth.from_token, token.strip())
+    except jwt.InvalidTokenError as err:
+        raise RequestRefused(f"the token is not valid: {err}", 401) from None
+    except Exception as err:  # the realm (its public key) could not be reached
+        raise RequestRefused(f"the authentication server could not be asked: {type(err).__name__}", 503) from None
+    needed = _role_names()[role]
+    if not set(needed) & set(user.roles):
+        raise RequestRefused(f"role {needed[0]!r} is required for this request (user {user.username!r})", 403)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -106,30 +307,45 @@ class ConfinedDatastore(LocalDatastore):
 class RequestGuard:
     """ASGI middleware in front of MONAI Label's endpoints (plain ASGI: independent of FastAPI's routing internals).
 
+    * the route policy: a route the app does not serve (and the operator did not open) is answered 403, another
+      method of a served path 405, an unknown path 404, before anything else;
+    * with ``MONAI_LABEL_AUTH_ENABLE``: the bearer token and the route's role, before the body is read;
     * id-like query values (``image``, ``label``, ``tag``, ``id``, ``session_id``) must be plain names;
-    * ``POST /infer/<model>`` and ``POST /train[/<model>]``: the body is read (within the upload limit, which the
-      ``RequestBodyLimitMiddleware`` outside this one enforces), its parameters (the ``params`` form field, or the
-      JSON body) are handed to ``check(kind, model, query, params)``, then the body is passed on unchanged;
+    * ``POST /infer/<model>``, ``POST /train[/<model>]``, ``PUT /model/<model>`` (when opened) and the datastore's
+      form fields: the body is read (within the upload limit, which the ``RequestBodyLimitMiddleware`` outside this
+      one enforces), its parameters are handed to ``check(kind, model, query, params)``, then the body is passed
+      on unchanged;
     * a :class:`RequestRefused` or MONAI Label's "not found"/"invalid input" error raised by an endpoint (the app's
       own checks, the datastore's) is answered 4xx with its sentence instead of a bare 500.
     """
 
-    def __init__(self, app: Any, check: Callable[[str, str, dict[str, str], dict[str, Any]], None],
-                 prefix: str = "") -> None:  # fmt: skip
-        self.app, self.check, self.prefix = app, check, prefix.rstrip("/")
+    def __init__(self, app: Any, check: Check, policy: RoutePolicy, auth: bool = False, prefix: str = "") -> None:
+        self.app, self.check, self.policy, self.auth, self.prefix = app, check, policy, auth, prefix.rstrip("/")
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
+        started, body_done = False, False
 
         async def tracking_send(message: dict) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
             await send(message)
 
+        async def tracking_receive() -> dict:
+            nonlocal body_done
+            message = await client_receive()
+            body_done = body_done or message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        client_receive, receive = receive, tracking_receive
         try:
+            decision = self.policy.decide(scope["method"], scope["path"])
+            if decision.status:
+                raise RequestRefused(decision.detail, decision.status)
+            if self.auth and decision.route is not None and decision.route.role and scope["method"] != "OPTIONS":
+                await _authorize(scope, decision.route.role)
             query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
             for key in ID_QUERY_PARAMS:
                 if query.get(key):
@@ -141,24 +357,70 @@ class RequestGuard:
                 raise
             status, detail = _client_status(err)
             logger.warning("refused %s %s: %s", scope["method"], scope["path"], detail)
-            await _send_json(send, status, {"detail": detail})
+            headers_in = dict(scope.get("headers") or [])
+            if not body_done and b"100-continue" not in headers_in.get(b"expect", b"").lower():
+                while not body_done:  # the client is still sending: read it to the end (discarded), so it gets this
+                    await tracking_receive()  # answer rather than a reset connection (the upload limit applies)
+            headers = [(b"www-authenticate", b"Bearer")] if status == 401 else []
+            await _send_json(send, status, {"detail": detail}, headers)
 
     async def _checked_body(self, scope: dict, receive: Callable, query: dict[str, str]) -> Callable:
         path = scope["path"][len(self.prefix) :] if scope["path"].startswith(self.prefix) else scope["path"]
-        parts = [p for p in path.split("/") if p]
-        if scope["method"] != "POST" or not parts or parts[0] not in ("infer", "train") or len(parts) > 2:
+        parts = [p for p in path.split("/") if p]  # the server decoded the path already
+        method = scope["method"]
+        if not parts or len(parts) > 3 or method not in ("POST", "PUT"):
+            return receive
+        kind = self._kind(method, parts)
+        if kind is None:
             return receive
         body = await _read_body(receive)
         replay = _replayer(body, receive)
-        model = unquote(parts[1]) if len(parts) == 2 else ""
-        if parts[0] == "infer":
-            form = await Request(scope, _replayer(body)).form()
-            params = parse_params(form.get("params") if isinstance(form.get("params"), str) else None, "/infer params")
-            await form.close()
-        else:
+        model = parts[1] if len(parts) == 2 else ""
+        if kind == "train":
+            if query.get("run_sync", "false").lower() not in ("false", "0", ""):
+                raise RequestRefused("run_sync is not served: training runs in the background; poll GET /train/")
             params = parse_params(body, f"/train/{model} params") if body.strip() else {}
-        self.check(parts[0], model, query, params)
+            self.check("train" if model else "train_all", model, query, params)
+            return replay
+        form = await Request(scope, _replayer(body)).form()
+        try:
+            if kind == "infer":
+                params = parse_params(_text(form.get("params")), "/infer params")
+                uploads = {k: v for k in ("file", "label") if (v := form.get(k)) is not None and not isinstance(v, str)}
+                params_for_check = {"params": params, "uploads": sorted(uploads)}
+                self.check("infer", model, query, params_for_check)
+            elif kind == "model_upload":
+                upload = form.get("file")
+                if upload is None or isinstance(upload, str):
+                    raise RequestRefused("PUT /model/<model>: send the model file in the 'file' field")
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = os.path.join(tmp, "upload.pt")
+                    with open(path, "wb") as out:
+                        shutil.copyfileobj(upload.file, out)
+                    self.check("model_upload", model, query, {"file": path})
+            else:  # the datastore's JSON form fields: an object, or MONAI Label's json.loads fails with a bare 500
+                for key in ("params", "info"):
+                    if isinstance(form.get(key), str):
+                        parse_params(form.get(key), f"{path} {key}")
+        finally:
+            await form.close()
         return replay
+
+    @staticmethod
+    def _kind(method: str, parts: list[str]) -> str | None:
+        if method == "POST" and parts[0] == "infer" and len(parts) == 2:
+            return "infer"
+        if method == "POST" and parts[0] == "train" and len(parts) <= 2:
+            return "train"
+        if method == "PUT" and parts[0] == "model" and len(parts) == 2:
+            return "model_upload"
+        if method == "PUT" and parts[0] == "datastore":
+            return "datastore"
+        return None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 async def _read_body(receive: Callable) -> bytes:
@@ -202,23 +464,48 @@ def _client_status(err: Exception) -> tuple[int, str]:
     return 400, err.msg  # type: ignore[attr-defined]
 
 
-async def _send_json(send: Callable, status: int, payload: Any) -> None:
+async def _send_json(send: Callable, status: int, payload: Any, headers: list | None = None) -> None:
     body = json.dumps(payload).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-def install(api: Any, check: Callable[[str, str, dict[str, str], dict[str, Any]], None], max_upload_bytes: int,
-            prefix: str = "") -> None:  # fmt: skip
+def registered_routes(routes: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """``(method, path template)`` of every route of a FastAPI app (its routers included, nested or flat, as
+    FastAPI versions keep them; a mounted app as ``GET``)."""
+    for route in routes:
+        if hasattr(route, "original_router"):  # FastAPI >= 0.165: an included router, kept whole
+            yield from registered_routes(route.original_router.routes, prefix + route.include_context.prefix)
+        elif getattr(route, "methods", None):
+            for method in sorted(route.methods):
+                yield method, prefix + route.path
+        elif hasattr(route, "path"):
+            yield "GET", prefix + route.path
+
+
+def install(api: Any, check: Check, max_upload_bytes: int, policy: RoutePolicy, auth: bool) -> None:
     """Put :class:`RequestGuard` and Starlette's ``RequestBodyLimitMiddleware`` (outside it) in front of MONAI
-    Label's FastAPI app ``api``. Runs once per ``api``."""
+    Label's FastAPI app ``api``; with ``auth``, MONAI Label's token check is repaired first. Runs once per ``api``."""
     if getattr(api.state, "tpp_guarded", False):
         return
+    if auth:
+        fix_token_check()
+    unlisted = [f"{m} {p}" for (m, p), g in _classified(api, policy).items() if g == "unlisted"]
+    if unlisted:  # refused all the same (the policy lists what it serves); said so the operator knows
+        logger.warning("MONAI Label routes this app does not know, refused: %s", ", ".join(unlisted))
     # The server builds the middleware stack on its first event, before the app exists; reset, it is rebuilt with
     # these on the next request (add_middleware puts the later one outside).
     api.middleware_stack = None
-    api.add_middleware(RequestGuard, check=check, prefix=prefix)
+    api.add_middleware(RequestGuard, check=check, policy=policy, auth=auth, prefix=policy.api_prefix)
     api.add_middleware(RequestBodyLimitMiddleware, max_body_size=max_upload_bytes)
     api.state.tpp_guarded = True
-    logger.info("request guards installed: upload limit %d bytes", max_upload_bytes)
+    opened = ", ".join(sorted(policy.opened)) or "none"
+    logger.info("request guards installed: upload limit %d bytes, routes opened: %s, authentication %s",
+                max_upload_bytes, opened, "on" if auth else "off")  # fmt: skip
+
+
+def _classified(api: Any, policy: RoutePolicy) -> dict[tuple[str, str], str]:
+    from tpp_monai.label.routes import classify
+
+    return dict(classify(registered_routes(api.routes), policy))
