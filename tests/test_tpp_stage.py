@@ -203,9 +203,10 @@ def test_bad_settings_fail_before_training_with_one_message(tmp_path, demo_roots
                    str(BUNDLES / "glas_adapter" / "configs" / "pretrain_tpp.json"),
                    "--runs_dir", str(tmp_path), "--dataset_dir", str(demo_roots("glas")), *extra)  # fmt: skip
     assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert re.search("^error: " + expected, last), last
+    message = proc.stderr[proc.stderr.rindex("error: ") :]  # one message: the bad setting alone or among others
+    assert len(re.findall("^error: ", proc.stderr, re.M)) == 1, proc.stderr[-2000:]
+    assert re.search(expected, message), message
     assert "Loading dataset" not in proc.stderr, "must fail before any data is cached"
 
 
