@@ -81,6 +81,14 @@ class _PerItemMetric(CumulativeIterationMetric):
         self._names.extend(names)
         return ret
 
+    def aggregate(self) -> float | dict[str, float]:  # type: ignore[override]
+        """The mean of every column over the items (``key``: that column's mean alone)."""
+        buf = self.get_buffer()
+        if buf is None:
+            raise ValueError(f"{type(self).__name__} has no data; call it on at least one batch first")
+        means = {c: float(v) for c, v in zip(self.columns, buf.double().mean(dim=0))}
+        return means if self.key is None else means[self.key]
+
     def _local_values(self) -> np.ndarray:
         """This rank's per-item values [N, len(columns)] (names are not gathered across ranks)."""
         if not self._buffers or not self._buffers[0]:

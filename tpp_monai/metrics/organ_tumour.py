@@ -82,13 +82,6 @@ class OrganTumourMetric(_PerItemMetric):
             values.append([d[c] for c in self.columns])
         return torch.tensor(values, dtype=torch.float64)
 
-    def aggregate(self) -> float | dict[str, float]:  # type: ignore[override]
-        buf = self.get_buffer()
-        if buf is None:
-            raise ValueError(f"{type(self).__name__} has no data; call it on at least one batch first")
-        means = {c: float(v) for c, v in zip(self.columns, buf.double().mean(dim=0))}
-        return means if self.key is None else means[self.key]
-
 
 class OrganTumourHandler(IgniteMetricHandler):
     """Ignite handler for the per-case-mean "organ", "tumour", "mean" or "organ_label1" Dice.

@@ -125,13 +125,6 @@ class SegmentationMetric(_PerItemMetric):
         values = [[fns[c](p, g) for c in self.columns] for p, g in zip(preds, gts)]
         return torch.tensor(values, dtype=torch.float64)
 
-    def aggregate(self) -> float | dict[str, float]:  # type: ignore[override]
-        buf = self.get_buffer()
-        if buf is None:
-            raise ValueError(f"{type(self).__name__} has no data; call it on at least one batch first")
-        means = {c: float(v) for c, v in zip(self.columns, buf.double().mean(dim=0))}
-        return means if self.key is None else means[self.key]
-
 
 class SegMetricHandler(IgniteMetricHandler):
     """Ignite handler for the per-image-mean "dice" or "hd95" of binary masks (MedCoSS Glas/QaTa ``evaluate.py``).
