@@ -29,13 +29,13 @@ from tpp_monai.peft import (
 )
 from tpp_monai.peft.modules import Bottleneck
 from tpp_monai.pretext import PretextHandlers, adamw_betas, build_pretext, lr_schedule, pretext_loss
-from tpp_monai.pretext.dino import teacher_temp_schedule
 from tpp_monai.pretext.transforms import (
     RandIsotropicGaussianSmoothd,
     RandResizedCropd,
     dino_transforms,
     mae_transforms,
 )
+from tpp_monai.schedules import teacher_temp_schedule
 
 get_method("adapter")  # register the built-in methods
 VIT_METHODS = applicable_methods("medcoss_vit_tiny")
