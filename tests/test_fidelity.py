@@ -16,9 +16,9 @@ from monai.engines.utils import IterationEvents
 from PIL import Image
 
 from tpp_monai.backbones import build_backbone, load_backbone_checkpoint
-from tpp_monai.backbones.checkpoint import read_file
 from tpp_monai.errors import CheckpointError
 from tpp_monai.handlers import GradientClipHandler
+from tpp_monai.io import read_file
 from tpp_monai.peft import (
     applicable_methods,
     apply_peft,
