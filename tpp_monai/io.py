@@ -3,7 +3,8 @@
 :func:`atomic_save` writes to a temporary file in the same folder, flushes it to disk, reads it back and renames it
 over the target, so a crash or a full disk leaves the previous file intact. Each file carries a SHA-256 digest of its
 tensors and values; :func:`load_verified` recomputes it and refuses a file whose content does not match.
-:func:`read_file` reads any checkpoint (the public backbone formats too) with weights-only unpickling.
+:func:`read_file` reads any checkpoint (the public backbone formats too) with weights-only unpickling;
+:func:`check_writable_file` checks an output file argument before any work.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tpp_monai.errors import CheckpointError
+from tpp_monai.errors import CheckpointError, ConfigError
 
 DIGEST_KEY = "__sha256__"
 FAULT_ENV = "TPP_MONAI_FAULT"
@@ -203,3 +204,23 @@ def load_verified(path: str | Path) -> dict:
                 "delete it and resume from an earlier checkpoint, or re-run the stage that wrote it"
             )
     return obj
+
+
+def check_writable_file(path: str | Path, option: str = "--out") -> Path:
+    """Make sure ``path`` can be written (its folder created if needed) before any work, or raise a
+    :class:`ConfigError` naming the option, the path and why."""
+
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; give the path of the file to write")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".{out.name}.writable{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"{option} {path}: cannot write there ({err.strerror or err}: {err.filename or out.parent}); "
+            "choose a file in a folder you can write"
+        ) from None
+    return out
