@@ -1,6 +1,6 @@
 """Evaluation metrics with the conventions of the MedCoSS fine-tuning framework that TPP follows.
 
-Conventions (see ``shared/reference/methods.md`` §6 and ``stunet.md`` §4.4):
+Conventions (MedCoSS's evaluation code and STU-Net's nnU-Net evaluation):
 
 * Classification (MedCoSS ``Downstream/Dim_2/Chest_XR/main.py``, ``NCT_CRC_HE/main.py``): ACC = overall accuracy of
   the argmax; AUC = ``roc_auc_score(y, softmax_probs, average="macro", multi_class="ovo")``, for a binary task the
