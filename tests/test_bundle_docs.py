@@ -29,8 +29,11 @@ def test_readme_license_and_large_files_of_every_bundle() -> None:
         table = {line.split("`")[1] for line in readme.splitlines() if line.startswith("| `")}
         assert keys <= table, (name, sorted(keys - table))
         assert (folder / "LICENSE").read_text() == licence
-        files = yaml.safe_load((folder / "large_files.yml").read_text())["large_files"]
+        text = (folder / "large_files.yml").read_text()
+        files = yaml.safe_load(text)["large_files"]
         assert files and all(f["url"].startswith("https://") and f["path"].startswith("models/") for f in files)
+        # an entry without a hash says why (the publisher states none)
+        assert text.count("# no hash: ") == sum(not f["hash_val"] for f in files), name
 
 
 def test_list_names_every_bundle_with_its_workflows() -> None:

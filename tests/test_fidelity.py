@@ -16,9 +16,9 @@ from monai.engines.utils import IterationEvents
 from PIL import Image
 
 from tpp_monai.backbones import build_backbone, load_backbone_checkpoint
-from tpp_monai.backbones.checkpoint import read_file
 from tpp_monai.errors import CheckpointError
 from tpp_monai.handlers import GradientClipHandler
+from tpp_monai.io import read_file
 from tpp_monai.peft import (
     applicable_methods,
     apply_peft,
@@ -29,13 +29,13 @@ from tpp_monai.peft import (
 )
 from tpp_monai.peft.modules import Bottleneck
 from tpp_monai.pretext import PretextHandlers, adamw_betas, build_pretext, lr_schedule, pretext_loss
-from tpp_monai.pretext.dino import teacher_temp_schedule
 from tpp_monai.pretext.transforms import (
     RandIsotropicGaussianSmoothd,
     RandResizedCropd,
     dino_transforms,
     mae_transforms,
 )
+from tpp_monai.schedules import teacher_temp_schedule
 
 get_method("adapter")  # register the built-in methods
 VIT_METHODS = applicable_methods("medcoss_vit_tiny")

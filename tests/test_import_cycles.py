@@ -6,14 +6,19 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("tpp_monai", "benchmarks")
+PACKAGES = ("tpp_monai", "tpp_monai_bench")
 
 
-def module_files() -> dict[str, Path]:
+def module_files(packages: tuple[str, ...] = PACKAGES) -> dict[str, Path]:
+    """Every module of ``packages`` by dotted name; a package that is not in the repository is an error."""
     out = {}
-    for package in PACKAGES:
-        for path in sorted((REPO / package).rglob("*.py")) if (REPO / package).is_dir() else []:
+    for package in packages:
+        if not (REPO / package / "__init__.py").is_file():
+            raise FileNotFoundError(f"package {package!r} not found under {REPO}; fix PACKAGES in this test")
+        for path in sorted((REPO / package).rglob("*.py")):
             parts = list(path.relative_to(REPO).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts = parts[:-1]
@@ -86,9 +91,14 @@ def test_relative_and_submodule_imports_are_resolved(tmp_path: Path) -> None:
     assert imports_of("p.mod", path, modules) == {"p.sibling", "p.pkg", "x.y"}
 
 
+def test_a_missing_package_is_an_error() -> None:
+    with pytest.raises(FileNotFoundError, match="no_such_package"):
+        module_files(("tpp_monai", "no_such_package"))
+
+
 def test_no_import_cycles() -> None:
     files = module_files()
-    assert "tpp_monai.workflows" in files and "tpp_monai.bundlegen" in files
+    assert {"tpp_monai.workflows", "tpp_monai.bundlegen", "tpp_monai_bench.timing"} <= set(files)
     graph = {name: imports_of(name, path, set(files)) for name, path in files.items()}
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)

@@ -36,7 +36,7 @@ def _fault_at(monkeypatch, filename: str, point: str, nth: int = 1) -> None:
                 raise Killed
 
     monkeypatch.setattr("tpp_monai.io.fault_point", fault)
-    monkeypatch.setattr("tpp_monai.handlers.fault_point", fault)
+    monkeypatch.setattr("tpp_monai.handlers.checkpoints.fault_point", fault)
 
 
 def _engine(weights: torch.nn.Linear, metric: list[float] | None = None) -> Engine:

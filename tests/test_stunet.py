@@ -1,5 +1,5 @@
 """STU-Net backbone and Conv-Adapter: official keys and counts, nnU-Net v1/v2 checkpoint containers, input-size
-errors, deep supervision, the pretext features and the Conv-Adapter options (``shared/reference/stunet.md``)."""
+errors, deep supervision, the pretext features and the Conv-Adapter options (uni-medical/STU-Net)."""
 
 from __future__ import annotations
 

@@ -136,7 +136,7 @@ def test_dino_teacher_ema_and_centering(tmp_path, demo_roots) -> None:
     assert all(p.grad is None for p in net.teacher.parameters())
     # EMA: teacher_k = m_k * teacher_{k-1} + (1 - m_k) * student_k, checked between two consecutive iterations
     (it0, t0, _), (_, t1, _) = checked[-2], checked[-1]
-    from tpp_monai.handlers import cosine_schedule
+    from tpp_monai.schedules import cosine_schedule
 
     momentum = cosine_schedule(0.996, 1.0, 6, len(wf.parser.get_parsed_content("train#dataloader")))
     m = momentum[it0 - 1]

@@ -4,7 +4,6 @@
   and the input files (``--tpp_ckpt``, ``--backbone_ckpt``) for existence.
 * :func:`preflight_data`: every image, mask and volume of the datalist splits a workflow reads is opened once:
   readable, the same size (and, for volumes, affine) as its partner, finite values, labels within the classes.
-* :func:`check_writable_file`: an output file argument (the datalist builder's ``--out``) can be written.
 * :func:`preflight_inference`: the same for a folder of inputs; files of another kind are skipped with a note, and
   ``--skip_bad_files true`` skips unreadable ones (each named) instead of stopping.
 """
@@ -14,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -195,29 +193,9 @@ def validate_settings(
             problems.append(f"{key} {value}: not found (expected a file, found {found}); {INPUT_FILES.get(key, '')}")
     if problems:
         raise ConfigError(
-            f"{len(problems)} setting(s) cannot be used; nothing was built:\n  " + "\n  ".join(p.rstrip("; ")
-                                                                                          for p in problems)
+            f"{len(problems)} setting(s) cannot be used; nothing was built:\n  "
+            + "\n  ".join(p.rstrip("; ") for p in problems)
         )
-
-
-def check_writable_file(path: str | Path, option: str = "--out") -> Path:
-    """Make sure ``path`` can be written (its folder created if needed) before any work, or raise a
-    :class:`ConfigError` naming the option, the path and why."""
-
-    out = Path(path).expanduser()
-    if out.is_dir():
-        raise ConfigError(f"{option} {path} is a folder; give the path of the file to write")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        probe = out.parent / f".{out.name}.writable{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(
-            f"{option} {path}: cannot write there ({err.strerror or err}: {err.filename or out.parent}); "
-            "choose a file in a folder you can write"
-        ) from None
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------------

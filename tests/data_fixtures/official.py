@@ -1,12 +1,11 @@
 """Fixture trees in each dataset's official layout with the official file counts, made of tiny files.
 
-Written independently of ``tpp_monai.data.demo`` from the layouts in ``shared/reference/datasets.md``, so the
+Written independently of ``tpp_monai.data.demo`` from the datasets' published layouts, so the
 builders are tested against the documented layouts rather than against the project's own demo writer. Every file
 is a real, decodable image or NIfTI volume (8x8 pixels, 4x4x2 voxels); identical bytes are written many times so
 that 24,000 OCT-C8 files take about a second.
 
-``splits/`` holds verbatim copies of ``shared/splits/{glas_medcoss_split,lits_medcoss_split,kits_mots_split}.json``
-so the tests run on a clone without the shared folder.
+``splits/`` holds verbatim copies of the published MedCoSS (GlaS, LiTS) and MOTS (KiTS) splits.
 
 Run ``python tests/data_fixtures/official.py data_lists`` to rewrite the shipped ``data_lists/`` from these trees.
 """

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tpp_monai.backbones.checkpoint import LoadReport, extract_state_dict, load_into, read_file
+from tpp_monai.backbones.checkpoint import LoadReport, extract_state_dict, load_into
 from tpp_monai.backbones.foreign import ForeignBackbone
 from tpp_monai.backbones.medcoss import MedCoSSViT
 from tpp_monai.backbones.monai_vit import MonaiUNETR, MonaiViT
@@ -39,6 +39,7 @@ from tpp_monai.backbones.timm_models import TimmViTBackbone, check_model_name
 from tpp_monai.backbones.vit import UNETR_MODULES, TimmViT, ViTBase
 from tpp_monai.contract import is_peft_parameter
 from tpp_monai.errors import ConfigError, unknown_choice
+from tpp_monai.io import read_file
 
 # Checkpoint entries a MedCoSS model may meet and ignore, by reason (``keys/medcoss_*.json``).
 _MEDCOSS_UNUSED = {

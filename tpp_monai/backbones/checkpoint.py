@@ -10,14 +10,10 @@ that names the file and lists the missing, unexpected and mismatched keys.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -25,59 +21,6 @@ from tpp_monai.errors import CheckpointError
 
 CONTAINER_KEYS = ("model", "state_dict", "network_weights", "teacher", "student", "module")
 STRIP_PREFIXES = ("module.", "model.", "backbone.")  # stripped in this order (DDP, Lightning, DINO)
-# Which container entry holds the weights, by checkpoint source (for the re-save hint of pickled files).
-CONTAINER_SOURCES = (
-    ("model", "MedCoSS"), ("state_dict", "nnU-Net v1 / STU-Net, Lightning"), ("network_weights", "nnU-Net v2"),
-    ("teacher", "DINO training runs"),
-)  # fmt: skip
-
-# Objects found in the public containers next to the weights (MedCoSS stores its argparse namespace, nnU-Net numpy
-# scalars); allow-listed so that files load with torch.load(weights_only=True).
-_SAFE_GLOBALS = [argparse.Namespace, np.dtype, np.ndarray]
-for _name in ("scalar", "_reconstruct"):
-    for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        with contextlib.suppress(ImportError, AttributeError):
-            # under the name in the file: numpy 1 (the released nnU-Net/STU-Net files) pickles numpy.core.*
-            _SAFE_GLOBALS.append((getattr(__import__(_mod, fromlist=[_name]), _name), f"{_mod}.{_name}"))
-_SAFE_GLOBALS += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
-
-
-def read_file(path: str | Path) -> object:
-    """``torch.load`` a checkpoint on the CPU with weights-only unpickling (``.safetensors`` files through
-    safetensors); errors name the file and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes): not a PyTorch checkpoint; write or download it again")
-    if path.suffix == ".safetensors":  # a flat state dict (e.g. a model.safetensors of timm or huggingface)
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as err:  # safetensors raises its own SafetensorError and OSError for foreign files
-            raise CheckpointError(f"{path} is not a readable safetensors file: {_first_line(err)}") from None
-    try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path} holds pickled objects that are not plain weights ({_first_line(err)}); "
-            "re-save only the state dict: torch.save(ckpt[KEY], 'weights.pt') with KEY the entry that holds the "
-            f"weights ({', '.join(f'{k!r} for {src}' for k, src in CONTAINER_SOURCES)})"
-        ) from None
-    except Exception as err:  # torch.load raises many types for foreign files (EOFError, KeyError, zipfile, ...)
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(err)}"
-        ) from None
-
-
-def _first_line(err: BaseException) -> str:
-    """The first line of an error's message, or its type when the message is empty (``EOFError()``)."""
-    lines = str(err).strip().splitlines()
-    if not lines or isinstance(err, KeyError):
-        return f"{type(err).__name__} {lines[0] if lines else ''}".strip()
-    return lines[0]
 
 
 def extract_state_dict(obj: object, path: str | Path = "<memory>", container_key: str | None = None) -> dict:

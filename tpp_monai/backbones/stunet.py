@@ -1,7 +1,7 @@
 """STU-Net (Huang et al. 2023, "STU-Net: Scalable and Transferable Medical Image Segmentation Models"), the 3D
 backbone of the TPP paper's Table 10, with the exact parameter names of the released TotalSegmentator checkpoints.
 
-Facts from ``shared/reference/stunet.md`` §1 (read from uni-medical/STU-Net ``nnUNet-1.7.1/.../STUNet.py`` and the
+Facts read from uni-medical/STU-Net ``nnUNet-1.7.1/.../STUNet.py`` and the
 v1/v2 ``STUNetTrainer``): six resolution stages of residual blocks (``conv_blocks_context``), down-sampling by the
 strided first conv of stages 1-5, nearest up-sampling + 1x1x1 conv (``upsample_layers``), decoder stages on
 ``cat(upsampled, skip)`` (``conv_blocks_localization``) and five 1x1x1 deep-supervision heads (``seg_outputs``,

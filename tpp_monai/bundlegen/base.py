@@ -5,7 +5,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
-from tpp_monai.bundlegen import docs, parts
+from tpp_monai.bundlegen import parts
+from tpp_monai.bundlegen.files import large_files, license_text
 from tpp_monai.bundlegen.parts import comp
 from tpp_monai.data.info import DatasetInfo
 from tpp_monai.data.recipes import BASELINES, recipe_for
@@ -93,8 +94,8 @@ class BundleKind(ABC):
             "configs/multi_gpu.json": parts.MULTI_GPU,
             "configs/logging.conf": parts.LOGGING_CONF,
             "docs/README.md": self.readme(),
-            "LICENSE": docs.license_text(),
-            "large_files.yml": docs.large_files(self.backbone),
+            "LICENSE": license_text(),
+            "large_files.yml": large_files(self.backbone),
         })  # fmt: skip
         return files
 

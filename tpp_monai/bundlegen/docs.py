@@ -1,60 +1,21 @@
-"""What a bundle says about itself: ``metadata.json``, ``docs/README.md``, ``LICENSE`` and ``large_files.yml``."""
+"""What a bundle says about itself: ``metadata.json`` and ``docs/README.md``."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tpp_monai import __version__
+from tpp_monai.bundlegen.files import CHECKPOINTS
 from tpp_monai.bundlegen.parts import NOT_SETTINGS
 
 if TYPE_CHECKING:  # annotations only: the kinds import this module
     from tpp_monai.bundlegen.base import BundleKind
 
-REPO = Path(__file__).resolve().parents[2]
 MONAI_VERSION = "1.6.1"
 TORCH_VERSION = "2.13.0"
 # The model-zoo metadata schema the bundles declare; a copy ships in tpp_monai/schemas (see its $comment).
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
-
-# Where each backbone's pre-trained checkpoint is published (no file is redistributed here).
-CHECKPOINTS = {
-    "medcoss_vit_b16": {
-        "path": "models/backbone/checkpoint-299.pth",
-        "url": "https://drive.google.com/drive/folders/15RlO7l8njzqCt4ccXIwBIjPXZo94Z118",
-        "source": "MedCoSS (Ye et al., CVPR 2024), README of https://github.com/yeerwen/MedCoSS, 'Pre-trained Model': "
-        "folder MedCoSS_Report_Xray_CT_MR_Path_Buffer0.05",
-    },
-    "path_dino_vit_s16": {
-        "path": "models/backbone/dino_vit_small_patch16_ep200.torch",
-        "url": "https://github.com/lunit-io/benchmark-ssl-pathology/releases/download/pretrained-weights/"
-        "dino_vit_small_patch16_ep200.torch",
-        "source": "Path_DINO ViT-S/16 (Kang et al., CVPR 2023), release 'pretrained-weights' of "
-        "https://github.com/lunit-io/benchmark-ssl-pathology (the paper's Table 9 backbone)",
-    },
-    "stunet_b": {
-        "path": "models/backbone/base_ep4k.model",
-        "url": "https://drive.google.com/file/d/1BHCp1Ort-OaVFwaZmvsG4qHiKiPeNb4h/view?usp=share_link",
-        "source": "STU-Net-B trained on TotalSegmentator (Huang et al., 2023), README of "
-        "https://github.com/uni-medical/STU-Net ('Pre-trained Models'; also on Baidu Netdisk "
-        "https://pan.baidu.com/s/1a17XmOGiGSgbEvK-acSOSg?pwd=91w3)",
-    },
-    "swinunetr": {
-        "path": "models/backbone/model.pt",
-        "url": "https://github.com/Project-MONAI/model-zoo/tree/dev/models/swin_unetr_btcv_segmentation",
-        "source": "MONAI model zoo swin_unetr_btcv_segmentation (BTCV, 13 organs; Hatamizadeh et al.): "
-        "python -m monai.bundle download swin_unetr_btcv_segmentation, its models/model.pt",
-    },
-    "model_swinvit": {
-        "path": "models/backbone/model_swinvit.pt",
-        "url": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/model_swinvit.pt",
-        "source": "self-supervised Swin encoder of Tang et al. (CVPR 2022), linked from "
-        "https://github.com/Project-MONAI/research-contributions (SwinUNETR/Pretrain); the decoder starts random",
-    },
-}
-# other checkpoints a bundle's README names
-EXTRA_CHECKPOINTS = {"medcoss_vit_b16": ("path_dino_vit_s16",), "swinunetr": ("model_swinvit",)}
 
 # Meaning of every key a user may override (README table); a bundle key missing here fails generation.
 KEY_DOCS = {
@@ -115,24 +76,6 @@ KEY_DOCS = {
     "parent_run_id": "MLflow parent run (the experiment layer sets it)",
     "save_execute_config": "log the executed config as an MLflow artifact",
 }
-
-
-def license_text() -> str:
-    """The project's licence (Apache-2.0, ``pyproject.toml``), as at the repository root."""
-    return (REPO / "LICENSE").read_text()
-
-
-def large_files(backbone: str) -> str:
-    """``large_files.yml`` in model-zoo's format: the backbone checkpoints by their public source. No hash is
-    given: the files sit behind Google Drive folders and release pages whose digests the publishers do not state,
-    and they cannot be downloaded here to compute one."""
-    lines = ["# Pre-trained backbone checkpoints (not redistributed); pass the file with --backbone_ckpt.",
-             "large_files:"]  # fmt: skip
-    for name in (backbone, *EXTRA_CHECKPOINTS.get(backbone, ())):
-        entry = CHECKPOINTS[name]
-        lines += [f"  - path: \"{entry['path']}\"", f"    url: \"{entry['url']}\"", "    hash_val: \"\"",
-                  "    hash_type: \"\"", f"    # {name}: {entry['source']}"]  # fmt: skip
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------------

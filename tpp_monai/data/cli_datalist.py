@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from tpp_monai.data.info import DATASETS
+from tpp_monai.io import check_writable_file
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +27,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tpp_monai.checks import check_writable_file
     from tpp_monai.data.datalist import build, format_counts, write_datalist
 
     check_writable_file(args.out, "--out")  # before the (possibly long) build

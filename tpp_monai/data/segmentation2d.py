@@ -60,7 +60,7 @@ def _checked(checker: FileChecker, groups: dict[str, list[dict]], allowed: tuple
 def build_glas(root: Path, seed: int, checker: FileChecker) -> Built:
     """GlaS: ``Grade.csv`` names every image; test = testA + testB (80); validation = the MedCoSS rule per GlaS
     grade: string-sorted train names, the last ``n - int(0.8 n)`` (``Glas/DSDataset.py``), giving exactly 67/18/80
-    and the membership in ``shared/splits/glas_medcoss_split.json``. The rule is deterministic: no seed."""
+    and the membership in ``data_lists/glas.json``. The rule is deterministic: no seed."""
     csv_path = root / GLAS_CSV
     table = read_csv_table(csv_path, GLAS_COLUMNS, "the GlaS grade table")
     records: dict[str, dict] = {}

@@ -26,9 +26,10 @@ from tpp_monai.contract import DENSE_FEATURE, DROPS_TOKENS, GLOBAL_FEATURE, hook
 from tpp_monai.engines import plain_tensor
 from tpp_monai.errors import ConfigError, unknown_choice
 from tpp_monai.peft import load_target_state, target_state
-from tpp_monai.pretext.dino import DINOLoss, DINOPretext, dino_cosine_schedule, teacher_temp_schedule
+from tpp_monai.pretext.dino import DINOLoss, DINOPretext
 from tpp_monai.pretext.mae import MAEPretext, MaskedPatchLoss, as_size
 from tpp_monai.pretext.mim import MIM_DEFAULTS, MaskedPixelLoss, MIMPretext, mask_geometry, mim_options
+from tpp_monai.schedules import cosine_schedule, dino_cosine_schedule, teacher_temp_schedule
 
 PRETEXTS = ("mae", "mim", "dino")
 # DINO's defaults (main_dino.py): head geometry, multi-crop, teacher momentum and temperatures, per-tensor gradient
@@ -129,8 +130,6 @@ def lr_schedule(
     is one step short of ``base``), then half-cosine to 0. DINO (``utils.cosine_scheduler``): a linear warm-up that
     reaches ``base`` on its last step, then half-cosine to ``min_lr`` (1e-6).
     """
-    from tpp_monai.handlers import cosine_schedule
-
     if check_pretext(pretext) in ("mae", "mim"):
         return cosine_schedule(base, 0.0, int(epochs), int(iters_per_epoch), warmup_epochs)
     return dino_cosine_schedule(base, _dino(dino)["min_lr"], int(epochs), int(iters_per_epoch), int(warmup_epochs))
@@ -267,7 +266,6 @@ class PretextHandlers:
             GradientClipHandler,
             TeacherEMAHandler,
             ValueScheduleHandler,
-            cosine_schedule,
         )
 
         d = self.dino

@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -37,30 +36,6 @@ from torch.nn.utils.parametrizations import weight_norm
 from tpp_monai.contract import GLOBAL_FEATURE, hooks_of
 from tpp_monai.errors import ConfigError
 from tpp_monai.peft import target_parameter_names
-
-
-def dino_cosine_schedule(
-    base: float, final: float, epochs: int, iters_per_epoch: int, warmup_epochs: int = 0, warmup_start: float = 0.0
-) -> np.ndarray:
-    """DINO's ``cosine_scheduler`` rule, per iteration: a linear warm-up from ``warmup_start`` that reaches ``base``
-    on its last step (``warmup_epochs`` whole epochs), then a half-cosine from ``base`` to ``final``."""
-    from tpp_monai.handlers import cosine_schedule
-
-    total = max(1, epochs * iters_per_epoch)
-    warm = min(total, warmup_epochs * iters_per_epoch)
-    ramp = np.linspace(warmup_start, base, warm)  # endpoint included, unlike MAE's warm-up
-    return np.concatenate([ramp, cosine_schedule(base, final, 1, total - warm)]) if total > warm else ramp
-
-
-def teacher_temp_schedule(
-    start: float, end: float, warmup_epochs: int, epochs: int, iters_per_epoch: int
-) -> np.ndarray:
-    """DINO's teacher temperature, per epoch (``DINOLoss.teacher_temp_schedule``): linear from ``start`` to ``end``
-    over ``warmup_epochs`` epochs (``end`` reached in the last warm-up epoch), then constant; expanded to one value per
-    iteration, constant within each epoch."""
-    warm = min(int(epochs), int(warmup_epochs))
-    per_epoch = np.concatenate([np.linspace(start, end, warm), np.full(max(0, int(epochs) - warm), float(end))])
-    return np.repeat(per_epoch, max(1, int(iters_per_epoch)))
 
 
 class DINOHead(nn.Module):

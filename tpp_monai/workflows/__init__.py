@@ -2,16 +2,19 @@
 
 One module per concern: :mod:`~tpp_monai.workflows.runtime` (bundle folder, device, GPU settings),
 :mod:`~tpp_monai.workflows.checks` (preflight checks), :mod:`~tpp_monai.workflows.data` (datalists, input folders,
-loaders), :mod:`~tpp_monai.workflows.schedules`, :mod:`~tpp_monai.workflows.distributed` (torchrun),
+loaders), :mod:`~tpp_monai.workflows.pretext_settings` (the pretext's TPP settings),
+:mod:`~tpp_monai.workflows.distributed` (torchrun),
 :mod:`~tpp_monai.workflows.savers` (settings record, provenance, masks, per-case tables),
 :mod:`~tpp_monai.workflows.costs` (``init_cost.json``),
 :mod:`~tpp_monai.workflows.excepthook` (one-line user errors) and :mod:`~tpp_monai.workflows.export` (model-zoo's
-``ckpt_export``). Every name is re-exported here.
+``ckpt_export``). Every name is re-exported here, with the
+schedules of :mod:`tpp_monai.schedules`.
 """
 
 from __future__ import annotations
 
 from tpp_monai.handlers import RandomStates, param_groups
+from tpp_monai.schedules import epochs_for, poly_schedule, wd_schedule
 from tpp_monai.workflows.checks import check_3d, check_output, check_settings
 from tpp_monai.workflows.costs import StageCost, StageCostWriter, peft_initialisation, write_init_cost
 from tpp_monai.workflows.data import (
@@ -37,6 +40,7 @@ from tpp_monai.workflows.distributed import (
 )
 from tpp_monai.workflows.excepthook import install_excepthook, user_error_in
 from tpp_monai.workflows.export import ExportableNetwork
+from tpp_monai.workflows.pretext_settings import pretext_lr, pretext_setting
 from tpp_monai.workflows.runtime import (
     activation_checkpointing,
     autocast_kwargs,
@@ -57,14 +61,6 @@ from tpp_monai.workflows.savers import (
     record_settings,
     run_info,
     trainable_state,
-)
-from tpp_monai.workflows.schedules import (
-    epochs_for,
-    lr_schedule,
-    poly_schedule,
-    pretext_lr,
-    pretext_setting,
-    wd_schedule,
 )
 
 __all__ = [
@@ -98,7 +94,6 @@ __all__ = [
     "init_distributed",
     "install_excepthook",
     "local_device",
-    "lr_schedule",
     "mae_decoder_geometry",
     "mask_saver",
     "nifti_saver",

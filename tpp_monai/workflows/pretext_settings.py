@@ -1,34 +1,6 @@
-"""Per-iteration schedules and run lengths of the training workflows."""
+"""The TPP stage's settings that depend on the pretext (MAE, DINO, MIM), resolved for the configs."""
 
 from __future__ import annotations
-
-import math
-
-import numpy as np
-
-from tpp_monai.handlers import cosine_schedule
-
-
-def lr_schedule(base: float, epochs: int, iters_per_epoch: int, warmup_epochs: float, final: float = 0.0):
-    """Linear warm-up then cosine decay, per iteration (the paper's TPP schedule)."""
-    return cosine_schedule(base, final, int(epochs), int(iters_per_epoch), warmup_epochs)
-
-
-def wd_schedule(start: float, end: float, epochs: int, iters_per_epoch: int) -> np.ndarray:
-    """Cosine weight-decay schedule from ``start`` to ``end`` (DINO: 0.04 -> 0.4; constant when equal)."""
-    return cosine_schedule(start, end, int(epochs), int(iters_per_epoch))
-
-
-def poly_schedule(base: float, epochs: int, iters_per_epoch: int, power: float = 0.9) -> np.ndarray:
-    """MedCoSS's per-epoch polynomial decay ``base * (1 - epoch / epochs) ** power``, expanded per iteration."""
-    per_epoch = [base * (1 - e / max(1, epochs)) ** power for e in range(max(1, int(epochs)))]
-    return np.repeat(np.asarray(per_epoch), max(1, int(iters_per_epoch)))
-
-
-def epochs_for(iterations: int, iters_per_epoch: int) -> int:
-    """Epochs that cover ``iterations`` optimizer steps (the paper gives fine-tuning lengths in iterations)."""
-    return max(1, math.ceil(int(iterations) / max(1, int(iters_per_epoch))))
-
 
 _UNSET = object()
 
