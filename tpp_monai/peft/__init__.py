@@ -27,9 +27,16 @@ from tpp_monai.contract import is_peft_parameter, missing_hooks
 from tpp_monai.errors import CheckpointError, ConfigError
 from tpp_monai.peft import methods  # noqa: F401  (the built-in methods and sources register themselves)
 from tpp_monai.peft.registry import METHODS, MethodSpec, config_dict, get_method, make_config, method_names
-
-TARGET_FORMAT = "tpp_monai.target_state"
-STAGES = ("finetune", "tpp")
+from tpp_monai.peft.targets import (
+    STAGES,
+    TARGET_FORMAT,
+    count_parameters,
+    mark_trainable,
+    method_of,
+    target_parameter_names,
+    target_state,
+    trainable_parameter_names,
+)
 
 
 def why_not_applicable(method: str | MethodSpec, backbone: str, options: Mapping | None = None) -> str | None:
@@ -74,64 +81,6 @@ def apply_peft(model: nn.Module, method: str, options: Mapping | None = None, wh
     model.peft_method = method
     model.peft_options = config_dict(resolved, spec)
     return model
-
-
-def method_of(model: nn.Module) -> MethodSpec:
-    method = getattr(model, "peft_method", None)
-    if method is None:
-        raise ConfigError("the model has no PEFT method applied; call tpp_monai.peft.apply_peft first")
-    return get_method(method)
-
-
-def target_parameter_names(model: nn.Module) -> list[str]:
-    """The target parameters of the model's PEFT method (never task-head parameters), in ``named_parameters`` order."""
-    spec = method_of(model)
-    head = set(model.head_parameter_names())
-    return [n for n, _ in model.named_parameters() if n not in head and spec.target(model, n)]
-
-
-def trainable_parameter_names(model: nn.Module, stage: str = "finetune") -> list[str]:
-    """Target parameters, plus the task head in the ``finetune`` stage (the ``tpp`` stage trains targets only)."""
-    if stage not in STAGES:
-        raise ConfigError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
-    names = set(target_parameter_names(model))
-    if stage == "finetune":
-        names |= set(model.head_parameter_names())
-    return [n for n, _ in model.named_parameters() if n in names]
-
-
-def mark_trainable(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
-    """Set ``requires_grad`` on exactly ``names``; returns those parameters (the optimizer's list)."""
-    wanted = set(names)
-    params = []
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in wanted)
-        if name in wanted:
-            params.append(p)
-    return params
-
-
-def count_parameters(model: nn.Module, stage: str = "finetune") -> dict[str, int]:
-    """Trainable, target and total parameter counts."""
-    params = dict(model.named_parameters())
-    return {
-        "trainable": sum(params[n].numel() for n in trainable_parameter_names(model, stage)),
-        "target": sum(params[n].numel() for n in target_parameter_names(model)),
-        "total": sum(p.numel() for p in params.values()),
-    }
-
-
-def target_state(model: nn.Module) -> dict:
-    """The target parameters with what is needed to check them on load (method, options, backbone)."""
-    params = dict(model.named_parameters())
-    return {
-        "format": TARGET_FORMAT,
-        "version": 1,
-        "method": model.peft_method,
-        "options": dict(model.peft_options),
-        "backbone": getattr(model, "backbone_name", None),
-        "state": {n: params[n].detach().cpu().clone() for n in target_parameter_names(model)},
-    }
 
 
 def load_target_state(model: nn.Module, source: Mapping | str | Path, where: str = "") -> list[str]:
@@ -194,6 +143,8 @@ def _normalise(value: object) -> object:
 
 __all__ = [
     "METHODS",
+    "STAGES",
+    "TARGET_FORMAT",
     "applicable_methods",
     "apply_peft",
     "count_parameters",
@@ -202,6 +153,7 @@ __all__ = [
     "load_target_state",
     "make_config",
     "mark_trainable",
+    "method_of",
     "target_parameter_names",
     "target_state",
     "trainable_parameter_names",

@@ -31,7 +31,7 @@ LAYOUTS = ("tpp_monai", "peft")
 
 def is_wrapped(model: nn.Module) -> bool:
     """Whether the model's method is a huggingface peft tuner (saved as a peft adapter folder)."""
-    from tpp_monai.peft import method_of
+    from tpp_monai.peft.targets import method_of
 
     return method_of(model).name.startswith("peft.")
 
@@ -47,7 +47,7 @@ def write_target_folder(model: nn.Module, folder: str | Path, info: dict | None 
     from safetensors.torch import save
 
     from tpp_monai.io import atomic_write
-    from tpp_monai.peft import target_state
+    from tpp_monai.peft.targets import target_state
 
     folder = Path(folder)
     saved = target_state(model)
@@ -88,7 +88,7 @@ def read_record(path: str | Path) -> dict:
     """The target parameters at ``path`` with their record: ``format``, ``method``, ``options``, ``backbone``, what
     the stage added (``pretext``, ``epoch``...), ``state`` (the tensors, in the layout's names) and ``layout``
     (``"tpp_monai"``: model parameter names; ``"peft"``: peft's adapter layout). Digests are checked."""
-    from tpp_monai.peft import TARGET_FORMAT
+    from tpp_monai.peft.targets import TARGET_FORMAT
 
     file = target_file(path)
     if file is None:

@@ -485,7 +485,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: str) -> list[str]:
     """Load adapter tensors in peft's checkpoint layout into ``model``; returns the target parameters loaded."""
     peft = _import_peft()
-    from tpp_monai.peft import target_parameter_names
+    from tpp_monai.peft.targets import target_parameter_names
 
     try:
         with _quiet():
