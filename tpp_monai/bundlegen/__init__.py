@@ -26,8 +26,8 @@ KINDS: dict[int, type[BundleKind]] = {2: ViTBundle, 3: STUNetBundle}
 #: any other ``peft.*`` tuner runs on any bundle with ``--method peft.<tuner>``.
 PEFT_BUNDLES: dict[str, tuple[str, ...]] = {"glas": ("peft.dora",), "mhist": ("peft.ia3",)}
 
-__all__ = ["BASELINES", "BUNDLES_DIR", "KINDS", "PEFT_BUNDLES", "WORKFLOW_FILES", "BundleKind", "all_bundles", "bundle_names",
-           "get_bundle", "workflow_config_files"]  # fmt: skip
+__all__ = ["BASELINES", "BUNDLES_DIR", "KINDS", "PEFT_BUNDLES", "WORKFLOW_FILES", "BundleKind", "all_bundles",
+           "bundle_names", "get_bundle", "workflow_config_files"]  # fmt: skip
 
 
 def _methods_for(dims: int, methods: tuple[str, ...] | None) -> list[str]:
