@@ -1,0 +1,67 @@
+"""Experiment plans with huggingface peft methods and peft's data-driven LoRA initialisations (no runs)."""
+
+from __future__ import annotations
+
+
+import pytest
+from conftest import run_cli
+
+from tpp_monai.errors import ConfigError
+from tpp_monai.experiments.graph import build_graph, command
+from tpp_monai.experiments.plan import load_plan
+
+PLAN = {"name": "p", "datasets": ["glas"], "methods": ["peft.lora", "peft.dora"], "seeds": [0]}
+
+
+def test_peft_methods_plan_on_their_own_or_a_host_bundle(tmp_path) -> None:
+    graph = build_graph(load_plan(PLAN), tmp_path)
+    assert graph.counts() == {"pretrain_tpp": 2, "finetune": 4, "evaluate": 4}
+    bundles = {(n.settings["method"], n.stage): (n.bundle, n.overrides.get("method")) for n in graph.nodes.values()}
+    # peft.dora has its own bundle; peft.lora runs on glas_lora with method overridden, in every stage
+    assert {bundles[("peft.dora", s)] for s in ("pretrain_tpp", "finetune", "evaluate")} == {("glas_peft_dora", None)}
+    assert {bundles[("peft.lora", s)] for s in ("pretrain_tpp", "finetune", "evaluate")} == {("glas_lora", "peft.lora")}
+    node = graph.nodes["finetune/glas_peft_lora__random__lf1.0__s0"]
+    argv, values = command(node, graph)
+    assert "glas_lora/configs/finetune.json" in argv[argv.index("--config_file") + 1]
+    assert values["method"] == "peft.lora" and values["tpp_ckpt"] == "none"
+
+
+def test_peft_inits_fine_tune_from_init_lora_weights_without_a_tpp_stage(tmp_path) -> None:
+    inits = ["random", "tpp-mae", "tpp-dino", "peft-eva", "peft-pissa", "peft-olora", "peft-corda"]
+    graph = build_graph(load_plan({**PLAN, "methods": ["peft.lora"], "init": inits}), tmp_path)
+    finetunes = {n.settings["init"]: n for n in graph.nodes.values() if n.stage == "finetune"}
+    assert sorted(finetunes) == sorted(inits)
+    for name in ("eva", "pissa", "olora", "corda"):
+        node = finetunes[f"peft-{name}"]
+        assert node.deps == [] and node.overrides["method_options"] == {"init_lora_weights": name}
+        evaluate = graph.nodes[f"evaluate/{node.folder.name}"]
+        assert evaluate.overrides["method_options"] == {"init_lora_weights": name}  # the same network is built
+        assert command(node, graph)[1]["tpp_ckpt"] == "none"
+    assert [graph.nodes[d].stage for d in finetunes["tpp-mae"].deps] == ["pretrain_tpp"]
+    assert "init_lora_weights" not in str(finetunes["tpp-mae"].overrides)
+
+
+def test_a_peft_init_on_another_method_and_an_unknown_tuner_are_refused() -> None:
+    with pytest.raises(ConfigError, match="init 'peft-eva'.*applies to peft.lora, not 'peft.dora'"):
+        load_plan({**PLAN, "init": ["peft-eva"]})
+    with pytest.raises(ConfigError, match="peft.nonesuch"):
+        load_plan({**PLAN, "methods": ["peft.nonesuch"]})
+    with pytest.raises(ConfigError, match="peft-eva, peft-pissa, peft-olora, peft-corda"):
+        load_plan({**PLAN, "init": ["peft-svd"]})
+
+
+def test_peft_tuners_preset_plans_every_tuner_and_every_init(tmp_path) -> None:
+    from tpp_monai.peft import applicable_methods
+
+    plan = load_plan("peft-tuners", overlays=["demo"])  # every bundle it runs has the demo overlay
+    tuners = [m for m in applicable_methods("medcoss_vit_b16", with_sources=True) if m.startswith("peft.")]
+    assert plan.grids[0]["methods"] == tuners  # the preset lists every tuner the installed peft applies
+    graph = build_graph(plan, tmp_path)
+    finetunes = [n for n in graph.nodes.values() if n.stage == "finetune"]
+    peft_arms = [n for n in finetunes if n.settings["init"].startswith("peft-")]
+    assert len(peft_arms) == 4 * len(plan.seeds) and all(n.deps == [] for n in peft_arms)
+    assert graph.counts()["finetune"] == (2 * len(tuners) + 5) * len(plan.seeds)
+    proc = run_cli("tpp_monai", "experiment", "plan", "peft-tuners", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert f"finetune {graph.counts()['finetune']}" in proc.stdout
+    assert "glas_peft_lora__peft-eva__lf1.0__s0" in proc.stdout and not (tmp_path / "peft-tuners").exists()
