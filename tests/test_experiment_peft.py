@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 from conftest import run_cli
 
@@ -42,9 +41,9 @@ def test_peft_inits_fine_tune_from_init_lora_weights_without_a_tpp_stage(tmp_pat
 
 
 def test_a_peft_init_on_another_method_and_an_unknown_tuner_are_refused() -> None:
-    with pytest.raises(ConfigError, match="init 'peft-eva'.*applies to peft.lora, not 'peft.dora'"):
+    with pytest.raises(ConfigError, match=r"init 'peft-eva'.*applies to peft\.lora, not 'peft\.dora'"):
         load_plan({**PLAN, "init": ["peft-eva"]})
-    with pytest.raises(ConfigError, match="peft.nonesuch"):
+    with pytest.raises(ConfigError, match=r"peft\.nonesuch"):
         load_plan({**PLAN, "methods": ["peft.nonesuch"]})
     with pytest.raises(ConfigError, match="peft-eva, peft-pissa, peft-olora, peft-corda"):
         load_plan({**PLAN, "init": ["peft-svd"]})

@@ -164,8 +164,10 @@ TPP_REFERENCE = ("Lei et al., Pre-training Everywhere: Parameter-Efficient Fine-
                  "Target Parameter Pre-training")  # fmt: skip
 
 
-PEFT_REFERENCE = ("Mangrulkar et al., PEFT: State-of-the-art Parameter-Efficient Fine-Tuning methods, "
-                  "https://github.com/huggingface/peft, 2022")
+PEFT_REFERENCE = (
+    "Mangrulkar et al., PEFT: State-of-the-art Parameter-Efficient Fine-Tuning methods, "
+    "https://github.com/huggingface/peft, 2022"
+)
 
 
 def metadata_2d(kind: BundleKind) -> dict:
