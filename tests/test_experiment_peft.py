@@ -64,3 +64,34 @@ def test_peft_tuners_preset_plans_every_tuner_and_every_init(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert f"finetune {graph.counts()['finetune']}" in proc.stdout
     assert "glas_peft_lora__peft-eva__lf1.0__s0" in proc.stdout and not (tmp_path / "peft-tuners").exists()
+
+
+def test_report_shows_a_peft_init_arms_cost_beside_its_gain(tmp_path) -> None:
+    """A peft-eva arm against random (fabricated run folders in the experiments layout): the gain entry carries the
+    mean seconds and peak memory of the peft-eva fine-tuning runs' init_cost.json, and the report's table shows it."""
+    import json
+
+    from test_experiment_report import _evaluated, _plan, _run_folder, _settings
+
+    from tpp_monai.experiments.report import cost_text, write_report
+    from tpp_monai.workflows.costs import write_init_cost
+
+    seconds, peaks = [2.0, 4.0, 6.0], [100.0, 300.0, 200.0]
+    for seed in range(3):
+        for init, dice in (("random", 0.80 + seed / 100), ("peft-eva", 0.82 + seed / 100)):
+            settings = _settings("glas", "peft.lora", init, 1.0, seed)
+            folder = _run_folder(tmp_path / "x", "finetune", settings)
+            if init == "peft-eva":
+                write_init_cost(folder, "peft-eva", seconds[seed], "cpu", (peaks[seed], "process_max_rss"))
+            _evaluated(tmp_path / "x", settings, {"dice": dice, "hd95": 50.0})
+    _plan(tmp_path / "x", name="x", datasets=["glas"], methods=["peft.lora"], init=["random", "peft-eva"],
+          label_fractions=[1.0], seeds=[0, 1, 2], metrics=None)  # fmt: skip
+    report = write_report(tmp_path / "x")
+    (gain,) = [g for g in report["gain"] if g["init"] == "peft-eva" and g["metric"] == "dice"]
+    cost = gain["cost"]["peft-eva"]
+    assert cost["seconds"] == 4.0 and cost["peak_memory_mib"] == 200.0 and cost["kinds"] == ["peft-eva"]
+    assert gain["cost"]["random"]["seconds"] == 0.0
+    text = cost_text(cost)
+    assert text.startswith("4.0 s, peak 200 MiB")
+    tables = "\n".join(p.read_text() for p in (tmp_path / "x").rglob("*.md"))
+    assert text in tables, json.dumps(report["gain"], default=str)[:2000]
