@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import run_cli
 
@@ -32,9 +34,10 @@ def test_peft_inits_fine_tune_from_init_lora_weights_without_a_tpp_stage(tmp_pat
     assert sorted(finetunes) == sorted(inits)
     for name in ("eva", "pissa", "olora", "corda"):
         node = finetunes[f"peft-{name}"]
-        assert node.deps == [] and node.overrides["method_options"] == {"init_lora_weights": name}
+        options = {"init_lora_weights": name, **({"eva_config": {"rho": 1.0}} if name == "eva" else {})}
+        assert node.deps == [] and node.overrides["method_options"] == options
         evaluate = graph.nodes[f"evaluate/{node.folder.name}"]
-        assert evaluate.overrides["method_options"] == {"init_lora_weights": name}  # the same network is built
+        assert evaluate.overrides["method_options"] == options  # the same network is built
         assert command(node, graph)[1]["tpp_ckpt"] == "none"
     assert [graph.nodes[d].stage for d in finetunes["tpp-mae"].deps] == ["pretrain_tpp"]
     assert "init_lora_weights" not in str(finetunes["tpp-mae"].overrides)
@@ -95,3 +98,36 @@ def test_report_shows_a_peft_init_arms_cost_beside_its_gain(tmp_path) -> None:
     assert text.startswith("4.0 s, peak 200 MiB")
     tables = "\n".join(p.read_text() for p in (tmp_path / "x").rglob("*.md"))
     assert text in tables, json.dumps(report["gain"], default=str)[:2000]
+
+
+@pytest.mark.slow
+def test_peft_eva_runs_in_a_plan_next_to_tpp_mae_on_demo_data(tmp_path) -> None:
+    """peft.lora on the GlaS demo (glas_lora's demo overlay, vit_tiny): TPP-MAE and peft's EVA arms, each through
+    finetune and evaluate; the EVA fine-tuning leaves its init_cost.json and the TPP arm's cost is its TPP stage's.
+    EVA's incremental SVD takes minutes on 2 CPU cores, hence slow."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tpp_monai.experiments.report import write_report
+
+    plan = {"name": "eva", "datasets": ["glas"], "methods": ["peft.lora"], "init": ["tpp-mae", "peft-eva"],
+            "label_fractions": [1.0], "seeds": [0], "overlays": ["demo"],
+            "overrides": {"num_workers": 0, "val_interval": 1, "backbone": "vit_tiny"},
+            "stage_overrides": {"pretrain_tpp": {"tpp_epochs": 1, "warmup_epochs": 1}, "finetune": {"iterations": 4},
+                                "evaluate": {"test#inferer#flips": []}}, "metrics": ["dice"]}  # fmt: skip
+    (tmp_path / "eva.yaml").write_text(yaml.safe_dump(plan))
+    argv = [sys.executable, "-m", "tpp_monai", "experiment", "run", str(tmp_path / "eva.yaml"), "--out",
+            str(tmp_path / "out"), "--no-tracking"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    exp = tmp_path / "out" / "eva"
+    cost = json.loads((exp / "runs/finetune/glas_peft_lora__peft-eva__lf1.0__s0/init_cost.json").read_text())
+    assert cost["kind"] == "peft-eva" and cost["seconds"] > 0
+    assert (exp / "runs/pretrain_tpp/glas_peft_lora__mae__s0/init_cost.json").is_file()
+    for init in ("tpp-mae", "peft-eva"):
+        assert (exp / f"runs/evaluate/glas_peft_lora__{init}__lf1.0__s0/metrics.json").is_file()
+    report = write_report(exp)
+    groups = {g["init"] for g in report["groups"]}
+    assert {"tpp-mae", "peft-eva"} <= groups

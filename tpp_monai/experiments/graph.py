@@ -127,7 +127,12 @@ def _stage_overrides(plan: Plan, grid: dict, dataset: str, stage: str, method: s
     if hosted(dataset, method):
         merged["method"] = method
     if init is not None and init.kind == "peft":
-        merged["method_options"] = {**dict(merged.get("method_options") or {}), "init_lora_weights": init.pretext}
+        options = {**dict(merged.get("method_options") or {}), "init_lora_weights": init.pretext}
+        if init.pretext == "eva":
+            # EVA keeps every layer at rank r (rho 1, no redistribution): evaluate and inference build the network
+            # from method_options, and the fine-tuned model.pt must fit those shapes
+            options["eva_config"] = {"rho": 1.0, **dict(options.get("eva_config") or {})}
+        merged["method_options"] = options
     return merged
 
 
