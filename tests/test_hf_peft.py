@@ -170,3 +170,23 @@ def test_glas_bundle_runs_a_peft_method_through_every_workflow(tmp_path, demo_ro
     assert any(layer in n for n, _ in network.named_parameters())
     run_workflow("glas_adapter", "evaluate", **common)
     assert json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
+
+
+def test_glas_peft_dora_bundle_demo_runs_its_tpp_stage_into_an_adapter_folder(tmp_path, demo_roots) -> None:
+    """The generated ``glas_peft_dora`` bundle (its own configs and demo overlay, no ``--method``) runs pretrain_tpp
+    and leaves peft's adapter folder for DoRA."""
+    import json
+    import math
+
+    import pandas as pd
+    from conftest import run_workflow
+
+    run_workflow("glas_peft_dora", "pretrain_tpp", tpp_epochs=1, runs_dir=str(tmp_path),
+                 dataset_dir=str(demo_roots("glas")))  # fmt: skip
+    folder = tmp_path / "pretrain_tpp" / "tpp_target"
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_dora"] is True
+    losses = pd.read_csv(tmp_path / "pretrain_tpp" / "history.csv")["train_loss"].tolist()
+    assert len(losses) == 1 and math.isfinite(losses[0])
+    assert (tmp_path / "pretrain_tpp" / "init_cost.json").is_file()

@@ -22,9 +22,12 @@ from tpp_monai.peft import applicable_methods, get_method
 
 BUNDLES_DIR = Path(__file__).resolve().parents[2] / "bundles"
 KINDS: dict[int, type[BundleKind]] = {2: ViTBundle, 3: STUNetBundle}
+#: huggingface peft tuners shipped as bundles of their own (``<dataset>_peft_<tuner>``) beside the built-in methods;
+#: any other ``peft.*`` tuner runs on any bundle with ``--method peft.<tuner>``.
+PEFT_BUNDLES: dict[str, tuple[str, ...]] = {"glas": ("peft.dora",), "mhist": ("peft.ia3",)}
 
-__all__ = ["BASELINES", "BUNDLES_DIR", "KINDS", "WORKFLOW_FILES", "BundleKind", "all_bundles", "bundle_names",
-           "get_bundle", "workflow_config_files"]  # fmt: skip
+__all__ = ["BASELINES", "BUNDLES_DIR", "KINDS", "PEFT_BUNDLES", "WORKFLOW_FILES", "BundleKind", "all_bundles",
+           "bundle_names", "get_bundle", "workflow_config_files"]  # fmt: skip
 
 
 def _methods_for(dims: int, methods: tuple[str, ...] | None) -> list[str]:
@@ -41,6 +44,7 @@ def all_bundles() -> list[BundleKind]:
         recipe = recipe_for(info)
         kind = KINDS[info.spatial_dims]
         out += [kind(info, method) for method in _methods_for(info.spatial_dims, recipe.methods)]
+        out += [kind(info, method) for method in PEFT_BUNDLES.get(info.name, ())]
         if info.spatial_dims == 3:  # MONAI's SwinUNETR beside STU-Net (peft's LoRA and its baseline)
             out += [SwinUNETRBundle(info, method) for method in SWINUNETR_METHODS]
     return out

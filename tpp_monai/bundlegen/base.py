@@ -44,7 +44,7 @@ class BundleKind(ABC):
 
     @property
     def name(self) -> str:
-        return f"{self.info.name}_{self.method}"
+        return f"{self.info.name}_{self.method.replace('.', '_')}"  # peft.dora -> glas_peft_dora
 
     @property
     def baseline(self) -> bool:

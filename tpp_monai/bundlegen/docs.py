@@ -107,6 +107,12 @@ TPP_REFERENCE = ("Lei et al., Pre-training Everywhere: Parameter-Efficient Fine-
                  "Target Parameter Pre-training")  # fmt: skip
 
 
+PEFT_REFERENCE = (
+    "Mangrulkar et al., PEFT: State-of-the-art Parameter-Efficient Fine-Tuning methods, "
+    "https://github.com/huggingface/peft, 2022"
+)
+
+
 def metadata_2d(kind: BundleKind) -> dict:
     info = kind.info
     if info.task == "cls":
@@ -128,6 +134,8 @@ def metadata_2d(kind: BundleKind) -> dict:
         [TPP_REFERENCE, "Ye et al., Continual Self-supervised Learning: Towards Universal Multi-modal Medical Data "
          "Representation Learning (MedCoSS), CVPR 2024"],
     )  # fmt: skip
+    if kind.method.startswith("peft."):
+        meta["references"].append(PEFT_REFERENCE)
     image = {"type": "image", "format": "magnitude", "modality": info.modality, "num_channels": info.in_channels,
              "spatial_shape": ["16*n"] * 2, "dtype": "float32", "value_range": value_range, "is_patch_data": False,
              "channel_def": {"0": "R", "1": "G", "2": "B"}}  # fmt: skip

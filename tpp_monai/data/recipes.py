@@ -84,9 +84,11 @@ class DatasetRecipe:
 
 
 BASELINES = ("full_finetune", "linear_probe")
-# Paper §4.2; LoRA is not in the paper's grid: 5e-4 is this project's choice (between Adapter's and SSF's).
+# Paper §4.2; LoRA is not in the paper's grid: 5e-4 is this project's choice (between Adapter's and SSF's). peft's
+# IA3 (learned scaling vectors, like SSF's) and DoRA (LoRA with a magnitude) are not either: SSF's and LoRA's rates.
 MHIST_LR = {"full_finetune": 1e-5, "linear_probe": 1e-2, "evp": 5e-5, "vpt": 1e-4, "ssf": 1e-3, "bitfit": 1e-3,
-            "adapter": 1e-4, "adaptformer": 1e-3, "dtl": 5e-3, "lora": 5e-4}  # fmt: skip
+            "adapter": 1e-4, "adaptformer": 1e-3, "dtl": 5e-3, "lora": 5e-4, "peft.ia3": 1e-3,
+            "peft.dora": 5e-4}  # fmt: skip
 _CLS_TPP, _SEG_TPP = TPPRecipe(epochs=500, mae_decoder="freeze"), TPPRecipe(epochs=1000, mae_decoder="update")
 _TPP_3D = TPPRecipe(epochs=300, batch_size=4, lr=5e-4, warmup_epochs=(10, 10))
 _FT_3D = FinetuneRecipe(batch_size=2, iterations=250_000, lr_by_method={"full_finetune": 1e-3, "conv_adapter": 1e-2},

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tpp_monai.bundlegen import workflow_config_files
-from tpp_monai.experiments.plan import STAGES, Init, Plan, bundle_dir, has_tpp, parse_init
+from tpp_monai.experiments.plan import STAGES, Init, Plan, bundle_dir, has_tpp, hosted, parse_init
 
 RUN_IDS = {"pretrain_tpp": "pretrain_tpp", "finetune": "finetune", "evaluate": "evaluate"}
 # what each stage leaves when it finished (checked besides the exit status): the TPP stage's target-parameter folder
@@ -103,7 +103,7 @@ def _fraction(value: float) -> str:
 
 def run_key(settings: dict, stage: str) -> str:
     """A readable folder name from the settings, e.g. ``glas_adapter__tpp-mae__lf1__s0``."""
-    parts = [f"{settings['dataset']}_{settings['method']}"]
+    parts = [f"{settings['dataset']}_{settings['method'].replace('.', '_')}"]
     if stage == "pretrain_tpp":
         parts.append(settings["pretext"])
     else:
@@ -116,12 +116,23 @@ def run_key(settings: dict, stage: str) -> str:
     return "__".join(parts)
 
 
-def _stage_overrides(plan: Plan, grid: dict, dataset: str, stage: str) -> dict:
+def _stage_overrides(plan: Plan, grid: dict, dataset: str, stage: str, method: str, init: Init | None = None) -> dict:
+    """The plan's overrides of one stage; a ``peft.*`` method on a host bundle sets ``method``, and a ``peft-*`` init
+    sets peft's ``init_lora_weights`` in ``method_options`` (finetune and evaluate build the same network)."""
     merged = {**plan.overrides, **plan.dataset_overrides.get(dataset, {}), **grid["overrides"]}
     merged.update(plan.stage_overrides.get(stage, {}))
     merged.update(grid["stage_overrides"].get(stage, {}))
     if grid["backbone"]:
         merged["backbone"] = grid["backbone"]
+    if hosted(dataset, method):
+        merged["method"] = method
+    if init is not None and init.kind == "peft":
+        options = {**dict(merged.get("method_options") or {}), "init_lora_weights": init.pretext}
+        if init.pretext == "eva":
+            # EVA keeps every layer at rank r (rho 1, no redistribution): evaluate and inference build the network
+            # from method_options, and the fine-tuned model.pt must fit those shapes
+            options["eva_config"] = {"rho": 1.0, **dict(options.get("eva_config") or {})}
+        merged["method_options"] = options
     return merged
 
 
@@ -162,18 +173,19 @@ def _add_chain(add, plan: Plan, grid: dict, exp_dir: Path, dataset: str, method:
         images = init.source or dataset
         tpp_settings = {"dataset": images, "init": f"tpp-{init.pretext}", "pretext": init.pretext, "source": None,
                         "label_fraction": None, **common}  # fmt: skip
-        overrides = _stage_overrides(plan, grid, images, "pretrain_tpp")
+        overrides = _stage_overrides(plan, grid, images, "pretrain_tpp", method)
         overrides["pretext"] = init.pretext
-        tpp = add(Node("pretrain_tpp", f"{images}_{method}", tpp_settings, overrides,
+        tpp = add(Node("pretrain_tpp", bundle_dir(images, method).name, tpp_settings, overrides,
                        runs / "pretrain_tpp" / run_key(tpp_settings, "pretrain_tpp")))  # fmt: skip
         deps = [tpp.key]
     init_label = init.label if not (init.kind == "transfer" and init.source == dataset) else f"tpp-{init.pretext}"
     settings = {"dataset": dataset, "init": init_label, "pretext": init.pretext,
                 "source": init.source if init.kind == "transfer" and init.source != dataset else None,
                 "label_fraction": fraction, **common}  # fmt: skip
-    finetune = add(Node("finetune", f"{dataset}_{method}", settings, _stage_overrides(plan, grid, dataset, "finetune"),
+    bundle = bundle_dir(dataset, method).name
+    finetune = add(Node("finetune", bundle, settings, _stage_overrides(plan, grid, dataset, "finetune", method, init),
                         runs / "finetune" / run_key(settings, "finetune"), deps))  # fmt: skip
-    add(Node("evaluate", f"{dataset}_{method}", settings, _stage_overrides(plan, grid, dataset, "evaluate"),
+    add(Node("evaluate", bundle, settings, _stage_overrides(plan, grid, dataset, "evaluate", method, init),
              runs / "evaluate" / run_key(settings, "evaluate"), [finetune.key]))  # fmt: skip
 
 

@@ -30,21 +30,34 @@ SLURM_KEYS = {"partition": None, "cpus_per_task": 2, "mem_gb": 8, "timeout_min":
 EXECUTOR_KEYS = {"kind": "local", "gpus_per_run": 1, "slurm": SLURM_KEYS}
 
 
+#: huggingface peft's data-driven LoRA initialisations (``init_lora_weights``), the ``peft-<name>`` inits: a finetune
+#: that starts from them, no TPP stage (its cost: the finetune's ``init_cost.json``, tpp_monai.workflows.costs)
+PEFT_INITS = ("eva", "pissa", "olora", "corda")
+#: the methods whose peft config takes ``init_lora_weights`` and that a ``peft-*`` init was tested with
+PEFT_INIT_METHODS = ("peft.lora",)
+#: the built-in method whose bundle hosts a ``peft.*`` method without a bundle of its own (run with ``method`` set)
+HOST_METHODS = ("lora", "swinunetr_lora")
+
+
 @dataclass(frozen=True)
 class Init:
     """One initialisation of the target parameters: ``random``, ``tpp-<pretext>`` (TPP on the dataset's own training
-    images), ``transfer:<source>:<pretext>`` (TPP on another dataset's training images) or ``upstream`` (target
-    parameters from a given file, the dataset's ``tpp_ckpt`` in ``dataset_overrides``; no TPP stage)."""
+    images), ``transfer:<source>:<pretext>`` (TPP on another dataset's training images), ``upstream`` (target
+    parameters from a given file, the dataset's ``tpp_ckpt`` in ``dataset_overrides``; no TPP stage) or
+    ``peft-<eva|pissa|olora|corda>`` (peft's LoRA ``init_lora_weights``, computed at the start of fine-tuning; no TPP
+    stage)."""
 
-    kind: str  # random | tpp | transfer | upstream
-    pretext: str | None = None
+    kind: str  # random | tpp | transfer | upstream | peft
+    pretext: str | None = None  # tpp, transfer: the pretext; peft: the init_lora_weights value
     source: str | None = None
 
     @property
     def label(self) -> str:
-        """The name used in settings and run keys (``tpp-mae``, ``transfer:glas:mae``...)."""
+        """The name used in settings and run keys (``tpp-mae``, ``transfer:glas:mae``, ``peft-eva``...)."""
         if self.kind == "transfer":
             return f"transfer:{self.source}:{self.pretext}"
+        if self.kind == "peft":
+            return f"peft-{self.pretext}"
         return f"tpp-{self.pretext}" if self.kind == "tpp" else self.kind
 
     @property
@@ -62,12 +75,16 @@ def parse_init(text: str, where: str = "init") -> Init:
     match = re.fullmatch(r"tpp-(\w+)", value)
     if match and match.group(1) in PRETEXTS:
         return Init("tpp", match.group(1))
+    match = re.fullmatch(r"peft-(\w+)", value)
+    if match and match.group(1) in PEFT_INITS:
+        return Init("peft", match.group(1))
     match = re.fullmatch(r"transfer:(\w+):(\w+)", value)
     if match and match.group(1) in DATASETS and match.group(2) in PRETEXTS:
         return Init("transfer", match.group(2), match.group(1))
     raise ConfigError(
         f"unknown initialisation {value!r} (from {where}); valid: random, tpp-mae, tpp-dino, upstream, "
-        f"transfer:<dataset>:<mae|dino> with a dataset of {', '.join(DATASETS)}"
+        f"{', '.join(f'peft-{i}' for i in PEFT_INITS)}, transfer:<dataset>:<mae|dino> with a dataset of "
+        f"{', '.join(DATASETS)}"
     )
 
 
@@ -165,7 +182,18 @@ def _check_mapping(value: object, key: str, where: str) -> dict:
 
 
 def bundle_dir(dataset: str, method: str) -> Path:
-    return BUNDLES_DIR / f"{dataset}_{method}"
+    """The bundle that runs ``method`` on ``dataset``: its own (``glas_adapter``, ``glas_peft_dora``), else for a
+    ``peft.*`` method the dataset's LoRA bundle, run with ``method`` overridden (:func:`hosted`)."""
+    own = BUNDLES_DIR / f"{dataset}_{method.replace('.', '_')}"
+    if own.is_dir() or not method.startswith("peft."):
+        return own
+    hosts = [BUNDLES_DIR / f"{dataset}_{host}" for host in HOST_METHODS]
+    return next((h for h in hosts if h.is_dir()), own)
+
+
+def hosted(dataset: str, method: str) -> bool:
+    """Whether ``method`` runs on another method's bundle (so its runs set ``method``)."""
+    return bundle_dir(dataset, method).name != f"{dataset}_{method.replace('.', '_')}"
 
 
 def has_tpp(dataset: str, method: str) -> bool:
@@ -181,7 +209,9 @@ def _check_axes(grid: dict, where: str, plan: dict) -> None:
             raise unknown_choice("dataset", dataset, DATASETS, f"{where} datasets")
     methods = {p.name[len(d) + 1 :] for d in DATASETS for p in BUNDLES_DIR.glob(f"{d}_*")}
     for method in grid["methods"]:
-        if method not in methods:
+        if method.startswith("peft."):
+            _check_peft_method(method, grid, where)
+        elif method not in methods:
             raise unknown_choice("method", method, methods, f"{where} methods")
         for dataset in grid["datasets"]:
             if not bundle_dir(dataset, method).is_dir():
@@ -205,6 +235,14 @@ def _check_axes(grid: dict, where: str, plan: dict) -> None:
                     f"init 'upstream' (from {where}) fine-tunes from given target parameters: set "
                     f"dataset_overrides: {{{missing[0]}: {{tpp_ckpt: /path/to/target_parameters.pt}}}}"
                 )
+        if init.kind == "peft":
+            wrong = [m for m in grid["methods"] if m not in PEFT_INIT_METHODS]
+            if wrong:
+                raise ConfigError(
+                    f"init {init.label!r} (from {where}) is peft's LoRA init_lora_weights={init.pretext!r}: it "
+                    f"applies to {', '.join(PEFT_INIT_METHODS)}, not {wrong[0]!r}; put it in a sub-grid (grids) "
+                    "with those methods"
+                )
     for fraction in grid["label_fractions"]:
         if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction <= 1:
             raise ConfigError(f"label fraction {fraction!r} (from {where} label_fractions) must be in (0, 1]")
@@ -219,6 +257,20 @@ def _check_axes(grid: dict, where: str, plan: dict) -> None:
     for stage in _check_mapping(grid.get("stage_overrides"), "stage_overrides", where):
         if stage not in STAGES:
             raise unknown_choice("stage", stage, STAGES, f"{where} stage_overrides")
+
+
+def _check_peft_method(method: str, grid: dict, where: str) -> None:
+    """A ``peft.*`` method must name a tuner of the installed peft and have a bundle to run on. Whether the tuner
+    wraps the backbone is checked by each run before it builds anything (probing all of peft's tuners here takes
+    about a minute on 2 CPU cores)."""
+    from tpp_monai.peft import method_names
+
+    if method not in method_names(True):
+        raise unknown_choice("method", method, method_names(True), f"{where} methods")
+    for dataset in grid["datasets"]:
+        if not bundle_dir(dataset, method).is_dir():
+            raise ConfigError(f"no bundle runs {method!r} on {dataset!r} (from {where}): it needs "
+                              f"bundles/{dataset}_{HOST_METHODS[0]} (or its own bundle) to host it")  # fmt: skip
 
 
 def _check_executor(value: object) -> dict:
