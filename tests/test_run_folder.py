@@ -219,3 +219,29 @@ def test_resume_allows_what_cannot_change_the_result(tmp_path) -> None:
                                      "resume": True})  # fmt: skip
     with pytest.raises(ConfigError, match="epochs was 4 and is 3 now"):
         check_resume_settings(tmp_path, {**recorded, "epochs": 3})
+
+
+def test_target_folder_is_left_by_a_run_resumed_after_its_last_epoch(tmp_path, monkeypatch) -> None:
+    """A TPP stage killed between its last checkpoint and the target-folder save resumes with no epoch to train: the
+    end of the run still writes the folder, and a run that wrote it for its last epoch does not write it twice."""
+    from tpp_monai.backbones import build_backbone
+    from tpp_monai.handlers import TargetStateSaver
+    from tpp_monai.handlers import checkpoints as saver_module
+    from tpp_monai.peft import apply_peft
+
+    model = apply_peft(build_backbone("vit_tiny", task="features"), "lora")
+    writes: list[int] = []
+    real_write = saver_module.write_target_folder
+    monkeypatch.setattr(saver_module, "write_target_folder",
+                        lambda m, path, info: (writes.append(info["epoch"]), real_write(m, path, info)))  # fmt: skip
+    engine = Engine(lambda e, b: None)
+    TargetStateSaver(model, tmp_path / "full" / "tpp_target").attach(engine)
+    engine.run([0], max_epochs=2)
+    assert writes == [1, 2], "one write per epoch, none again at the end"
+
+    writes.clear()
+    resumed = Engine(lambda e, b: None)
+    TargetStateSaver(model, tmp_path / "resumed" / "tpp_target").attach(resumed)
+    resumed.state.epoch = 2  # what the checkpoint restores: every epoch done
+    resumed.fire_event(Events.COMPLETED)
+    assert writes == [2] and read_record(tmp_path / "resumed" / "tpp_target")["epoch"] == 2

@@ -31,19 +31,28 @@ class TargetStateSaver:
     """Write the model's target parameters to the folder ``path`` after every epoch (rank 0), atomically: the TPP
     stage's product (:func:`tpp_monai.peft.files.write_target_folder`).
 
-    ``info`` (e.g. the pretext and dataset) is recorded in the file next to the method, options and backbone.
+    ``info`` (e.g. the pretext and dataset) is recorded in the file next to the method, options and backbone. At the
+    end of the run the folder is written once more unless this process wrote it for the last epoch: a run killed
+    after its last checkpoint but before this save resumes with no epoch left to train, and must still leave it.
     """
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module], path: str | Path, info: Mapping | None = None):
         self.model, self.path, self.info = model, Path(path), dict(info or {})
+        self._written_epoch: int | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self._on_completed)
+
+    def _on_completed(self, engine: Engine) -> None:
+        if self._written_epoch != engine.state.epoch:
+            self(engine)
 
     def __call__(self, engine: Engine) -> None:
         if is_rank0():
             model = self.model() if callable(self.model) and not isinstance(self.model, nn.Module) else self.model
             write_target_folder(model, self.path, {**self.info, "epoch": engine.state.epoch})
+        self._written_epoch = engine.state.epoch
 
 
 class _AtomicDiskSaver(BaseSaveHandler):
