@@ -1,7 +1,7 @@
 """The 3D bundles (paper §5.4, Table 10): STU-Net with Conv-Adapter and DINO target-parameter pre-training on LiTS and
 KiTS19, and the full fine-tuning baselines.
 
-What differs from the 2D bundles (``shared/reference/stunet.md``):
+What differs from the 2D bundles (STU-Net, Huang et al. 2023, and its nnU-Net recipe):
 
 * backbone ``stunet_b`` (the size the STU-Net authors recommend for transfer, §1.7, #46), patches of ``image_size``
   (x, y, z after ``Orientationd("RAS")``) from volumes at 0.8 x 0.8 x 1.5 mm with per-volume z-score, sampled

@@ -1,7 +1,7 @@
 """Conv-Adapter (Chen et al., CVPR 2024 workshop / arXiv 2208.07463) for STU-Net, the PEFT method of TPP's Table 10.
 
 The module follows the released ``ConvAdapter`` ("Design 2 v4", Hhhhhhao/Conv-Adapter
-``models/tuning_modules/conv_adapter.py``; ``shared/reference/stunet.md`` §2.1) in 3D: a grouped k x k x k conv
+``models/tuning_modules/conv_adapter.py``) in 3D: a grouped k x k x k conv
 ``C_in -> C_in/gamma`` with ``groups = C_in/gamma`` (each output channel filters gamma input channels), an activation,
 a 1x1x1 conv to ``C_out`` and a learnable per-channel scale. Released names ``conv1/act/conv2/se`` are called
 ``down/act/up/scale`` here. Initialisation as released: the released ResNet's init loop runs after the adapters are
