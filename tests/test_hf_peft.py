@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -158,7 +160,8 @@ def test_glas_bundle_runs_a_peft_method_through_every_workflow(tmp_path, demo_ro
     from tpp_monai.peft.files import read_record
 
     common = {"runs_dir": str(tmp_path), "dataset_dir": str(demo_roots("glas")), "backbone": "vit_tiny",
-              "backbone_ckpt": "none", "method": method, "method_options": options}  # fmt: skip
+              "backbone_ckpt": "none", "method": method, "method_options": options,
+              "ckpt_dir": str(tmp_path / "models")}  # fmt: skip
     run_workflow("glas_adapter", "pretrain_tpp", tpp_epochs=2, **common)
     folder = tmp_path / "pretrain_tpp" / "tpp_target"
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -170,6 +173,17 @@ def test_glas_bundle_runs_a_peft_method_through_every_workflow(tmp_path, demo_ro
     assert any(layer in n for n, _ in network.named_parameters())
     run_workflow("glas_adapter", "evaluate", **common)
     assert json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
+    if method == "peft.lora":  # inference.json builds the same wrapped network from model.pt
+        from PIL import Image
+
+        root, images = demo_roots("glas"), tmp_path / "in"
+        images.mkdir()
+        for rec in json.loads((root / "datalist.json").read_text())["test"][:2]:
+            (images / Path(rec["image"]).name).write_bytes((root / rec["image"]).read_bytes())
+        run_workflow("glas_adapter", "run", ("inference", "demo"), input_dir=str(images),
+                     output_dir=str(tmp_path / "inference"), **common)  # fmt: skip
+        for src in images.iterdir():
+            assert Image.open(tmp_path / "inference" / f"{src.stem}_mask.png").size == Image.open(src).size
 
 
 def test_glas_peft_dora_bundle_demo_runs_its_tpp_stage_into_an_adapter_folder(tmp_path, demo_roots) -> None:
