@@ -66,7 +66,7 @@ def test_bad_settings_and_missing_inputs_on_the_command_line_are_named_in_one_me
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
-    message = proc.stderr[proc.stderr.index("error:"):]
+    message = proc.stderr[proc.stderr.index("error:") :]
     for expected in ("4 setting(s) cannot be used", "epochs 'abc': expected an integer >= 1",
                      "lr 'fast': expected a number > 0", f"tpp_ckpt {missing_tpp}: not found",
                      f"backbone_ckpt {missing_backbone}: not found"):  # fmt: skip

@@ -79,6 +79,7 @@ def run_rounds(
         log(f"round {r + 1}: {len(need)} steps, {time.perf_counter() - t0:.1f} s (waited {waited:.1f} s for a "
             f"quiet machine); fewest quiet samples {quiet}/{steps}")  # fmt: skip
 
+
 def account(workloads: Sequence[Workload], device: Device, log: Callable) -> None:
     """Peak memory (one instrumented step) and FLOPs (one counted step) of every workload."""
     for w in workloads:
@@ -95,6 +96,7 @@ def account(workloads: Sequence[Workload], device: Device, log: Callable) -> Non
         w.prepare()
         w.host_syncs = count_host_syncs(device, w.step)
         log(f"accounted {w.key}: {w.peak_bytes / MIB:.0f} MiB, {w.flops / 1e9:.1f} GFLOP")
+
 
 def section_steps(args: argparse.Namespace, device: Device, log: Callable) -> dict:
     family = _family(args.backbone)
@@ -151,6 +153,7 @@ def section_steps(args: argparse.Namespace, device: Device, log: Callable) -> di
         info["counted_forward_flops"] = by_key["inference"].flops
     return result
 
+
 def _bundle_for(args: argparse.Namespace) -> Path:
     from tpp_monai.bundlegen import BUNDLES_DIR as REPO_BUNDLES
 
@@ -160,6 +163,7 @@ def _bundle_for(args: argparse.Namespace) -> Path:
     if not path.is_file():
         raise ConfigError(f"no bundle config {path} to measure the engine with; pass --method with a TPP bundle")
     return path
+
 
 def section_engine(args: argparse.Namespace, device: Device, log: Callable) -> dict:
     """The bundle's TPP-stage trainer (its handlers: schedules, pretext handlers, target-state and checkpoint
@@ -265,6 +269,7 @@ def section_engine(args: argparse.Namespace, device: Device, log: Callable) -> d
         "engine_overhead": overhead(median(per_pair), median(extras) / t_bare, n, 1.0),
     }
 
+
 def section_data(args: argparse.Namespace, device: Device, log: Callable) -> dict:
     """Images/s of the bundle's TPP-stage loader (CacheDataset of the deterministic transforms, random views in
     DataLoader workers set from the CPU count) on the demo dataset, timed alone after a warm-up epoch."""
@@ -306,6 +311,7 @@ def section_data(args: argparse.Namespace, device: Device, log: Callable) -> dic
         "seconds": elapsed,
         "images_per_s": images / elapsed,
     }
+
 
 def section_scaling(args: argparse.Namespace, device: Device, log: Callable, steps_result: dict | None) -> dict:
     """TPP-MAE (trainable decoder, the GlaS setting) at the bench size and ``--scaling-size``; STU-Net's TPP step
@@ -469,8 +475,11 @@ def section_pairs(args: argparse.Namespace, device: Device, log: Callable) -> di
     out = {p.key: p.summary() for p in pairs}
     return {
         "rule": {
-            "min_quiet_pairs": MIN_QUIET_PAIRS, "spread_limit": SPREAD_LIMIT, "quiet_stall": QUIET_STALL,
-            "ideal_limit": IDEAL_LIMIT, "interval_confidence": CONFIDENCE,
+            "min_quiet_pairs": MIN_QUIET_PAIRS,
+            "spread_limit": SPREAD_LIMIT,
+            "quiet_stall": QUIET_STALL,
+            "ideal_limit": IDEAL_LIMIT,
+            "interval_confidence": CONFIDENCE,
         },
         "max_batch": args.max_batch,
         "pairs": out,

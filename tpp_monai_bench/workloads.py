@@ -28,6 +28,7 @@ from tpp_monai_bench.timing import (
 
 STUNET_SCALING = "stunet_b"
 
+
 def make_adamw(params: Any, device: Device, **kwargs: Any) -> torch.optim.Optimizer:
     """AdamW with the fused kernel where PyTorch has one for the device (CPU and CUDA in PyTorch >= 2.4), else
     the multi-tensor one: one pass over the trainable tensors instead of a Python loop per tensor."""
@@ -35,6 +36,7 @@ def make_adamw(params: Any, device: Device, **kwargs: Any) -> torch.optim.Optimi
         return torch.optim.AdamW(params, fused=True, **kwargs)
     except (RuntimeError, ValueError, TypeError):
         return torch.optim.AdamW(params, foreach=device.cuda, **kwargs)
+
 
 @dataclass
 class Workload:
@@ -92,11 +94,13 @@ class Workload:
             "host_syncs": self.host_syncs,
         }
 
+
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> list[Tensor]:
     out: list[Tensor] = []
     for state in opt.state.values():
         out.extend(v for v in state.values() if isinstance(v, Tensor))
     return out
+
 
 def train_workload(
     key: str, label: str, device: Device, model: nn.Module, forward_loss: Callable[[], Tensor],
@@ -132,6 +136,7 @@ def train_workload(
     weights = lambda: [p for m in (model, *extra) for p in m.parameters()]  # noqa: E731
     return Workload(key, label, step, images, trainable, prepare, persistent, weights, optimizer=optimizer)
 
+
 def forward_workload(key: str, label: str, device: Device, model: nn.Module, inputs: Tensor, images: int) -> Workload:
     """The inference forward (eval mode, ``torch.inference_mode``)."""
 
@@ -146,6 +151,7 @@ def forward_workload(key: str, label: str, device: Device, model: nn.Module, inp
         return [*model.parameters(), *model.buffers(), inputs]
 
     return Workload(key, label, step, images, 0, persistent=persistent, weights=lambda: list(model.parameters()))
+
 
 def gemm_workload(device: Device, size: int | None = None, reps: int = 3) -> Workload:
     """The dense matmul rate: ``reps`` products of two ``size x size`` matrices (fp32 on CPU, bf16 on GPU)."""
@@ -165,6 +171,7 @@ def gemm_workload(device: Device, size: int | None = None, reps: int = 3) -> Wor
     w.persistent = lambda: [a, b, out]
     return w
 
+
 def with_checkpointing(base: Workload, modules: Sequence[nn.Module], key: str, label: str) -> Workload:
     """``base``'s step with activation checkpointing switched on for its duration (same model and optimizer)."""
     from tpp_monai.backbones.vit import set_activation_checkpointing
@@ -180,9 +187,11 @@ def with_checkpointing(base: Workload, modules: Sequence[nn.Module], key: str, l
 
     return Workload(key, label, step, base.images, base.trainable, base.prepare, base.persistent, base.weights)
 
+
 def _random_images(device: Device, batch: int, channels: int, size: Sequence[int], seed: int = 0) -> Tensor:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     return torch.rand(batch, channels, *size, generator=gen).to(device.torch)
+
 
 @contextlib.contextmanager
 def _quiet_logs():
@@ -196,6 +205,7 @@ def _quiet_logs():
             yield
     finally:
         logger.setLevel(level)
+
 
 @dataclass(frozen=True)
 class VitCase:
@@ -388,6 +398,7 @@ def stunet_step_workloads(
             elif kind == "tpp_dino":
                 out.append(stunet_dino_workload(backbone, tpp_method or method, device, batch, patch, suffix))
     return out
+
 
 def swinunetr_full_ft_workload(backbone: str, device: Device, batch: int, patch: int) -> Workload:
     """SwinUNETR full fine-tuning (the baseline bundles' step: Dice + CE on its one output, AdamW) at ``patch``^3."""
