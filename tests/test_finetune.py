@@ -43,7 +43,7 @@ def test_finetune_then_evaluate_write_metrics(tmp_path, demo_roots, bundle) -> N
     task_metrics = {"dice", "hd95"} if "dice" in result["metrics"] else {"acc", "auc", "f1", "score"}
     assert set(result["metrics"]) == task_metrics
     method = json.loads((BUNDLES / bundle / "configs" / "finetune.json").read_text())["method"]
-    assert result["run_info"]["method"] == method and bundle.endswith(method)
+    assert result["run_info"]["method"] == method and bundle.endswith(method.replace(".", "_"))
     assert all(v == v for v in result["metrics"].values())  # no NaN
     assert (tmp_path / "evaluate" / "metrics.csv").is_file()
     if "dice" in task_metrics:
