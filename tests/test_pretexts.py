@@ -138,9 +138,11 @@ class TokenDropViT3D(nn.Module):
 
 
 def test_default_pretext_per_backbone() -> None:
-    """ViTs: MAE (the paper's default); STU-Net: DINO (its Table 10 pairing); a CNN with a dense map: MIM; a backbone
-    with only a global feature: DINO; one with no pretext input is refused with a message."""
-    expected = {"medcoss": "mae", "timm_vit": "mae", "stunet": "dino"}
+    """ViTs (MedCoSS, timm, MONAI ViT/UNETR): MAE (the paper's default); STU-Net: DINO (its Table 10 pairing);
+    Swin and a CNN with a dense map: MIM; a backbone with only a global feature: DINO; one with no pretext input is
+    refused with a message."""
+    expected = {"medcoss": "mae", "timm_vit": "mae", "stunet": "dino", "swinunetr": "mim", "unetr": "mae",
+                "monai_vit": "mae"}  # fmt: skip
     for name, spec in BACKBONES.items():
         assert default_pretext(name) == expected[spec.family], name
     assert supported_pretexts(build_backbone("stunet_tiny").__class__) == ["mim", "dino"]
