@@ -21,6 +21,7 @@ from tpp_monai.errors import ConfigError
 from tpp_monai.handlers import GradientClipHandler
 from tpp_monai.io import load_verified
 from tpp_monai.peft import apply_peft, mark_trainable, target_parameter_names, trainable_parameter_names
+from tpp_monai.peft.files import read_record
 from tpp_monai.pretext import (
     PRETEXTS,
     build_pretext,
@@ -467,7 +468,7 @@ def test_pretrain_tpp_with_mim_on_a_demo_bundle(tmp_path, demo_roots, bundle, da
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"])))
     wf.run()
     wf.finalize()
-    saved = load_verified(tmp_path / "pretrain_tpp" / "tpp_target.pt")
+    saved = read_record(tmp_path / "pretrain_tpp" / "tpp_target")
     encoder = wf.parser.get_parsed_content("network_def")
     assert saved["pretext"] == "mim" and set(saved["state"]) == set(target_parameter_names(encoder))
     ckpt = load_verified(next((tmp_path / "pretrain_tpp" / "checkpoints").glob("*.pt")))
