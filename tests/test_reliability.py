@@ -105,13 +105,11 @@ def test_resume_from_a_truncated_checkpoint_names_it(tmp_path, demo_roots) -> No
 def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch) -> None:
     path = tmp_path / "checkpoint.pt"
     atomic_save({"epoch": 1, "w": torch.ones(3)}, path)
-    real_save = torch.save
 
-    def full_disk(obj, f, *args, **kwargs):
-        real_save({"partial": torch.zeros(10)}, f)  # some bytes reach the disk, then the device is full
+    def full_disk(filename: str, point: str) -> None:  # the bytes reached the temporary file, then the device is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("tpp_monai.io.torch.save", full_disk)
+    monkeypatch.setattr("tpp_monai.io.fault_point", full_disk)
     with pytest.raises(CheckpointError, match=r"disk is full\); checkpoint.pt keeps its previous content"):
         atomic_save({"epoch": 2, "w": torch.zeros(3)}, path)
     assert load_verified(path)["epoch"] == 1
@@ -119,21 +117,15 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch) -> 
 
 
 def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, demo_roots, monkeypatch) -> None:
-    import tpp_monai.io
-
-    real_save, calls = torch.save, []
-
-    def second_save_fails(obj, f, *args, **kwargs):
-        calls.append(1)
-        if len(calls) > 2:  # epoch 1: target file + checkpoint; then the disk fills up
+    def full_disk_at_epoch_2(filename: str, point: str) -> None:  # epoch 1 is written; then the disk fills up
+        if filename == "checkpoint_epoch=2.pt":
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(tpp_monai.io.torch, "save", second_save_fails)
+    monkeypatch.setattr("tpp_monai.io.fault_point", full_disk_at_epoch_2)
     with pytest.raises(Exception) as err:
         run_workflow("qata_vpt", "pretrain_tpp", runs_dir=str(tmp_path), dataset_dir=str(demo_roots("qata")),
                      tpp_epochs=3)  # fmt: skip
-    monkeypatch.setattr(tpp_monai.io.torch, "save", real_save)
+    monkeypatch.undo()
     assert "the disk is full" in str(user_error_in(err.value))
     checkpoints = list((tmp_path / "pretrain_tpp" / "checkpoints").glob("*.pt"))
     assert [p.name for p in checkpoints] == ["checkpoint_epoch=1.pt"]
