@@ -41,6 +41,9 @@ class SwinUNETRBundle(STUNetBundle):
 
     def pretrain_tpp(self) -> dict:
         cfg = super().pretrain_tpp()
+        # DINO, the paper's pretext for 3D (Table 10), not the Swin backbone's default MIM: MIM's cells are at least
+        # the 32-voxel Swin stride, so the demo's 32x32x64 patches would hold only two; --pretext mim still selects it
+        cfg["pretext"] = "dino"
         cfg["dino"] = dict(DINO_SWIN)
         return cfg
 
