@@ -291,9 +291,9 @@ def slurm_job(argv: list[str], folder: str, digest: str) -> int:
         returncode = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     rec = read_json(node_dir / "run.json") or {}
     if rec.get("digest") == digest:
-        from tpp_monai.experiments.graph import PRODUCTS
+        from tpp_monai.experiments.graph import PRODUCTS, product_complete
 
-        ok = returncode == 0 and (node_dir / PRODUCTS[rec["stage"]]).is_file()
+        ok = returncode == 0 and product_complete(node_dir / PRODUCTS[rec["stage"]])
         rec.update(status="done" if ok else "failed", returncode=returncode, finished=time.time(),
                    seconds=round(time.time() - rec.get("started", time.time()), 1))  # fmt: skip
         write_json_atomic(node_dir / "run.json", rec)

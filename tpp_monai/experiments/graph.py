@@ -25,6 +25,13 @@ RUN_IDS = {"pretrain_tpp": "pretrain_tpp", "finetune": "finetune", "evaluate": "
 PRODUCTS = {"pretrain_tpp": "tpp_target", "finetune": "models/model.pt", "evaluate": "metrics.json"}
 
 
+def product_complete(product: Path) -> bool:
+    """A stage's product is complete: its file, or the target folder with its safetensors file written."""
+    if product.is_dir():
+        return any(not p.name.startswith(".") for p in product.glob("*.safetensors"))
+    return product.is_file()
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON so that a reader (or a killed writer) never leaves or sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,11 +74,8 @@ class Node:
 
     @property
     def has_product(self) -> bool:
-        """The stage's product is complete: its file, or the target folder with its safetensors file written."""
-        product = self.product
-        if product.is_dir():
-            return any(not p.name.startswith(".") for p in product.glob("*.safetensors"))
-        return product.is_file()
+        """The stage's product is complete (:func:`product_complete`)."""
+        return product_complete(self.product)
 
     @property
     def run_name(self) -> str:
