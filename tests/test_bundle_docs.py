@@ -9,7 +9,7 @@ import yaml
 from conftest import BUNDLES, REPO, run_cli
 
 from tpp_monai.bundlegen import bundle_names
-from tpp_monai.bundlegen.parts import NOT_SETTINGS
+from tpp_monai.workflows.running_config import NOT_SETTINGS
 
 
 def test_readme_license_and_large_files_of_every_bundle() -> None:
@@ -44,3 +44,29 @@ def test_list_names_every_bundle_with_its_workflows() -> None:
     assert rows["glas_adapter"][1:5] == ["glas", "seg", "adapter", "medcoss_vit_b16"]
     assert "pretrain_tpp" in rows["lits_conv_adapter"] and "pretrain_tpp" not in rows["mhist_full_finetune"]
     assert rows["lits_full_finetune"][-3:] == ["finetune", "evaluate", "inference"]
+
+
+def _restated(node: object) -> int:
+    """The most top-level settings one mapping or list of a config passes on under their own name (``"lr": "@lr"``)."""
+    if isinstance(node, dict):
+        own = sum(isinstance(v, str) and v == f"@{k}" and k not in NOT_SETTINGS for k, v in node.items())
+        return max([own, *(_restated(v) for v in node.values())])
+    return max([0, *(_restated(v) for v in node)]) if isinstance(node, list) else 0
+
+
+def test_configs_state_each_setting_once_and_check_in_one_step() -> None:
+    """No block restates the top-level settings (the checks and the settings record read them from the config), one
+    pre-run step does every check, and a 2D finetune.json stays short."""
+    for name in bundle_names():
+        for config in (BUNDLES / name / "configs").glob("*.json"):
+            cfg = json.loads(config.read_text())
+            # a component may take a few settings by name (build_network: backbone, method, ...), never a block
+            assert _restated(cfg) <= 6, config
+            init = [s.get("_target_") if isinstance(s, dict) else s for s in cfg.get("initialize", [])]
+            if init:
+                assert init[0] == "tpp_monai.workflows.prepare", (config, init)
+                checks = ("check_", "validate_", "preflight_")
+                assert not [t for t in init[1:] if str(t).rsplit(".", 1)[-1].startswith(checks)], (config, init)
+        finetune = BUNDLES / name / "configs" / "finetune.json"
+        if len(json.loads(finetune.read_text())["image_size"]) == 2:
+            assert len(finetune.read_text().splitlines()) < 300, name

@@ -154,16 +154,18 @@ def command_line_settings(argv: Sequence[str] | None = None) -> dict:
 
 
 def validate_settings(
-    settings: Mapping[str, object], files: Mapping[str, object] | None = None, names: Mapping[str, object] | None = None
-) -> None:
+    settings: Mapping[str, object], files: Mapping[str, object] | None = None,
+    names: Mapping[str, object] | None = None, unresolved: Sequence[str] = (),
+) -> None:  # fmt: skip
     """Check ``settings`` (and the command line's values of the other known settings) against :data:`SETTINGS`,
     that every input file in ``files`` exists (``none`` = not used) and that every value of ``names`` (keys of
     :data:`REGISTRY_NAMES`: dataset, PEFT method, backbone, pretext) is a registry entry; one :class:`ConfigError`
-    lists all, so a bad method is named together with a bad learning rate."""
+    lists all, with the settings that could not be resolved (``unresolved``), so a bad method is named together
+    with a bad learning rate."""
     from tpp_monai.network import FROM_MODEL_FILE, is_none
 
     values = {**{k: v for k, v in command_line_settings().items() if k in SETTINGS}, **settings}
-    problems = []
+    problems = list(unresolved)
     lookups = _registry_lookups() if names else {}
     for key, value in (names or {}).items():
         if value is None or key not in lookups:

@@ -24,7 +24,8 @@ _HELD: dict[str, int] = {}  # resolved folder -> open file descriptor holding it
 
 # Settings a resumed run may change: they select hardware, logging or paths of this invocation, not the numbers.
 RESUME_FREE = {"resume", "num_workers", "device", "amp", "distributed", "activation_checkpointing", "cache_rate",
-               "run_name", "tracking_uri", "experiment_name", "bundle_root", "runs_dir", "output_dir", "ckpt_dir"}
+               "run_name", "tracking_uri", "experiment_name", "bundle_root", "runs_dir", "output_dir",
+               "ckpt_dir"}  # fmt: skip
 # Settings a resumed run may raise (never lower): the run continues further from where it stopped.
 RESUME_RAISABLE = {"epochs", "tpp_epochs", "iterations"}
 

@@ -78,11 +78,8 @@ class BundleKind(ABC):
     def configs(self) -> dict[str, dict]:
         """Workflow -> its config file's content (``evaluate``: the overlay), with the input checks."""
         finetune = self.finetune()
-        out = {} if self.baseline else {"pretrain_tpp": parts.with_input_checks(self.pretrain_tpp(), "pretrain_tpp")}
-        evaluate = self.evaluate()
-        out["finetune"] = parts.with_input_checks(finetune, "finetune")
-        out["evaluate"] = parts.with_input_checks(evaluate, "evaluate", merged={**finetune, **evaluate})
-        out["inference"] = parts.with_input_checks(self.inference(), "inference")
+        out = {} if self.baseline else {"pretrain_tpp": self.pretrain_tpp()}
+        out.update({"finetune": finetune, "evaluate": self.evaluate(), "inference": self.inference()})
         return out
 
     def files(self) -> dict[str, object]:
@@ -104,7 +101,7 @@ class BundleKind(ABC):
     def _common(self, workflow: str) -> dict:
         return parts.common(self.name, self.info.name, self.method, workflow, self.backbone, list(self.info.image_size))
 
-    def _pretrain(self, settings: dict, network_def: dict, pretext_net: dict, transforms: dict, checks: list,
+    def _pretrain(self, settings: dict, network_def: dict, pretext_net: dict, transforms: dict,
                   cache_rate: object = 1.0) -> dict:  # fmt: skip
         """``pretrain_tpp.json``: the pretext trains only the target parameters; the folder ``tpp_target/`` holds them
         (safetensors; a peft adapter folder for ``peft.*`` methods), ``init_cost.json`` what the stage cost."""
@@ -164,21 +161,13 @@ class BundleKind(ABC):
                 ],
                 "trainer": parts.trainer(comp("tpp_monai.pretext.PretextBatch", pretext="@pretext")),
             },
-            "initialize": parts.training_initialize([
-                "@init_cost",
-                *checks,
-                comp("check_settings", dataset="@dataset_name", method="@method", backbone="@backbone",
-                     method_options="@method_options", pretext="@pretext", datalist="@datalist",
-                     dataset_dir="@dataset_dir",
-                     **({"image_size": "@image_size"} if self.spatial_dims == 2 else {})),
-                comp("check_output", output_dir="@output_dir", resume="@resume"),
-            ]),
+            "initialize": parts.training_initialize("pretrain_tpp", ["@init_cost"]),
             **parts.run_keys("pretrain_tpp", "train#trainer"),
         })  # fmt: skip
-        return parts.with_settings_record(cfg)
+        return cfg
 
     def _finetune(self, settings: dict, network_def: dict, loss: dict, optimizer: dict, transforms: tuple[str, str],
-                  validate: dict, checks: list, run_info_extra: dict, cache_rate: object = 1.0) -> dict:  # fmt: skip
+                  validate: dict, cache_rate: object = 1.0) -> dict:  # fmt: skip
         """``finetune.json``: target parameters (from ``pretrain_tpp``, or random with ``--tpp_ckpt none``) and the
         new head trained with the backbone frozen; the best validation checkpoint is ``models/model.pt``."""
         cfg = self._common("finetune")
@@ -240,25 +229,19 @@ class BundleKind(ABC):
                     "save_dict": {"model": "@network_def"},
                     "save_key_metric": True,
                     "key_metric_filename": "model.pt",
-                    "run_info": comp("run_info", dataset="@dataset_name", method="@method",
-                                     method_options="@method_options", backbone="@backbone",
-                                     backbone_ckpt="@backbone_ckpt", tpp_ckpt="@tpp_ckpt", seed="@seed", lr="@lr",
-                                     label_fraction="@label_fraction", finetune_dir="@output_dir", **run_info_extra),
+                    "run_info": comp("run_info"),
                 },
                 # errors only: the history writer logs one line per validation
                 "handlers": [{"_target_": "StatsHandler", "iteration_log": False, "epoch_log": False},
                              "@validate#best_model"],
                 "evaluator": parts.validator(),
             },
-            "initialize": parts.training_initialize([
-                *checks,
-                comp("check_output", output_dir="@output_dir", resume="@resume", ckpt_dir="@ckpt_dir"),
-            ], after_network=["@peft_init"]),
+            "initialize": parts.training_initialize("finetune", after_network=["@peft_init"]),
             **parts.run_keys("finetune", "train#trainer"),
         })  # fmt: skip
-        return parts.with_settings_record(cfg)
+        return cfg
 
-    def _evaluate(self, test: dict, writers: list, checks: list) -> dict:
+    def _evaluate(self, test: dict, writers: list) -> dict:
         """``evaluate.json``, an overlay on ``finetune.json`` (model-zoo's shape): the best fine-tuned model on the
         test split, with the validation preprocessing; metrics as JSON and CSV, per image."""
         return {
@@ -289,27 +272,12 @@ class BundleKind(ABC):
                 "@handlers",
                 ("@test#key_metric", "@test#additional_metrics"),
             ),
-            "initialize": [
-                parts.EXCEPTHOOK,
-                parts.GPU_SETTINGS,
-                *checks,
-                comp(
-                    "check_settings",
-                    dataset="@dataset_name",
-                    method="@method",
-                    method_options="@method_options",
-                    backbone="@backbone",
-                    datalist="@datalist",
-                    dataset_dir="@dataset_dir",
-                    keys=["test"],
-                ),
-                parts.SEEDING,
-            ],
+            "initialize": [comp("prepare", workflow="evaluate")],
             **parts.run_keys("evaluate", "evaluator"),
         }
 
     def _inference(self, network_def: dict, transforms: dict, inferer: dict, post: dict, writers: list,
-                   checks: list, extra: dict | None = None) -> dict:  # fmt: skip
+                   extra: dict | None = None) -> dict:  # fmt: skip
         """``inference.json`` (standalone, as model-zoo's, so ``ckpt_export`` and MONAI Label run on it alone): a
         folder of images in, one per batch, the fine-tuned ``models/model.pt`` (digest checked), writers out."""
         cfg = self._common("inference")
@@ -322,7 +290,10 @@ class BundleKind(ABC):
             "network_def": comp("ExportableNetwork", network={**network_def, "backbone_ckpt": FROM_MODEL_FILE},
                                 in_channels=self.info.in_channels, image_size="@image_size"),
             "network": parts.network("@network_def"),
-            "datalist": comp("image_files", folder="@input_dir"),
+            # every input opened once before the run; --skip_bad_files true leaves the unreadable ones out
+            "skip_bad_files": False,
+            "datalist": comp("tpp_monai.checks.preflight_inference", files=comp("image_files", folder="@input_dir"),
+                             dataset="@dataset_name", skip_bad_files="@skip_bad_files"),
             "preprocessing": {"_target_": "Compose", "transforms": transforms},
             "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
             "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
@@ -332,7 +303,7 @@ class BundleKind(ABC):
             "checkpoint_loader": parts.CHECKPOINT_LOADER,
             "handlers": ["@checkpoint_loader", {"_target_": "StatsHandler", "iteration_log": False}, *writers],
             "evaluator": parts.evaluator("@dataloader", "@inferer", "@postprocessing", "@handlers", None),
-            "initialize": [parts.EXCEPTHOOK, parts.GPU_SETTINGS, *checks, parts.SEEDING],
+            "initialize": [comp("prepare", workflow="inference")],
             **parts.run_keys("inference", "evaluator"),
         })  # fmt: skip
         return cfg

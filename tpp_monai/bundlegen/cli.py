@@ -17,8 +17,25 @@ MAX_LINE = 160
 DOLLAR = re.compile(r'"\$')
 
 
+WIDTH = 100  # a list or mapping that fits on one line of this width is written on one line
+
+
+def config_json(value: object, indent: int = 0, lead: int = 0) -> str:
+    """JSON with 4-space indentation where every list or mapping that fits in :data:`WIDTH` columns (with its
+    ``lead``: the key before it) stays on one line: ``"image_size": [512, 512]``, not four lines."""
+    line = json.dumps(value)
+    if not isinstance(value, (dict, list)) or not value or indent + lead + len(line) <= WIDTH:
+        return line
+    pad = " " * (indent + 4)
+    if isinstance(value, dict):
+        keys = [json.dumps(k) for k in value]
+        items = [f"{pad}{k}: {config_json(v, indent + 4, len(k) + 2)}" for k, v in zip(keys, value.values())]
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+    return "[\n" + ",\n".join(pad + config_json(v, indent + 4) for v in value) + "\n" + " " * indent + "]"
+
+
 def render(content: object) -> str:
-    return content if isinstance(content, str) else json.dumps(content, indent=4) + "\n"
+    return content if isinstance(content, str) else config_json(content) + "\n"
 
 
 def write_bundles(out: Path = BUNDLES_DIR) -> list[str]:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from tpp_monai import __version__
 from tpp_monai.bundlegen.files import CHECKPOINTS
-from tpp_monai.bundlegen.parts import NOT_SETTINGS
+from tpp_monai.workflows.running_config import NOT_SETTINGS
 
 if TYPE_CHECKING:  # annotations only: the kinds import this module
     from tpp_monai.bundlegen.base import BundleKind

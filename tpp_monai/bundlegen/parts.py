@@ -3,8 +3,6 @@ for paths joined to a folder and for running an engine."""
 
 from __future__ import annotations
 
-import json
-
 W = "tpp_monai.workflows."  # the components the configs call
 
 
@@ -148,9 +146,6 @@ def validator() -> dict:
                      ("@validate#key_metric", "@validate#additional_metrics"))  # fmt: skip
 
 
-EXCEPTHOOK = comp("install_excepthook")
-GPU_SETTINGS = comp("gpu_settings")
-SEEDING = comp("monai.utils.set_determinism", seed="@seed")
 CHECKPOINT_LOADER = {"_target_": "tpp_monai.handlers.VerifiedCheckpointLoader", "load_path": "@model_file",
                      "load_dict": {"model": "@network_def"}}  # fmt: skip
 EVALUATION_WRITER = {"_target_": "tpp_monai.handlers.EvaluationWriter", "output_dir": "@output_dir",
@@ -162,36 +157,20 @@ INVERT_PRED = {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessi
                "nearest_interp": False, "to_tensor": True}  # fmt: skip
 
 
-def training_initialize(checks: list, after_network: list | None = None) -> list:
-    """``initialize`` of the training workflows: clear errors first, then the process group (``multi_gpu.json``
-    sets ``distributed``), GPU settings, the fail-fast ``checks``, seeding, the network (so option and checkpoint
-    errors surface before any data is cached), ``after_network`` (finetune: peft's data-driven initialisation,
-    before the optimizer takes the parameters) and activation checkpointing. The settings record is added last."""
+def training_initialize(workflow: str, after_checks: list | None = None, after_network: list | None = None) -> list:
+    """``initialize`` of the training workflows: the one pre-run step (:func:`tpp_monai.workflows.prepare`: every
+    check, the process group, GPU settings, the seed), ``after_checks`` (the TPP stage's cost meter), the network
+    (so option and checkpoint errors surface before any data is cached), ``after_network`` (finetune: peft's
+    data-driven initialisation, before the optimizer takes the parameters), activation checkpointing and the record
+    of every setting as resolved (``settings.json``)."""
     return [
-        EXCEPTHOOK,
-        comp("init_distributed", enabled="@distributed"),
-        GPU_SETTINGS,
-        *checks,
-        SEEDING,
+        comp("prepare", workflow=workflow),
+        *(after_checks or []),
         "@network_def",
         *(after_network or []),
         comp("activation_checkpointing", model="@network_module", enabled="@activation_checkpointing"),
+        comp("record_settings", output_dir="@output_dir"),
     ]
-
-
-# structural keys: everything else at the top level of a training config is a setting and is recorded
-NOT_SETTINGS = {"imports", "initialize", "finalize", "run", "network_def", "network", "network_module",
-                "pretext_net", "loss", "optimizer", "train", "validate", "test", "evaluator", "handlers", "inferer",
-                "postprocessing", "preprocessing", "dataset", "dataloader", "checkpoint_loader", "key_metric",
-                "additional_metrics", "amp_kwargs", "trainable_params", "pretrain_tpp", "finetune", "evaluate",
-                "inference", "init_cost", "peft_init"}  # fmt: skip
-
-
-def with_settings_record(cfg: dict) -> dict:
-    """Append to ``initialize`` the record of every top-level setting (seed, lr, epochs, paths...) as resolved."""
-    settings = {k: f"@{k}" for k in cfg if k not in NOT_SETTINGS}
-    cfg["initialize"].append(comp("record_settings", output_dir="@output_dir", settings=settings))
-    return cfg
 
 
 def run_keys(workflow: str, engine: str) -> dict:
@@ -242,51 +221,3 @@ args=(sys.stdout,)
 [formatter_fullFormatter]
 format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 """
-
-
-PREFLIGHT_SPLITS = {"pretrain_tpp": (["training"], False), "finetune": (["training", "validation"], True),
-                    "evaluate": (["test"], True)}  # fmt: skip
-
-
-def _plain(value: object) -> bool:
-    """A setting resolvable before anything is built (it refers to no section such as ``@train#...``)."""
-    return "#" not in json.dumps(value)
-
-
-def _index_of(items: list, target: str) -> int | None:
-    for i, item in enumerate(items):
-        if isinstance(item, dict) and str(item.get("_target_", "")).endswith(target):
-            return i
-    return None
-
-
-def with_input_checks(cfg: dict, workflow: str, merged: dict | None = None) -> dict:
-    """Checks before anything is built (:mod:`tpp_monai.checks`): the user's settings and input files right after
-    the error hook; a resume's settings against the recorded ones after ``check_output`` (which locked the folder);
-    the data preflight after ``check_settings`` (which found the datalist); for inference, the folder read through
-    ``preflight_inference`` (``--skip_bad_files``). ``merged``: the whole config of an overlay (``evaluate.json``
-    over ``finetune.json``). Settings computed from the data are checked from the command line only, since
-    resolving them would build the data pipeline."""
-    from tpp_monai.checks import INPUT_FILES, REGISTRY_NAMES, SETTINGS
-
-    whole = merged if merged is not None else cfg
-    settings = {k: f"@{k}" for k in SETTINGS if k in whole and _plain(whole[k])}
-    files = {k: f"@{k}" for k in INPUT_FILES if k in whole and whole[k] != "none"}
-    names = {k: f"@{k}" for k in REGISTRY_NAMES if k in whole and _plain(whole[k])}
-    init = cfg["initialize"] = list(cfg["initialize"])
-    init.insert(1, comp("tpp_monai.checks.validate_settings", settings=settings, files=files, names=names))
-    at = _index_of(init, ".check_output")
-    if "resume" in whole and at is not None:  # resume only with the recorded settings, before any model is built
-        recorded = {k: f"@{k}" for k in whole if k not in NOT_SETTINGS and _plain(whole[k])}
-        init.insert(at + 1, comp("tpp_monai.run_folder.check_resume_settings", output_dir="@output_dir",
-                                 settings=recorded, resume="@resume"))  # fmt: skip
-    if workflow in PREFLIGHT_SPLITS:
-        keys, labels = PREFLIGHT_SPLITS[workflow]
-        at = _index_of(init, ".check_settings")
-        init.insert(at + 1, comp("tpp_monai.checks.preflight_data", datalist="@datalist", dataset_dir="@dataset_dir",
-                                 dataset="@dataset_name", keys=keys, labels=labels))  # fmt: skip
-    elif workflow == "inference":
-        cfg["skip_bad_files"] = False
-        cfg["datalist"] = comp("tpp_monai.checks.preflight_inference", files=cfg["datalist"], dataset="@dataset_name",
-                               skip_bad_files="@skip_bad_files")  # fmt: skip
-    return cfg

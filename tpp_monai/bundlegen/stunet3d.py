@@ -47,11 +47,6 @@ class STUNetBundle(BundleKind):
         })  # fmt: skip
         return cfg
 
-    def _check_3d(self, **extra: object) -> dict:
-        """The 3D checks need no data, so a wrong patch size fails before the datalist is even read."""
-        return comp("check_3d", dataset="@dataset_name", backbone="@backbone", image_size="@image_size",
-                    backbone_options="@backbone_options", **extra)  # fmt: skip
-
     def _network_def(self, backbone_ckpt: str, tpp_ckpt: str, stage: str = "finetune") -> dict:
         task = {"task": "features"} if stage == "tpp" else {"task": "seg", "num_classes": self.info.num_classes}
         net = {"_target_": "tpp_monai.network.build_network", "backbone": "@backbone", **task, "method": "@method",
@@ -100,9 +95,8 @@ class STUNetBundle(BundleKind):
                        "image_size": "@image_size", "dino": "@dino", "mim": "@mim"}  # fmt: skip
         transforms = comp("tpp_monai.pretext.pretext_transforms", pretext="@pretext", dataset="@dataset_name",
                           pretext_size="@image_size", dino="@dino")  # fmt: skip
-        check = self._check_3d(pretext="@pretext", dino="@dino", mim="@mim")
         return self._pretrain(settings, self._network_def("@backbone_ckpt", "none", stage="tpp"), pretext_net,
-                              transforms, [check], cache_rate="@cache_rate")  # fmt: skip
+                              transforms, cache_rate="@cache_rate")  # fmt: skip
 
     def finetune(self) -> dict:
         ft = self.recipe.finetune
@@ -114,15 +108,9 @@ class STUNetBundle(BundleKind):
         optimizer = {"_target_": "torch.optim.SGD", "params": "@trainable_params", "lr": "@lr", "momentum": "@momentum",
                      "nesterov": True, "weight_decay": "@weight_decay"}  # fmt: skip
         validate = {"inferer": self._sliding_window(), "postprocessing": self._post(), **self._metrics("val_")}
-        checks = [
-            self._check_3d(),
-            comp("check_settings", dataset="@dataset_name", method="@method", backbone="@backbone",
-                 method_options="@method_options", datalist="@datalist", dataset_dir="@dataset_dir",
-                 keys=["training", "validation"], tpp_ckpt="@tpp_ckpt"),
-        ]  # fmt: skip
         return self._finetune(settings, self._network_def("@backbone_ckpt", "@tpp_ckpt"), loss, optimizer,
-                              (self._transforms("train"), self._transforms("eval")), validate, checks,
-                              {"backbone_options": "@backbone_options"}, cache_rate="@cache_rate")  # fmt: skip
+                              (self._transforms("train"), self._transforms("eval")), validate,
+                              cache_rate="@cache_rate")  # fmt: skip
 
     def evaluate(self) -> dict:
         """The best fine-tuned model on the test split, whole volumes at the training spacing (as MOTS/DoDNet);
@@ -133,7 +121,7 @@ class STUNetBundle(BundleKind):
             {"_target_": "tpp_monai.workflows.PerCaseWriter", "handler": "@test#key_metric#mean_dice",
              "output_dir": "@output_dir"},
         ]  # fmt: skip
-        return self._evaluate(test, writers, checks=[self._check_3d()])
+        return self._evaluate(test, writers)
 
     def inference(self) -> dict:
         """A folder of CT volumes in, ``<name>_seg.nii.gz`` label maps (0 background, 1 organ, 2 tumour) out, each
@@ -142,8 +130,7 @@ class STUNetBundle(BundleKind):
         post = self._post(dict(parts.INVERT_PRED))
         post["transforms"].append(comp("nifti_saver", output_dir="@output_dir"))
         transforms = comp("tpp_monai.data.transforms.image_transforms", dataset="@dataset_name")
-        return self._inference(self._network_def("none", "none"), transforms, self._sliding_window(), post, [],
-                               checks=[self._check_3d()])  # fmt: skip
+        return self._inference(self._network_def("none", "none"), transforms, self._sliding_window(), post, [])
 
     def demo(self) -> dict:
         """``demo.json``: demo NIfTI volumes, ``stunet_tiny`` with random weights, 32^3 patches and DINO crops

@@ -106,7 +106,7 @@ class ViTBundle(BundleKind):
                        "mim": "@mim"}  # fmt: skip
         transforms = comp("tpp_monai.pretext.pretext_transforms", pretext="@pretext", dataset="@dataset_name",
                           pretext_size="@pretext_size", image_size="@image_size", dino="@dino")  # fmt: skip
-        return self._pretrain(settings, network_def, pretext_net, transforms, checks=[])
+        return self._pretrain(settings, network_def, pretext_net, transforms)
 
     def finetune(self) -> dict:
         ft = self.recipe.finetune
@@ -121,13 +121,9 @@ class ViTBundle(BundleKind):
             "postprocessing": self._postprocessing(),
             **self._metrics("val_", False),
         }
-        check = comp("check_settings", dataset="@dataset_name", method="@method", backbone="@backbone",
-                     method_options="@method_options", datalist="@datalist", dataset_dir="@dataset_dir",
-                     keys=["training", "validation"], tpp_ckpt="@tpp_ckpt", image_size="@image_size",
-                     **({"num_classes": "@num_classes"} if self.cls else {}))  # fmt: skip
         return self._finetune(settings, self._network_def("@backbone_ckpt", "@tpp_ckpt", "@num_classes" if self.cls
                                                           else None), loss, optimizer,
-                              (self._transforms("train"), self._transforms("eval")), validate, [check], {})  # fmt: skip
+                              (self._transforms("train"), self._transforms("eval")), validate)  # fmt: skip
 
     def _classification_saver(self) -> dict:
         return {"_target_": "tpp_monai.writers.ClassificationWriter", "output_dir": "@output_dir",
@@ -143,7 +139,7 @@ class ViTBundle(BundleKind):
                     "batch_transform": parts.IMAGE_META, "summary_ops": "*"}]  # fmt: skip
         if self.cls:
             writers.append(self._classification_saver())
-        return self._evaluate(test, writers, checks=[])
+        return self._evaluate(test, writers)
 
     def inference(self) -> dict:
         post = self._postprocessing()
@@ -161,7 +157,7 @@ class ViTBundle(BundleKind):
             "tpp_monai.data.transforms.image_transforms", dataset="@dataset_name", image_size="@image_size"
         )
         return self._inference(self._network_def("none", "none"), transforms,
-                               self._inferer(flips=self.info.name == "glas"), post, writers, checks=[])  # fmt: skip
+                               self._inferer(flips=self.info.name == "glas"), post, writers)  # fmt: skip
 
     def demo(self) -> dict:
         """``demo.json``: overlay for the demo data, a tiny random backbone and a few epochs (about a minute)."""

@@ -1,7 +1,8 @@
 """The Python side of the bundle workflows: the named components the configs reference by ``_target_``.
 
 One module per concern: :mod:`~tpp_monai.workflows.runtime` (bundle folder, device, GPU settings),
-:mod:`~tpp_monai.workflows.checks` (preflight checks), :mod:`~tpp_monai.workflows.data` (datalists, input folders,
+:mod:`~tpp_monai.workflows.prepare` (the one pre-run step, the settings record), :mod:`~tpp_monai.workflows.checks`
+(the checks it runs), :mod:`~tpp_monai.workflows.data` (datalists, input folders,
 loaders), :mod:`~tpp_monai.workflows.pretext_settings` (the pretext's TPP settings),
 :mod:`~tpp_monai.workflows.distributed` (torchrun),
 :mod:`~tpp_monai.workflows.savers` (settings record, provenance, masks, per-case tables),
@@ -40,6 +41,7 @@ from tpp_monai.workflows.distributed import (
 )
 from tpp_monai.workflows.excepthook import install_excepthook, user_error_in
 from tpp_monai.workflows.export import ExportableNetwork
+from tpp_monai.workflows.prepare import prepare, record_settings
 from tpp_monai.workflows.pretext_settings import pretext_lr, pretext_setting
 from tpp_monai.workflows.runtime import (
     activation_checkpointing,
@@ -58,9 +60,9 @@ from tpp_monai.workflows.savers import (
     mask_saver,
     nifti_saver,
     random_states,
-    record_settings,
     run_info,
     trainable_state,
+    write_settings,
 )
 
 __all__ = [
@@ -100,6 +102,7 @@ __all__ = [
     "param_groups",
     "peft_initialisation",
     "poly_schedule",
+    "prepare",
     "pretext_lr",
     "pretext_setting",
     "progress_bars",
@@ -115,4 +118,5 @@ __all__ = [
     "user_error_in",
     "wd_schedule",
     "write_init_cost",
+    "write_settings",
 ]

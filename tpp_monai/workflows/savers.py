@@ -11,13 +11,13 @@ from pathlib import Path
 from ignite.engine import Engine, Events
 
 from tpp_monai.handlers import is_rank0
+from tpp_monai.run_folder import check_resume_settings
+from tpp_monai.workflows.running_config import RunningConfig
 
 
-def record_settings(output_dir: str, settings: dict) -> None:
+def write_settings(output_dir: str, settings: dict) -> None:
     """Write the run's resolved settings (seed included) to ``<output_dir>/settings.json`` (rank 0); a resumed run
     must match the recorded ones first (:func:`tpp_monai.run_folder.check_resume_settings`)."""
-    from tpp_monai.handlers import is_rank0
-    from tpp_monai.run_folder import check_resume_settings
 
     if not is_rank0():
         return
@@ -29,13 +29,21 @@ def record_settings(output_dir: str, settings: dict) -> None:
     os.replace(tmp, path / "settings.json")
 
 
-def run_info(**settings: object) -> dict:
-    """What a fine-tuned model records about how it was made; the TPP file's own record is added when given."""
+#: What a fine-tuned model records about how it was made: record key -> the config's top-level setting.
+RUN_INFO = {"dataset": "dataset_name", "method": "method", "method_options": "method_options", "backbone": "backbone",
+            "backbone_options": "backbone_options", "backbone_ckpt": "backbone_ckpt", "tpp_ckpt": "tpp_ckpt",
+            "seed": "seed", "lr": "lr", "label_fraction": "label_fraction", "finetune_dir": "output_dir"}  # fmt: skip
+
+
+def run_info() -> dict:
+    """The :data:`RUN_INFO` settings of the config being run, with the TPP stage's own record (its pretext and
+    epochs) when fine-tuning starts from one."""
     from tpp_monai.network import is_none
     from tpp_monai.peft.files import record_info
 
-    info = dict(settings)
-    tpp_ckpt = settings.get("tpp_ckpt")
+    config = RunningConfig.find()
+    info = {key: config.get(setting) for key, setting in RUN_INFO.items() if setting in config.raw}
+    tpp_ckpt = info.get("tpp_ckpt")
     info["tpp"] = not is_none(tpp_ckpt)
     if info["tpp"]:
         record = record_info(str(tpp_ckpt))
