@@ -1,6 +1,6 @@
 """Fixture trees in each dataset's official layout with the official file counts, made of tiny files.
 
-Written independently of ``tpp_monai.data.demo`` from the datasets' published layouts, so the
+Written independently of ``tpp_monai.data.synthetic`` (the demo writers) from the datasets' published layouts, so the
 builders are tested against the documented layouts rather than against the project's own demo writer. Every file
 is a real, decodable image or NIfTI volume (8x8 pixels, 4x4x2 voxels); identical bytes are written many times so
 that 24,000 OCT-C8 files take about a second.

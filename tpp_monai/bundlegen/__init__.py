@@ -3,8 +3,9 @@
 Each bundle is a dataset x PEFT method pair (``bundles/<dataset>_<method>/``) holding configuration only; all code
 lives in ``tpp_monai`` and is referenced by dotted ``_target_`` paths. A bundle is built by one of two kinds behind one
 interface (:class:`~tpp_monai.bundlegen.base.BundleKind`): :class:`~tpp_monai.bundlegen.vit2d.ViTBundle` (2D) and
-:class:`~tpp_monai.bundlegen.stunet3d.STUNetBundle` (3D), from the dataset table (:mod:`tpp_monai.data.info`), the
-recipes beside it (:mod:`tpp_monai.data.recipes`) and the method registry (:mod:`tpp_monai.peft`).
+:class:`~tpp_monai.bundlegen.stunet3d.STUNetBundle` (3D), from the dataset entries
+(:data:`tpp_monai.data.info.DATASETS`: facts and recipe of each dataset) and the method registry
+(:mod:`tpp_monai.peft`).
 """
 
 from __future__ import annotations
@@ -17,17 +18,14 @@ from tpp_monai.bundlegen.swinunetr3d import METHODS as SWINUNETR_METHODS
 from tpp_monai.bundlegen.swinunetr3d import SwinUNETRBundle
 from tpp_monai.bundlegen.vit2d import ViTBundle
 from tpp_monai.data.info import DATASETS
-from tpp_monai.data.recipes import BASELINES, recipe_for
+from tpp_monai.data.recipes import BASELINES
 from tpp_monai.peft import applicable_methods, get_method
 
 BUNDLES_DIR = Path(__file__).resolve().parents[2] / "bundles"
 KINDS: dict[int, type[BundleKind]] = {2: ViTBundle, 3: STUNetBundle}
-#: huggingface peft tuners shipped as bundles of their own (``<dataset>_peft_<tuner>``) beside the built-in methods;
-#: any other ``peft.*`` tuner runs on any bundle with ``--method peft.<tuner>``.
-PEFT_BUNDLES: dict[str, tuple[str, ...]] = {"glas": ("peft.dora",), "mhist": ("peft.ia3",)}
 
-__all__ = ["BASELINES", "BUNDLES_DIR", "KINDS", "PEFT_BUNDLES", "WORKFLOW_FILES", "BundleKind", "all_bundles",
-           "bundle_names", "get_bundle", "workflow_config_files"]  # fmt: skip
+__all__ = ["BASELINES", "BUNDLES_DIR", "KINDS", "WORKFLOW_FILES", "BundleKind", "all_bundles", "bundle_names",
+           "get_bundle", "workflow_config_files"]  # fmt: skip
 
 
 def _methods_for(dims: int, methods: tuple[str, ...] | None) -> list[str]:
@@ -38,13 +36,13 @@ def _methods_for(dims: int, methods: tuple[str, ...] | None) -> list[str]:
 
 
 def all_bundles() -> list[BundleKind]:
-    """Every bundle: each dataset with each of its methods, built by the kind of its dimensionality."""
+    """Every bundle: each dataset with each of its methods (and peft bundles), built by the kind of its
+    dimensionality."""
     out = []
     for info in DATASETS.values():
-        recipe = recipe_for(info)
         kind = KINDS[info.spatial_dims]
-        out += [kind(info, method) for method in _methods_for(info.spatial_dims, recipe.methods)]
-        out += [kind(info, method) for method in PEFT_BUNDLES.get(info.name, ())]
+        out += [kind(info, method) for method in _methods_for(info.spatial_dims, info.recipe.methods)]
+        out += [kind(info, method) for method in info.recipe.peft_bundles]
         if info.spatial_dims == 3:  # MONAI's SwinUNETR beside STU-Net (peft's LoRA and its baseline)
             out += [SwinUNETRBundle(info, method) for method in SWINUNETR_METHODS]
     return out

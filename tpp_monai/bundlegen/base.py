@@ -9,7 +9,7 @@ from tpp_monai.bundlegen import parts
 from tpp_monai.bundlegen.files import large_files, license_text
 from tpp_monai.bundlegen.parts import comp
 from tpp_monai.data.info import DatasetInfo
-from tpp_monai.data.recipes import BASELINES, recipe_for
+from tpp_monai.data.recipes import BASELINES
 from tpp_monai.network import FROM_MODEL_FILE
 from tpp_monai.peft import get_method
 
@@ -34,7 +34,7 @@ class BundleKind(ABC):
 
     def __init__(self, info: DatasetInfo, method: str) -> None:
         self.info, self.method = info, method
-        self.recipe = recipe_for(info)  # a missing recipe is refused here, at generation
+        self.recipe = info.recipe
         self.spec = get_method(method, "method")
         self.ft_lr = self.finetune_lr()
 

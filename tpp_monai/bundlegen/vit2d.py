@@ -131,7 +131,7 @@ class ViTBundle(BundleKind):
 
     def evaluate(self) -> dict:
         test = {
-            "inferer": self._inferer(flips=self.info.name == "glas"),
+            "inferer": self._inferer(flips=self.info.flip_tta),
             "postprocessing": self._postprocessing(save_masks=not self.cls),
             **self._metrics("", True),
         }
@@ -157,7 +157,7 @@ class ViTBundle(BundleKind):
             "tpp_monai.data.transforms.image_transforms", dataset="@dataset_name", image_size="@image_size"
         )
         return self._inference(self._network_def("none", "none"), transforms,
-                               self._inferer(flips=self.info.name == "glas"), post, writers)  # fmt: skip
+                               self._inferer(flips=self.info.flip_tta), post, writers)  # fmt: skip
 
     def demo(self) -> dict:
         """``demo.json``: overlay for the demo data, a tiny random backbone and a few epochs (about a minute)."""

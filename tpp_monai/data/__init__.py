@@ -1,5 +1,7 @@
 """Datasets of the TPP paper: datalists from the official downloads, the transform chains, and demo datasets.
 
+- :data:`DATASETS` / :func:`get_dataset`: one entry per dataset (:class:`DatasetInfo`: facts, recipe, builder, demo);
+  adding a dataset is one entry there (:mod:`tpp_monai.data.info`) plus its builder and demo writer.
 - :func:`build_datalist` / :func:`write_datalist` / :func:`check_datalist`: official layout -> datalist JSON.
 - :func:`subsample_labels`: the seeded per-class label fraction (paper Figure 4).
 - :func:`image_transforms`, :func:`train_transforms` (= :func:`deterministic_train_transforms` +

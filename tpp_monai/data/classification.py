@@ -21,7 +21,6 @@ from tpp_monai.data.common import (
     read_csv_table,
     rel,
 )
-from tpp_monai.data.info import get_dataset
 from tpp_monai.errors import DatasetError
 
 MHIST_CSV = "annotations.csv"
@@ -81,10 +80,9 @@ def split_per_class(records: list[dict], fractions: tuple[float, ...], seed: int
     return [_by_image(p) for p in parts]
 
 
-def build_mhist(root: Path, seed: int, checker: FileChecker) -> Built:
+def build_mhist(root: Path, seed: int, checker: FileChecker, classes: tuple[str, ...]) -> Built:
     """MHIST: ``annotations.csv`` gives label and official partition (train 2,175 / test 977); 20% of each class of
     the official train partition is drawn for validation with a seeded shuffle (paper §4.1) -> 1740/435/977."""
-    classes = get_dataset("mhist").classes
     csv_path, images = root / MHIST_CSV, root / "images"
     table = read_csv_table(csv_path, MHIST_COLUMNS, "the MHIST annotation table")
     on_disk = {p.name for p in listdir(images)}
@@ -124,9 +122,8 @@ def build_mhist(root: Path, seed: int, checker: FileChecker) -> Built:
     )
 
 
-def build_oct_c8(root: Path, seed: int, checker: FileChecker) -> Built:
+def build_oct_c8(root: Path, seed: int, checker: FileChecker, classes: tuple[str, ...]) -> Built:
     """Retinal OCT-C8: the official ``train/``, ``val/`` and ``test/`` class folders unchanged (18400/2800/2800)."""
-    classes = get_dataset("oct_c8").classes
     lists = {key: class_folder_records(root / folder, classes, root) for key, folder in OCT_SPLITS.items()}
     lists = check_images(checker, lists)
     return Built(
@@ -137,10 +134,10 @@ def build_oct_c8(root: Path, seed: int, checker: FileChecker) -> Built:
     )
 
 
-def build_chest_xray_pa(root: Path, seed: int, checker: FileChecker) -> Built:
+def build_chest_xray_pa(root: Path, seed: int, checker: FileChecker, classes: tuple[str, ...]) -> Built:
     """Chest X-ray PA (Mendeley V1, 1,525 images per class): no official split; per class 70/10/20 with a seeded
     shuffle (paper §4.1). ``int(0.7 n)`` train, ``int(0.2 n)`` test, the rest validation -> 3201/459/915."""
-    records = class_folder_records(root, get_dataset("chest_xray_pa").classes, root)
+    records = class_folder_records(root, classes, root)
     records = check_images(checker, {"all": records})["all"]
     training, test, validation = split_per_class(records, (0.7, 0.2), seed)
     notes = ["metadata.csv is not read: the class folders are the labels"] if (root / "metadata.csv").exists() else []
@@ -162,20 +159,18 @@ def _has_dirs(*names: str):
     return lambda d: all((d / n).is_dir() for n in names)
 
 
-BUILDERS = {
-    "mhist": Builder(
-        lambda d: (d / MHIST_CSV).is_file() and (d / "images").is_dir(),
-        "images/ and annotations.csv (the MHIST download)",
-        build_mhist,
-    ),
-    "oct_c8": Builder(
-        _has_dirs(*OCT_SPLITS.values()),
-        "train/, val/ and test/ (Retinal OCT-C8: RetinalOCT_Dataset/RetinalOCT_Dataset/)",
-        build_oct_c8,
-    ),
-    "chest_xray_pa": Builder(
-        _has_dirs(*get_dataset("chest_xray_pa").classes),
-        "covid/, normal/ and pneumonia/ (the Mendeley V1 Chest X-ray PA download)",
-        build_chest_xray_pa,
-    ),
-}
+MHIST_BUILDER = Builder(
+    lambda d: (d / MHIST_CSV).is_file() and (d / "images").is_dir(),
+    "images/ and annotations.csv (the MHIST download)",
+    build_mhist,
+)
+OCT_C8_BUILDER = Builder(
+    _has_dirs(*OCT_SPLITS.values()),
+    "train/, val/ and test/ (Retinal OCT-C8: RetinalOCT_Dataset/RetinalOCT_Dataset/)",
+    build_oct_c8,
+)
+CHEST_XRAY_PA_BUILDER = Builder(
+    _has_dirs("covid", "normal", "pneumonia"),
+    "covid/, normal/ and pneumonia/ (the Mendeley V1 Chest X-ray PA download)",
+    build_chest_xray_pa,
+)

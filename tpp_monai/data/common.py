@@ -378,18 +378,20 @@ def subsample_labels(records: list[dict], fraction: float, seed: int) -> list[di
 
 @dataclass(frozen=True)
 class Builder:
-    """How to find and read one dataset's official layout.
+    """How to find and read one dataset's official layout (the ``builder`` of its entry in
+    :data:`tpp_monai.data.info.DATASETS`).
 
     Args:
         is_layout: true for the folder that holds the layout (used to accept an outer download folder).
         expected: the layout in words, for the error when no such folder is found.
-        build: reads the layout root and returns the three lists (see :class:`Built`).
+        build: ``build(layout_root, seed, checker, classes)`` reads the layout root and returns the three lists (see
+            :class:`Built`); ``classes`` are the entry's, in label-index order.
         workers: threads for the file checks (see :class:`FileChecker`).
     """
 
     is_layout: Callable[[Path], bool]
     expected: str
-    build: Callable[[Path, int, FileChecker], Built]
+    build: Callable[[Path, int, FileChecker, tuple[str, ...]], Built]
     workers: int = 1
 
 

@@ -12,18 +12,16 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from tpp_monai.data import classification, segmentation2d, volumes
-from tpp_monai.data.common import Builder, FileChecker, find_layout_root, natural_key, subsample_labels
-from tpp_monai.data.info import get_dataset
+from tpp_monai.data.common import FileChecker, find_layout_root, natural_key, subsample_labels
+from tpp_monai.data.info import DATASETS, get_dataset
 from tpp_monai.errors import DatasetError
 
-BUILDERS: dict[str, Builder] = {**classification.BUILDERS, **segmentation2d.BUILDERS, **volumes.BUILDERS}
 SPLITS = ("training", "validation", "test")
 
 
 def locate(dataset: str, root: str | Path) -> Path:
     """The layout root of ``dataset`` in ``root`` (``root`` itself or a folder below it)."""
-    builder = BUILDERS[get_dataset(dataset).name]
+    builder = get_dataset(dataset).builder
     return find_layout_root(root, builder.is_layout, builder.expected)
 
 
@@ -32,10 +30,10 @@ def build(
 ) -> tuple[dict, Path]:
     """:func:`build_datalist` plus the layout root the paths are relative to."""
     info = get_dataset(dataset)
-    builder = BUILDERS[info.name]
+    builder = info.builder
     layout_root = find_layout_root(root, builder.is_layout, builder.expected)
     checker = FileChecker(layout_root, skip_bad=skip_bad, workers=builder.workers)
-    built = builder.build(layout_root, seed, checker)
+    built = builder.build(layout_root, seed, checker, info.classes)
     lists = {"training": built.training, "validation": built.validation, "test": built.test}
     split_rule = dict(built.split_rule)
     if label_fraction is not None:
@@ -154,7 +152,7 @@ def check_datalist(datalist_file: str | Path, dataset_dir: str | Path, keys: tup
             ]
     if missing:
         hint = ""
-        if data.get("dataset") in BUILDERS:
+        if data.get("dataset") in DATASETS:
             try:
                 inner = locate(data["dataset"], base)
             except DatasetError:

@@ -1,9 +1,9 @@
-"""Training recipes of every dataset, beside its facts (:mod:`tpp_monai.data.info`): what the bundle generator writes
-into each bundle's configs and what the benchmark measures (it reads them back from those configs).
+"""The training recipes a dataset's entry holds (``recipe`` of :class:`~tpp_monai.data.info.DatasetInfo`): what the
+bundle generator writes into each bundle's configs and what the benchmark measures (it reads them back from those
+configs). The recipes several datasets share are named here; each dataset's own numbers are in its entry.
 
-Adding a dataset is one :class:`DatasetInfo` entry and one :class:`DatasetRecipe` entry; a dataset without a recipe,
-or a method without a learning rate where the dataset grid-searched it, is refused by :func:`recipe_for` with the
-name of what is missing, when the bundles are generated.
+A method without a learning rate where the dataset grid-searched it is refused by :meth:`FinetuneRecipe.lr_for` with
+the name of what is missing, when the bundles are generated.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from tpp_monai.data.info import DATASETS, DatasetInfo
 from tpp_monai.errors import ConfigError
 
 
@@ -68,19 +67,25 @@ class FinetuneRecipe:
         if method not in self.lr_by_method:
             raise ConfigError(
                 f"no fine-tuning learning rate for method {method!r} on {dataset!r} (its rate is set per method): "
-                f"add it to lr_by_method of {dataset!r} in tpp_monai/data/recipes.py"
+                f"add it to lr_by_method of the recipe of {dataset!r} (its entry in tpp_monai/data/info.py)"
             )
         return self.lr_by_method[method]
 
 
 @dataclass(frozen=True)
 class DatasetRecipe:
-    """The recipes of one dataset and the methods its bundles are made for (``None``: every method of the backbone
-    family that TPP applies to, plus the two baselines)."""
+    """The recipes of one dataset and the methods its bundles are made for.
+
+    Args:
+        methods: ``None``: every method of the backbone family that TPP applies to, plus the two baselines.
+        peft_bundles: huggingface peft tuners shipped as bundles of their own (``<dataset>_peft_<tuner>``) beside
+            ``methods``; any other ``peft.*`` tuner runs on any bundle with ``--method peft.<tuner>``.
+    """
 
     tpp: TPPRecipe
     finetune: FinetuneRecipe
     methods: tuple[str, ...] | None = None
+    peft_bundles: tuple[str, ...] = ()
 
 
 BASELINES = ("full_finetune", "linear_probe")
@@ -89,28 +94,7 @@ BASELINES = ("full_finetune", "linear_probe")
 MHIST_LR = {"full_finetune": 1e-5, "linear_probe": 1e-2, "evp": 5e-5, "vpt": 1e-4, "ssf": 1e-3, "bitfit": 1e-3,
             "adapter": 1e-4, "adaptformer": 1e-3, "dtl": 5e-3, "lora": 5e-4, "peft.ia3": 1e-3,
             "peft.dora": 5e-4}  # fmt: skip
-_CLS_TPP, _SEG_TPP = TPPRecipe(epochs=500, mae_decoder="freeze"), TPPRecipe(epochs=1000, mae_decoder="update")
-_TPP_3D = TPPRecipe(epochs=300, batch_size=4, lr=5e-4, warmup_epochs=(10, 10))
-_FT_3D = FinetuneRecipe(batch_size=2, iterations=250_000, lr_by_method={"full_finetune": 1e-3, "conv_adapter": 1e-2},
-                        optimizer="sgd", weight_decay=3e-5)  # fmt: skip
-
-RECIPES: dict[str, DatasetRecipe] = {
-    "mhist": DatasetRecipe(_CLS_TPP, FinetuneRecipe(32, 2700, lr_by_method=MHIST_LR)),
-    "oct_c8": DatasetRecipe(_CLS_TPP, FinetuneRecipe(32, 57500)),
-    "chest_xray_pa": DatasetRecipe(_CLS_TPP, FinetuneRecipe(32, 1980)),
-    "glas": DatasetRecipe(_SEG_TPP, FinetuneRecipe(4, 25000)),
-    "qata": DatasetRecipe(_SEG_TPP, FinetuneRecipe(16, 25000)),
-    # the paper's 3D method and its baseline
-    "lits": DatasetRecipe(_TPP_3D, _FT_3D, methods=("conv_adapter", "full_finetune")),
-    "kits": DatasetRecipe(_TPP_3D, _FT_3D, methods=("conv_adapter", "full_finetune")),
-}
-
-
-def recipe_for(info: DatasetInfo | str) -> DatasetRecipe:
-    """The recipes of a dataset; a dataset of :data:`DATASETS` without one is refused with where to add it."""
-    name = info if isinstance(info, str) else info.name
-    if name not in RECIPES:
-        known = "" if name in DATASETS else " (nor a dataset entry in tpp_monai/data/info.py)"
-        raise ConfigError(f"dataset {name!r} has no training recipe{known}: add a DatasetRecipe to RECIPES in "
-                          "tpp_monai/data/recipes.py")  # fmt: skip
-    return RECIPES[name]
+CLS_TPP, SEG_TPP = TPPRecipe(epochs=500, mae_decoder="freeze"), TPPRecipe(epochs=1000, mae_decoder="update")
+TPP_3D = TPPRecipe(epochs=300, batch_size=4, lr=5e-4, warmup_epochs=(10, 10))
+FT_3D = FinetuneRecipe(batch_size=2, iterations=250_000, lr_by_method={"full_finetune": 1e-3, "conv_adapter": 1e-2},
+                       optimizer="sgd", weight_decay=3e-5)  # fmt: skip

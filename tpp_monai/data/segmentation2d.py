@@ -57,7 +57,7 @@ def _checked(checker: FileChecker, groups: dict[str, list[dict]], allowed: tuple
     return {key: sorted(records, key=lambda r: natural_key(r["image"])) for key, records in passed.items()}
 
 
-def build_glas(root: Path, seed: int, checker: FileChecker) -> Built:
+def build_glas(root: Path, seed: int, checker: FileChecker, classes: tuple[str, ...] = ()) -> Built:
     """GlaS: ``Grade.csv`` names every image; test = testA + testB (80); validation = the MedCoSS rule per GlaS
     grade: string-sorted train names, the last ``n - int(0.8 n)`` (``Glas/DSDataset.py``), giving exactly 67/18/80
     and the membership in ``data_lists/glas.json``. The rule is deterministic: no seed."""
@@ -148,7 +148,7 @@ def _qata_pairs(root: Path, folder: str) -> list[dict]:
     return records
 
 
-def build_qata(root: Path, seed: int, checker: FileChecker) -> Built:
+def build_qata(root: Path, seed: int, checker: FileChecker, classes: tuple[str, ...] = ()) -> Built:
     """QaTa-COV19-v2: ``Test Set`` is the test split (2113); ``Train Set`` (7145) is cut 80/20 into training and
     validation as MedCoSS ``Preprocess/QaTav2.py`` does (``random.seed(0)`` + shuffle, first ``int(0.8 n)``), but
     on ``sorted()`` names instead of the filesystem's ``os.listdir`` order, so the split is the same everywhere."""
@@ -170,15 +170,13 @@ def build_qata(root: Path, seed: int, checker: FileChecker) -> Built:
     )
 
 
-BUILDERS = {
-    "glas": Builder(
-        lambda d: (d / GLAS_CSV).is_file(),
-        "Grade.csv and the {train,testA,testB}_N.bmp + _anno.bmp files (GlaS: Warwick_QU_Dataset/)",
-        build_glas,
-    ),
-    "qata": Builder(
-        lambda d: all((d / f).is_dir() for f in QATA_SETS.values()),
-        "'Train Set/' and 'Test Set/' (QaTa-COV19/QaTa-COV19-v2/ of the Kaggle download)",
-        build_qata,
-    ),
-}
+GLAS_BUILDER = Builder(
+    lambda d: (d / GLAS_CSV).is_file(),
+    "Grade.csv and the {train,testA,testB}_N.bmp + _anno.bmp files (GlaS: Warwick_QU_Dataset/)",
+    build_glas,
+)
+QATA_BUILDER = Builder(
+    lambda d: all((d / f).is_dir() for f in QATA_SETS.values()),
+    "'Train Set/' and 'Test Set/' (QaTa-COV19/QaTa-COV19-v2/ of the Kaggle download)",
+    build_qata,
+)

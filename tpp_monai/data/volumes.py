@@ -123,7 +123,7 @@ def _pair_up(images: dict[int, Path], labels: dict[int, Path], expected_label: s
     }
 
 
-def build_lits(root: Path, seed: int, checker: FileChecker) -> Built:
+def build_lits(root: Path, seed: int, checker: FileChecker, classes: tuple[str, ...] = ()) -> Built:
     """LiTS: the MedCoSS 104/27 list (``lits_medcoss_split.json``; ``liver_N`` is the CodaLab ``volume-N``),
     validation carved from the 104 with a seeded shuffle. Reads the CodaLab layout (``Training Batch 1/2/
     volume-N.nii`` + ``segmentation-N.nii``) or the MSD Task03_Liver layout (``imagesTr/liver_N.nii.gz``)."""
@@ -172,7 +172,7 @@ def _kits_layout(d: Path) -> bool:
     return any(_KITS_CASE.match(p.name) and p.is_dir() for p in d.glob("case_*"))
 
 
-def build_kits(root: Path, seed: int, checker: FileChecker) -> Built:
+def build_kits(root: Path, seed: int, checker: FileChecker, classes: tuple[str, ...] = ()) -> Built:
     """KiTS19: ``case_XXXXX/{imaging,segmentation}.nii.gz``; only case_00000..case_00209 are labelled. Test = every
     fifth case (MOTS/DoDNet, ``kits_mots_split.json``): 168/42; validation carved from the 168 with a seeded
     shuffle."""
@@ -219,17 +219,15 @@ def build_kits(root: Path, seed: int, checker: FileChecker) -> Built:
     )
 
 
-BUILDERS = {
-    "lits": Builder(
-        lambda d: _lits_codalab(d) or _lits_msd(d),
-        "volume-N.nii + segmentation-N.nii (LiTS CodaLab: 'Training Batch 1/2') or imagesTr/ + labelsTr/ (MSD Task03)",
-        build_lits,
-        workers=4,
-    ),
-    "kits": Builder(
-        _kits_layout,
-        "case_XXXXX/ folders with imaging.nii.gz + segmentation.nii.gz (kits19/data/)",
-        build_kits,
-        workers=4,
-    ),
-}
+LITS_BUILDER = Builder(
+    lambda d: _lits_codalab(d) or _lits_msd(d),
+    "volume-N.nii + segmentation-N.nii (LiTS CodaLab: 'Training Batch 1/2') or imagesTr/ + labelsTr/ (MSD Task03)",
+    build_lits,
+    workers=4,
+)
+KITS_BUILDER = Builder(
+    _kits_layout,
+    "case_XXXXX/ folders with imaging.nii.gz + segmentation.nii.gz (kits19/data/)",
+    build_kits,
+    workers=4,
+)

@@ -82,7 +82,7 @@ def sincos_2d(dim: int, grid: int | Sequence[int]) -> Tensor:
     A decoder whose position table starts at zeros, as MedCoSS's, sees every mask token alike until that table
     has been learnt; this start gives the hidden positions distinct queries from the first step. (It did not move the
     demo's flat TPP loss: there the hidden patches' normalised pixels are not predicted at the demo's budget, see
-    ``tpp_monai.data.demo``.)
+    ``tpp_monai.data.synthetic``.)
     """
     if dim % 4:
         raise ConfigError(f"MAE decoder width {dim} must be a multiple of 4 for the 2D sin-cos position table")
