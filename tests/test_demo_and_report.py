@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from tpp_monai.report import load_runs, make_report, summarise
+from tpp_monai.report.runs import load_runs, make_report, summarise
 
 
 def _fake_run(folder: Path, method: str, tpp: bool, seed: int, dice: float, hd95: float) -> Path:

@@ -212,7 +212,7 @@ def test_finetune_with_a_literal_output_dir_is_tracked(tmp_path, demo_roots, mon
     from monai.bundle import run
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tpp_monai.report import make_report
+    from tpp_monai.report.runs import make_report
 
     db = tmp_path / "mlruns.db"
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")

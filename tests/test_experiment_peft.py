@@ -76,7 +76,8 @@ def test_report_shows_a_peft_init_arms_cost_beside_its_gain(tmp_path) -> None:
 
     from test_experiment_report import _evaluated, _plan, _run_folder, _settings
 
-    from tpp_monai.experiments.report import cost_text, write_report
+    from tpp_monai.report.experiment import write_report
+    from tpp_monai.report.markdown import cost_text
     from tpp_monai.workflows.costs import write_init_cost
 
     seconds, peaks = [2.0, 4.0, 6.0], [100.0, 300.0, 200.0]
@@ -110,7 +111,7 @@ def test_peft_eva_runs_in_a_plan_next_to_tpp_mae_on_demo_data(tmp_path) -> None:
 
     import yaml
 
-    from tpp_monai.experiments.report import write_report
+    from tpp_monai.report.experiment import write_report
 
     plan = {"name": "eva", "datasets": ["glas"], "methods": ["peft.lora"], "init": ["tpp-mae", "peft-eva"],
             "label_fractions": [1.0], "seeds": [0], "overlays": ["demo"],

@@ -16,8 +16,9 @@ import pytest
 from tpp_monai.errors import UserError
 from tpp_monai.experiments import stats
 from tpp_monai.experiments.paper import load_paper, paper_refs
-from tpp_monai.experiments.report import summary_text, write_report
 from tpp_monai.handlers import EvaluationWriter
+from tpp_monai.report.experiment import write_report
+from tpp_monai.report.markdown import summary_text
 
 # the table lines of the paper's text (Lei et al., a text extraction of the arXiv PDF), verbatim, in the paper's order
 PAPER_TABLES = Path(__file__).with_name("fixtures") / "paper_tables.txt"

@@ -446,7 +446,7 @@ def test_paper_small_trimmed_reports_every_item(tmp_path):
 
     import yaml
 
-    from tpp_monai.experiments.report import write_report
+    from tpp_monai.report.experiment import write_report
 
     data = {k: v for k, v in load_plan("paper-small").to_dict().items() if k not in ("source", "grids")}
     assert (data["datasets"], data["methods"], data["label_fractions"]) == (["mhist", "glas"], ["adapter", "lora"],

@@ -15,7 +15,7 @@ from monai.engines.utils import IterationEvents
 from torch import nn
 
 from tpp_monai.backbones import BACKBONES, build_backbone, get_backbone_spec
-from tpp_monai.backbones.vit import TimmViT
+from tpp_monai.backbones.timm_vit import TimmViT
 from tpp_monai.contract import DENSE_FEATURE, DROPS_TOKENS, GLOBAL_FEATURE, BackboneInterface
 from tpp_monai.errors import ConfigError
 from tpp_monai.handlers import GradientClipHandler

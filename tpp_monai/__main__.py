@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo-data": ("tpp_monai.data.cli_demo", "write a small synthetic dataset in a dataset's official layout"),
     "bundles": ("tpp_monai.bundlegen.cli", "write (--check, --list) the bundles from the dataset x method table"),
     "demo": ("tpp_monai.demo", "does TPP help? seeds x {random, TPP-MAE} on embedded data, gain and its 95 % interval"),
-    "report": ("tpp_monai.report", "collect evaluated runs into the paper's table, with plots"),
+    "report": ("tpp_monai.report.runs", "collect evaluated runs into the paper's table, with plots"),
     "experiment": ("tpp_monai.experiments.cli", "run a grid of bundle workflows (a paper table or your own)"),
     "bench": ("tpp_monai_bench.cli", "measure step time and memory of TPP and fine-tuning against full fine-tuning"),
 }

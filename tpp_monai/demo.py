@@ -8,7 +8,7 @@
 3. runs the preset ``tpp_monai/experiments/presets/demo.yaml`` with :func:`tpp_monai.experiments.run_experiment`:
    per seed one ``pretrain_tpp`` (MAE on all training images), then ``finetune`` + ``evaluate`` from the TPP target
    parameters and from random ones, each on the preset's label fraction (few labels);
-4. reports through :func:`tpp_monai.experiments.report.write_report`: mean ± std per arm, the paired gain with its
+4. reports through :func:`tpp_monai.report.experiment.write_report`: mean ± std per arm, the paired gain with its
    bootstrap 95 % interval and the TPP stage's loss curves.
 
 Everything is tiny (64 px images, a 4-layer ViT, a few hundred steps) so it runs on 2 CPU cores; its numbers say
@@ -144,7 +144,7 @@ def format_loss_curves(curves: list[dict]) -> str:
 def run_demo(out: str | Path = "demo_out", seeds: list[int] | None = None, preset: str | Path = PRESET) -> dict:
     """Upstream stand-in, target data, the preset's runs and their report; returns the report (``write_report``)."""
     from tpp_monai.experiments import run_experiment
-    from tpp_monai.experiments.report import write_report
+    from tpp_monai.report.experiment import write_report
     from tpp_monai.workflows import install_excepthook
 
     install_excepthook()
@@ -168,7 +168,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tpp_monai.experiments.report import summary_text
+    from tpp_monai.report.markdown import summary_text
 
     report = run_demo(args.out, args.seeds, args.preset)
     print("\n" + "=" * 100)

@@ -36,7 +36,9 @@ from tpp_monai.backbones.stunet import STUNet
 from tpp_monai.backbones.swinunetr import SwinUNETRBackbone
 from tpp_monai.backbones.timm_models import PREFIX as TIMM_PREFIX
 from tpp_monai.backbones.timm_models import TimmViTBackbone, check_model_name
-from tpp_monai.backbones.vit import UNETR_MODULES, TimmViT, ViTBase
+from tpp_monai.backbones.timm_vit import TimmViT
+from tpp_monai.backbones.unetr2d import UNETR_MODULES
+from tpp_monai.backbones.vit import ViTBase
 from tpp_monai.contract import is_peft_parameter
 from tpp_monai.errors import ConfigError, unknown_choice
 from tpp_monai.io import read_file

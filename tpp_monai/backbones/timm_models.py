@@ -27,9 +27,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from tpp_monai.backbones import vit
 from tpp_monai.backbones.foreign import BLOCK_SITE_HOOKS, HEAD_REASON, ForeignBackbone, segmentation_outputs
-from tpp_monai.backbones.vit import UNETR_MODULES, EncoderOutput, TokenLayout
+from tpp_monai.backbones.unetr2d import UNETR_MODULES, build_unetr_decoder, unetr_decode
+from tpp_monai.backbones.vit import EncoderOutput, TokenLayout, default_taps
 from tpp_monai.contract import DENSE_FEATURE, DROPS_TOKENS, GLOBAL_FEATURE, BackboneInterface
 from tpp_monai.errors import ConfigError
 
@@ -140,8 +140,8 @@ class TimmViTBackbone(ForeignBackbone):
         self.in_chans = int(self.patch_embed.proj.in_channels)
         self.depth = len(self.blocks)
         if task == "seg":
-            self.taps = vit.default_taps(self.depth)
-            vit._build_unetr_decoder(self, self.in_chans, outputs, self.embed_dim, feature_size)
+            self.taps = default_taps(self.depth)
+            build_unetr_decoder(self, self.in_chans, outputs, self.embed_dim, feature_size)
 
     # ----- the backbone contract ------------------------------------------------------------------------------------
     def interface(self) -> BackboneInterface:
@@ -213,7 +213,7 @@ class TimmViTBackbone(ForeignBackbone):
     def forward(self, x: Tensor) -> Tensor:
         """``cls``: logits ``[B, K]`` (timm's head); ``seg``: logits ``[B, K, H, W]``; ``features``: ``[B, D]``."""
         if self.task == "seg":
-            return vit._unetr_decode(self, x, self.forward_features(x, taps=self.taps))
+            return unetr_decode(self, x, self.forward_features(x, taps=self.taps))
         if self.task == "features":
             return self.global_feature(x)
         return self.forward_head(self.forward_features(x).tokens)

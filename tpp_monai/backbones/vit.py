@@ -2,8 +2,9 @@
 (their names and the rest of the contract: :mod:`tpp_monai.contract`).
 
 Both backbones keep the exact parameter names of their public checkpoints, so each defines its own embedding and
-block modules; everything else (the block forward, the encoder loop with masking, prompts and feature taps, and the
-classification / segmentation heads) is written once here.
+block modules (MedCoSS: :mod:`~tpp_monai.backbones.medcoss`, timm/DINO: :mod:`~tpp_monai.backbones.timm_vit`);
+everything else (the block forward, the encoder loop with masking, prompts and feature taps, and the classification /
+segmentation heads, the latter's decoder in :mod:`~tpp_monai.backbones.unetr2d`) is written once here.
 
 PEFT methods plug in at two levels (see :mod:`tpp_monai.peft`):
 
@@ -29,9 +30,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import Tensor, nn
 
+from tpp_monai.backbones.unetr2d import UNETR_MODULES, build_unetr_decoder, unetr_decode
 from tpp_monai.contract import DENSE_FEATURE, DROPS_TOKENS, GLOBAL_FEATURE, VIT_HOOKS, BackboneInterface
 from tpp_monai.errors import ConfigError
 
@@ -328,7 +329,7 @@ class ViTBase(nn.Module):
             nn.init.zeros_(self.head.bias)
         elif task == "seg":
             self.taps = default_taps(self.depth)
-            _build_unetr_decoder(self, self.in_chans, out_channels, self.embed_dim, feature_size)
+            build_unetr_decoder(self, self.in_chans, out_channels, self.embed_dim, feature_size)
 
     def head_parameter_names(self) -> list[str]:
         """Names of the task-head parameters (always trained in fine-tuning, never target parameters)."""
@@ -381,196 +382,9 @@ class ViTBase(nn.Module):
         """Task output: class logits ``[B, C]``, segmentation logits ``[B, C, H, W]`` or pooled features ``[B, D]``."""
         if self.task == "seg":
             out = self.forward_features(x, taps=self.taps)
-            return _unetr_decode(self, x, out)
+            return unetr_decode(self, x, out)
         out = self.forward_features(x)
         pooled = out.patches.mean(dim=1)
         if self.task == "features":
             return pooled
         return self.head(self.fc_norm(pooled))
-
-
-# ----- UNETR-2D decoder (MedCoSS segmentation model, methods.md §1.4) ---------------------------------------------
-UNETR_MODULES = ("encoder1", "encoder2", "encoder3", "encoder4", "decoder5", "decoder4", "decoder3", "decoder2", "out")
-
-
-def _build_unetr_decoder(model: nn.Module, in_chans: int, out_channels: int, hidden: int, fs: int) -> None:
-    """Attach the MedCoSS UNETR-2D decoder (MONAI blocks, instance norm, residual convs) to ``model``.
-
-    The modules are set directly on the model, so the state-dict keys (``encoder1.*`` ... ``out.*``) are those of the
-    MedCoSS GlaS/QaTa checkpoints. 1,893,361 parameters for 3 input channels, 1 output channel, feature size 16.
-    """
-    common = {"spatial_dims": 2, "norm_name": "instance"}
-    model.encoder1 = UnetrBasicBlock(
-        in_channels=in_chans, out_channels=fs, kernel_size=3, stride=1, res_block=True, **common
-    )
-    for name, mult, layers in (("encoder2", 2, 2), ("encoder3", 4, 1), ("encoder4", 8, 0)):
-        block = UnetrPrUpBlock(
-            in_channels=hidden,
-            out_channels=fs * mult,
-            num_layer=layers,
-            kernel_size=3,
-            stride=1,
-            upsample_kernel_size=2,
-            conv_block=True,
-            res_block=True,
-            **common,
-        )
-        setattr(model, name, block)
-    for name, cin, cout in (
-        ("decoder5", hidden, fs * 8),
-        ("decoder4", fs * 8, fs * 4),
-        ("decoder3", fs * 4, fs * 2),
-        ("decoder2", fs * 2, fs),
-    ):
-        setattr(
-            model,
-            name,
-            UnetrUpBlock(
-                in_channels=cin, out_channels=cout, kernel_size=3, upsample_kernel_size=2, res_block=True, **common
-            ),
-        )
-    model.out = UnetOutBlock(spatial_dims=2, in_channels=fs, out_channels=out_channels)
-
-
-def _unetr_decode(model: ViTBase, image: Tensor, out: EncoderOutput) -> Tensor:
-    def grid(tokens: Tensor) -> Tensor:  # [B, N, D] -> [B, D, H, W]
-        h, w = out.layout.grid
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
-
-    x2, x3, x4, last = (grid(t) for t in out.taps)
-    enc1 = model.encoder1(image)
-    enc2 = model.encoder2(x2)
-    enc3 = model.encoder3(x3)
-    enc4 = model.encoder4(x4)
-    dec3 = model.decoder5(last, enc4)
-    dec2 = model.decoder4(dec3, enc3)
-    dec1 = model.decoder3(dec2, enc2)
-    return model.out(model.decoder2(dec1, enc1))
-
-
-# ----- timm / DINO ViT ---------------------------------------------------------------------------------------------
-class _TimmAttention(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
-
-
-class _TimmMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-
-class TimmBlock(ViTBlockBase):
-    """timm ``Block`` parameter layout (``norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2``), LayerNorm eps 1e-6."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, drop_path: float = 0.0) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = _TimmAttention(dim)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = _TimmMlp(dim, mlp_dim)
-        self.drop_path = DropPath(drop_path)
-
-    @property
-    def proj(self) -> nn.Linear:
-        return self.attn.proj
-
-    @property
-    def fc1(self) -> nn.Linear:
-        return self.mlp.fc1
-
-    @property
-    def fc2(self) -> nn.Linear:
-        return self.mlp.fc2
-
-    def qkv_params(self) -> tuple[Tensor, Tensor | None]:
-        return self.attn.qkv.weight, self.attn.qkv.bias
-
-    def qkv_projection(self, h: Tensor) -> Tensor:
-        # through the module, so a library that wraps ``attn.qkv`` (peft's LoRA, the bench's peer) takes effect
-        return self.attn.qkv(h)
-
-
-class _PatchEmbed(nn.Module):
-    def __init__(self, in_chans: int, dim: int, patch: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
-
-
-class TimmViT(ViTBase):
-    """The timm/DINO ViT (``vit_small_patch16_224`` layout): the Path_DINO checkpoint of Kang et al. 2023 loads into it.
-
-    Position embeddings are learned for a 14x14 grid (+ class token) and bicubically resized for other input sizes
-    by DINO's rule (:meth:`_pos_for_grid`).
-    """
-
-    family = "timm_vit"
-    WRAP_TARGETS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "attention": ("attn.qkv",),
-        "attention_out": ("attn.proj",),
-        "mlp": ("mlp.fc1", "mlp.fc2"),
-    }
-
-    def __init__(
-        self,
-        embed_dim: int = 384,
-        depth: int = 12,
-        num_heads: int = 6,
-        mlp_dim: int | None = None,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        pos_grid: int = 14,
-        drop_path: float = 0.0,
-        task: str = "features",
-        num_classes: int = 0,
-        out_channels: int = 1,
-    ) -> None:
-        super().__init__()
-        self.embed_dim, self.depth, self.patch_size, self.in_chans = embed_dim, depth, patch_size, in_chans
-        self.num_heads = num_heads
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, pos_grid * pos_grid + 1, embed_dim))
-        self.patch_embed = _PatchEmbed(in_chans, embed_dim, patch_size)
-        self.blocks = nn.ModuleList(
-            TimmBlock(embed_dim, num_heads, mlp_dim or 4 * embed_dim, drop_path) for _ in range(depth)
-        )
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self._build_head(task, num_classes, out_channels)
-
-    def encoder_blocks(self) -> nn.ModuleList:
-        return self.blocks
-
-    def output_norm(self) -> nn.Module:
-        return self.norm
-
-    def patch_embedding_conv(self) -> nn.Conv2d:
-        return self.patch_embed.proj
-
-    def _pos_for_grid(self, grid: tuple[int, int]) -> Tensor:
-        """The patch position table for ``grid``: DINO's ``interpolate_pos_encoding`` rule (the Path_DINO
-        checkpoint's own code): unchanged on the trained square grid, else bicubic (no anti-aliasing) with the scale
-        factor ``(g + 0.1) / side`` per axis, which sets the sampling positions (not ``size=grid``)."""
-        pos = self.pos_embed[:, 1:]
-        side = math.isqrt(pos.shape[1])
-        if grid == (side, side):
-            return pos
-        pos = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        scale = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
-        pos = F.interpolate(pos, scale_factor=scale, mode="bicubic", align_corners=False)
-        return pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
-
-    def project_patches(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        tokens = self.patch_embed.proj(x)  # [B, D, H/p, W/p]
-        return tokens.flatten(2).transpose(1, 2), (tokens.shape[-2], tokens.shape[-1])
-
-    def add_positions(self, patches: Tensor, grid: tuple[int, int]) -> Tensor:
-        return patches + self._pos_for_grid(grid)
-
-    def prefix_tokens(self, batch: int) -> Tensor | None:
-        return (self.cls_token + self.pos_embed[:, :1]).expand(batch, -1, -1)

@@ -16,7 +16,7 @@ def run_experiment(plan: Plan | str | Path, out_dir: str | Path = "experiments",
     from tpp_monai.errors import UserError
     from tpp_monai.experiments.executors import run_graph
     from tpp_monai.experiments.graph import build_graph
-    from tpp_monai.experiments.tracking import default_uri
+    from tpp_monai.tracking.experiments import default_uri
 
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
     graph = build_graph(plan, out_dir)

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.action == "report":
         try:
-            from tpp_monai.experiments.report import write_report
+            from tpp_monai.report.experiment import write_report
         except ImportError as err:
             metrics = graph.exp_dir / "runs" / "evaluate"
             raise ConfigError(f"the experiment report is not available in this installation ({err}); the runs' "
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"report written under {graph.exp_dir}")
         return 0
     from tpp_monai.experiments.executors import run_graph
-    from tpp_monai.experiments.tracking import default_uri
+    from tpp_monai.tracking.experiments import default_uri
 
     if not args.quiet:
         print(describe(graph, folders=False), flush=True)

@@ -31,15 +31,14 @@ import numpy as np
 
 from tpp_monai.experiments import stats
 from tpp_monai.handlers import DISTANCE_METRICS
+from tpp_monai.report.run_plots import read_history, validation_columns
 
 TARGET_SHARE = 0.95
 
 
 def read_history_file(folder: Path) -> dict | None:
-    """``<folder>/history.csv`` as columns (:func:`tpp_monai.report.read_history`); None when absent, unreadable or
-    without an ``iteration`` column."""
-    from tpp_monai.report import read_history
-
+    """``<folder>/history.csv`` as columns (:func:`~tpp_monai.report.run_plots.read_history`); None when absent,
+    unreadable or without an ``iteration`` column."""
     path = Path(folder) / "history.csv"
     if not path.is_file():
         return None
@@ -62,8 +61,6 @@ def validation_column(histories: list[dict], metric: str) -> str | None:
     wanted = f"val_{metric}"
     if all(_validated(h, wanted) for h in histories):
         return wanted
-    from tpp_monai.report import validation_columns
-
     for column in validation_columns(histories[0]):
         if all(_validated(h, column) for h in histories):
             return column

@@ -213,7 +213,7 @@ class Tracker:
     """The MLflow side of a graph run (parent run, child overrides, child tags after each run)."""
 
     def __init__(self, graph: Graph, uri: str):
-        from tpp_monai.experiments import tracking
+        from tpp_monai.tracking import experiments as tracking
 
         self.graph, self.uri, self.module = graph, uri, tracking
         self.parent_id = tracking.start_parent(graph, uri)

@@ -114,7 +114,7 @@ def load_target_state(model: nn.Module, source: Mapping | str | Path, where: str
             )
     state: Mapping[str, Tensor] = source["state"]
     if layout == "peft":
-        from tpp_monai.peft.hf import load_adapter_tensors
+        from tpp_monai.peft.files import load_adapter_tensors
 
         return load_adapter_tensors(model, state, where)
     names = target_parameter_names(model)

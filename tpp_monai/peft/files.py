@@ -15,11 +15,17 @@ file of :func:`tpp_monai.peft.target_state`) are still read.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
+from tpp_monai.compat import import_peft
 from tpp_monai.errors import CheckpointError
+from tpp_monai.io import atomic_write, content_digest, load_verified
+from tpp_monai.peft.hf_tuners import ADAPTER, first_line, peft_model, quiet
+from tpp_monai.peft.targets import TARGET_FORMAT, method_of, target_parameter_names, target_state
 
 TARGET_DIR = "tpp_target"
 STATE_FILE = "target_state.safetensors"
@@ -31,13 +37,11 @@ LAYOUTS = ("tpp_monai", "peft")
 
 def is_wrapped(model: nn.Module) -> bool:
     """Whether the model's method is a huggingface peft tuner (saved as a peft adapter folder)."""
-    from tpp_monai.peft.targets import method_of
 
     return method_of(model).name.startswith("peft.")
 
 
 def _digest(state: dict, record: dict, config: str | None) -> str:
-    from tpp_monai.io import content_digest
 
     return content_digest({"state": state, "record": json.dumps(record, sort_keys=True), "config": config})
 
@@ -46,16 +50,11 @@ def write_target_folder(model: nn.Module, folder: str | Path, info: dict | None 
     """Write the model's target parameters to ``folder`` in its method's layout (see the module docstring)."""
     from safetensors.torch import save
 
-    from tpp_monai.io import atomic_write
-    from tpp_monai.peft.targets import target_state
-
     folder = Path(folder)
     saved = target_state(model)
     record = {k: v for k, v in saved.items() if k != "state"} | dict(info or {}) | {"version": 2}
     if is_wrapped(model):
-        from tpp_monai.peft import hf
-
-        config, state, name = hf.adapter_config_text(model), hf.adapter_tensors(model), ADAPTER_WEIGHTS
+        config, state, name = adapter_config_text(model), adapter_tensors(model), ADAPTER_WEIGHTS
         atomic_write(config.encode(), folder / ADAPTER_CONFIG)
     else:
         config, state, name = None, {k: v.contiguous() for k, v in saved["state"].items()}, STATE_FILE
@@ -88,7 +87,6 @@ def read_record(path: str | Path) -> dict:
     """The target parameters at ``path`` with their record: ``format``, ``method``, ``options``, ``backbone``, what
     the stage added (``pretext``, ``epoch``...), ``state`` (the tensors, in the layout's names) and ``layout``
     (``"tpp_monai"``: model parameter names; ``"peft"``: peft's adapter layout). Digests are checked."""
-    from tpp_monai.peft.targets import TARGET_FORMAT
 
     file = target_file(path)
     if file is None:
@@ -97,8 +95,6 @@ def read_record(path: str | Path) -> dict:
             f"{STATE_FILE}, or a peft adapter folder with {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
         )
     if file.suffix != ".safetensors":  # a target file of an earlier version, or a TPP training checkpoint
-        from tpp_monai.io import load_verified
-
         source = load_verified(file)
         if "target_state" in source and "format" not in source:
             source = source["target_state"]
@@ -138,3 +134,36 @@ def read_record(path: str | Path) -> dict:
 def record_info(path: str | Path) -> dict:
     """The record of the target parameters at ``path`` without their tensors (pretext, epoch, method...)."""
     return {k: v for k, v in read_record(path).items() if k != "state"}
+
+
+# ----- peft adapter folders --------------------------------------------------------------------------------------
+def adapter_config_text(model: nn.Module) -> str:
+    """``adapter_config.json`` as peft's ``save_pretrained`` writes it (sets as sorted lists)."""
+    pm = peft_model(model)
+    config = pm.peft_config[ADAPTER].to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    return json.dumps(config, indent=2, sort_keys=True, default=str)
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors in peft's checkpoint layout (``base_model.model.<layer>.lora_A.weight``...)."""
+    peft = import_peft()
+    state = peft.get_peft_model_state_dict(peft_model(model), adapter_name=ADAPTER)
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+
+def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: str) -> list[str]:
+    """Load adapter tensors in peft's checkpoint layout into ``model``; returns the target parameters loaded."""
+    peft = import_peft()
+    try:
+        with quiet():
+            result = peft.set_peft_model_state_dict(peft_model(model), dict(tensors), adapter_name=ADAPTER)
+    except RuntimeError as err:  # size mismatches
+        raise CheckpointError(f"the adapter tensors in {where} do not fit the model: {first_line(err)}") from None
+    missing = set(result.missing_keys)
+    names = target_parameter_names(model)
+    absent = [n for n in names if f"base_model.model.{n}" in missing]
+    if result.unexpected_keys or absent:
+        raise CheckpointError(f"the adapter tensors in {where} do not match the model: missing {absent[:5]}, "
+                              f"unexpected {list(result.unexpected_keys)[:5]}")  # fmt: skip
+    return names

@@ -4,9 +4,10 @@ a backbone's layers (:mod:`tpp_monai.contract`, attach mode ``"wrap"``).
 **Which tuners.** Read at run time from the installed peft's registry (``peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING``
 and ``PEFT_TYPE_TO_PREFIX_MAPPING``), by their lower-case type name: ``peft.lora``, ``peft.ia3``, ``peft.loha``,
 ``peft.lokr``, ``peft.oft``, ``peft.boft``, ``peft.vera``, ``peft.fourierft``, ``peft.hra``... and ``peft.dora``
-(LoRA with ``use_dora``). Left out, with the reason :func:`excluded` gives: prompt-learning tuners (they learn virtual
-tokens of a language model's input embedding), the tuners :data:`NOT_WRAPPING` names (they need a transformers
-language model or a training loop that calls them), and any tuner whose config cannot be built without extra input.
+(LoRA with ``use_dora``). Left out, with the reason :func:`~tpp_monai.peft.hf_tuners.excluded` gives:
+prompt-learning tuners (they learn virtual tokens of a language model's input embedding), the tuners
+:data:`~tpp_monai.peft.hf_tuners.NOT_WRAPPING` names (they need a transformers language model or a training loop that
+calls them), and any tuner whose config cannot be built without extra input.
 Whether a tuner can wrap a given backbone is decided by a probe (:func:`why_not`): the tuner is injected into a copy of
 the backbone built on PyTorch's meta device (a CPU copy when the tuner's own initialisation needs data, e.g. an SVD),
 it must add trainable parameters, wrap no task-head layer, and every layer it wraps must run in a forward pass.
@@ -29,7 +30,7 @@ workflows train the task head themselves). Unset fields keep peft's defaults, ex
 Given ``target_modules`` follow peft's own rule (suffixes of module names, or one regular expression).
 
 **Injection.** ``peft.PeftModel(backbone, config)`` replaces the target layers in place, so the backbone object stays
-the network with its own API; the ``PeftModel`` is kept on it as a plain attribute (:data:`PEFT_MODEL_ATTR`, not a
+the network with its own API; the ``PeftModel`` is kept on it as a plain attribute (``PEFT_MODEL_ATTR``, not a
 submodule) for peft's state-dict functions and the data-driven initialisations. (``inject_adapter_in_model`` does the
 same but refuses the tuners whose shared tensors live on the tuner object, VeRA among them.) The target parameters are
 the tensors whose name has a component starting with the tuner's own prefix (``lora_``, ``ia3_``, ``hada_``...).
@@ -38,286 +39,67 @@ the tensors whose name has a component starting with the tuner's own prefix (``l
 peft injects (an SVD or QR of the frozen weights); ``eva`` (SVD of the downstream layer inputs) and ``corda``
 (covariance of the layer inputs, then injection) run on a data loader in :func:`initialize_from_data`, the finetune
 workflow's ``peft_init`` component. Each records its cost (:func:`tpp_monai.workflows.costs.write_init_cost`).
+
+Here: injection, the probe, the registry entry and the data-driven initialisations. The catalogue, the options and
+the default targets: :mod:`tpp_monai.peft.hf_tuners`; adapter files: :mod:`tpp_monai.peft.files`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
-import re
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
 
 import torch
 from torch import nn
 
+from tpp_monai.compat import import_peft
 from tpp_monai.contract import GLOBAL_FEATURE, hooks_of
-from tpp_monai.errors import CheckpointError, ConfigError
+from tpp_monai.errors import ConfigError
+from tpp_monai.peft.hf_tuners import (
+    ADAPTER,
+    PEFT_MODEL_ATTR,
+    PREFIX,
+    WEIGHT_INITS,
+    Tuner,
+    default_targets,
+    first_line,
+    get_tuner,
+    is_target,
+    lora_init,
+    options_class,
+    options_dict,
+    peft_config,
+    peft_model,
+    quiet,
+    tuner_names,
+    wrapped_layers,
+)
 from tpp_monai.peft.registry import MethodSource, MethodSpec, register_source
-
-PREFIX = "peft"
-ADAPTER = "default"
-PEFT_MODEL_ATTR = "hf_peft_model"
-#: name -> (peft tuner, config values it fixes)
-ALIASES = {"dora": ("lora", {"use_dora": True})}
-#: config fields that are not method options: peft's bookkeeping, and ``modules_to_save`` (the workflows train the
-#: task head themselves and save what they train)
-RESERVED = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-            "inference_mode", "modules_to_save")  # fmt: skip
-#: tuners of peft that do not wrap a vision backbone's layers, and why
-NOT_WRAPPING = {
-    "adaption_prompt": "it adds learned prompts to the attention modules of a transformers LLaMA-style language model",
-    "xlora": "it mixes LoRA adapters by a transformers language model's hidden states",
-    "trainable_tokens": "it trains selected rows of a language model's token embedding",
-    "poly": "it routes between adapters by task ids that every forward call must be given (multi-task training)",
-    "shadow": "it runs a shadow network along the decoder loop of a transformers decoder-only language model",
-    "adalora": "it reallocates its ranks through update_and_allocate(step), which the training loop must call after "
-    "every optimizer step and the workflows' trainers do not",
-}
-#: roles of ``interface().wrap_targets`` the default targets take, in this order
-ROLES = ("attention", "attention_out", "mlp", "conv")
-NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-#: LoRA initialisations that need the downstream data after the network is built (:func:`initialize_from_data`)
-DATA_INITS = ("eva", "corda")
-#: LoRA initialisations computed from the frozen weights when peft injects
-WEIGHT_INITS = ("pissa", "olora")
-
-
-class _Unset:
-    """A method option left at peft's default."""
-
-    def __repr__(self) -> str:
-        return "<peft default>"
-
-    def __deepcopy__(self, memo: dict) -> _Unset:
-        return self
-
-    def __reduce__(self) -> str:
-        return "UNSET"
-
-
-UNSET = _Unset()
-
-
-def _import_peft():
-    from tpp_monai.compat import import_peft
-
-    return import_peft()
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterable[None]:
-    """peft warns about language-model conventions (no ``config`` attribute, tied weights) that do not apply here."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-# ----- the tuners of the installed peft ------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Tuner:
-    """One tuner: its method name (without ``peft.``), peft type, config class, parameter prefix, fixed values."""
-
-    name: str
-    peft_type: str
-    config_cls: type
-    prefix: str
-    fixed: Mapping[str, Any]
-
-    @property
-    def method(self) -> str:
-        return f"{PREFIX}.{self.name}"
-
-
-@functools.cache
-def _catalogue() -> tuple[dict[str, Tuner], dict[str, str]]:
-    """(wrapping tuners by name, excluded tuners -> reason), read from the installed peft."""
-    peft = _import_peft()
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
-
-    tuners, excluded = {}, {}
-    for peft_type, config_cls in PEFT_TYPE_TO_CONFIG_MAPPING.items():
-        name = str(peft_type.value).lower()
-        fields = {f.name for f in dataclasses.fields(config_cls)}
-        if issubclass(config_cls, peft.PromptLearningConfig):
-            excluded[name] = "a prompt-learning tuner: it learns virtual tokens of a language model's input embedding"
-        elif name in NOT_WRAPPING:
-            excluded[name] = NOT_WRAPPING[name]
-        elif "target_modules" not in fields:
-            excluded[name] = "its config has no target_modules: it does not wrap layers by name"
-        else:
-            prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(peft_type)
-            if not prefix:
-                excluded[name] = "peft names no parameter prefix for it, so its parameters cannot be told apart"
-                continue
-            tuners[name] = Tuner(name, str(peft_type.value), config_cls, prefix, {})
-    for alias, (base, fixed) in ALIASES.items():
-        if base in tuners:
-            tuners[alias] = dataclasses.replace(tuners[base], name=alias, fixed=dict(fixed))
-    return dict(sorted(tuners.items())), dict(sorted(excluded.items()))
-
-
-def tuner_names() -> list[str]:
-    """The tuners this source offers (without ``peft.``), sorted."""
-    return list(_catalogue()[0])
-
-
-def excluded() -> dict[str, str]:
-    """The installed peft's tuners this source leaves out, with the reason."""
-    return dict(_catalogue()[1])
-
-
-def get_tuner(name: str) -> Tuner:
-    tuners, left_out = _catalogue()
-    if name in tuners:
-        return tuners[name]
-    if name in left_out:
-        raise ConfigError(f"PEFT method 'peft.{name}' is not offered: {left_out[name]}; peft tuners that wrap "
-                          f"layers: {', '.join('peft.' + n for n in tuners)}")  # fmt: skip
-    from tpp_monai.errors import unknown_choice
-
-    raise unknown_choice("peft tuner", f"peft.{name}", [f"peft.{n}" for n in tuners], "method")
-
-
-# ----- options ---------------------------------------------------------------------------------------------------
-def _settable_fields(tuner: Tuner) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(tuner.config_cls) if f.name not in RESERVED and f.name not in tuner.fixed]
-
-
-def options_dict(options: object) -> dict:
-    """The options set on an options object (peft's defaults left out), as plain values."""
-    out = {}
-    for f in dataclasses.fields(options):
-        value = getattr(options, f.name)
-        if value is not UNSET:
-            out[f.name] = list(value) if isinstance(value, (tuple, set)) else value
-    return out
-
-
-def _nested(tuner: Tuner, values: Mapping) -> dict:
-    """Options with dict values for config-typed fields (``eva_config``...) turned into peft's config objects."""
-    peft = _import_peft()
-    types = {f.name: str(f.type) for f in dataclasses.fields(tuner.config_cls)}
-    out = dict(values)
-    for key, value in values.items():
-        match = re.search(r"(\w+Config)\b", types.get(key, ""))
-        cls = getattr(peft, match.group(1), None) if match else None
-        if isinstance(value, Mapping) and dataclasses.is_dataclass(cls):
-            out[key] = cls(**value)
-    return out
-
-
-def peft_config(tuner: Tuner, options: Mapping) -> object:
-    """peft's config object of ``tuner`` with ``options`` (and the values the tuner fixes, e.g. DoRA's)."""
-    with _quiet():
-        return tuner.config_cls(**_nested(tuner, {**options, **tuner.fixed}))
-
-
-def _options_class(tuner: Tuner) -> type:
-    """A frozen dataclass of the tuner's options (every settable config field, default: peft's); constructing it
-    checks the values by building peft's config (with placeholder targets when none are given)."""
-
-    def check(self: object) -> None:
-        values = options_dict(self)
-        values.setdefault("target_modules", ["-"])
-        if "feedforward_modules" in {f.name for f in dataclasses.fields(self)}:
-            values.setdefault("feedforward_modules", [])
-        try:
-            peft_config(tuner, values)
-        except (TypeError, ValueError, KeyError) as err:
-            raise ValueError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
-
-    fields = [(f.name, Any, dataclasses.field(default=UNSET)) for f in _settable_fields(tuner)]
-    doc = (f"Options of peft.{tuner.name}: the fields of peft's {tuner.config_cls.__name__} "
-           f"({', '.join(f[0] for f in fields)}); unset ones keep peft's defaults.")  # fmt: skip
-    cls_name = "Peft" + "".join(p.capitalize() for p in tuner.name.split("_")) + "Options"
-    return dataclasses.make_dataclass(cls_name, fields, frozen=True, namespace={"__post_init__": check, "__doc__": doc})
-
-
-# ----- targets -----------------------------------------------------------------------------------------------------
-def _block_names(model: nn.Module) -> list[str]:
-    """Qualified names of the backbone's encoder blocks, in order."""
-    names = {id(m): n for n, m in model.named_modules()}
-    return [names[id(b)] for b in model.encoder_blocks() if id(b) in names]
-
-
-def default_targets(tuner: Tuner, model: nn.Module) -> dict[str, list[str]]:
-    """The documented default ``target_modules`` (and IA3's ``feedforward_modules``) of ``tuner`` on ``model``."""
-    blocks = [(name, model.get_submodule(name)) for name in _block_names(model)]
-    if tuner.name == "ln_tuning":
-        suffixes = list(dict.fromkeys(n for _, b in blocks for n, m in b.named_modules() if isinstance(m, NORMS)))
-        ff: list[str] = []
-    else:
-        wrap = model.interface().wrap_targets
-        suffixes = [s for role in ROLES for s in wrap.get(role, ())]
-        ff = list(wrap.get("mlp", ()))
-
-    def full(names: list[str]) -> list[str]:
-        return [f"{b}.{s}" for b, block in blocks for s in names if _has_submodule(block, s)]
-
-    out = {"target_modules": full(suffixes)}
-    if "feedforward_modules" in {f.name for f in dataclasses.fields(tuner.config_cls)}:
-        out["feedforward_modules"] = full(ff)
-    return out
-
-
-def _has_submodule(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
-def is_target(prefix: str, name: str) -> bool:
-    """A tensor of the tuner: a component of its name starts with the tuner's prefix (``lora_A``, ``ia3_l``...)."""
-    return any(part.startswith(prefix) for part in name.split("."))
-
-
-def wrapped_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers peft replaced, by name (outermost wrapper only)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    found: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, BaseTunerLayer) and not any(name.startswith(f"{n}.") for n in found):
-            found[name] = module
-    return found
 
 
 # ----- injection -----------------------------------------------------------------------------------------------------
-def _init_kind(options: Mapping) -> str | None:
-    """``eva``, ``corda``, ``pissa`` or ``olora`` when the options ask for that LoRA initialisation, else ``None``."""
-    init = options.get("init_lora_weights")
-    if not isinstance(init, str):
-        return None
-    base = "pissa" if init.startswith("pissa") else init
-    return base if base in (*DATA_INITS, *WEIGHT_INITS) else None
-
-
 def _inject(tuner: Tuner, model: nn.Module, options: object, probe: bool = False) -> object:
     """Wrap ``model``'s layers with ``tuner`` in place; returns the options with the targets resolved."""
-    peft = _import_peft()
+    peft = import_peft()
     given = options_dict(options)
     resolved = {**default_targets(tuner, model), **given} if "target_modules" not in given else dict(given)
     values = dict(resolved)
-    init = _init_kind(values)
+    init = lora_init(values)
     if init == "corda" or (probe and init is not None):
         values["init_lora_weights"] = True  # CorDA injects after its covariance pass (initialize_from_data)
     started = time.perf_counter()
     try:
-        with _quiet():
+        with quiet():
             # a probe on the meta device skips the adapters' initialisation (it may need tensor data: an SVD)
             empty = probe and next(model.parameters()).is_meta
             pm = peft.PeftModel(model, peft_config(tuner, values), adapter_name=ADAPTER, low_cpu_mem_usage=empty)
     except Exception as err:  # peft raises ValueError, TypeError, RuntimeError... for layers it cannot wrap
         if probe and _needs_data(err):
             raise
-        raise _Unwrappable(_first_line(err)) from None
+        raise _Unwrappable(first_line(err)) from None
     object.__setattr__(model, PEFT_MODEL_ATTR, pm)  # a plain attribute: no module cycle, copied by deepcopy
     if init in WEIGHT_INITS and not probe:
         model.peft_init_cost = {"kind": f"peft-{init}", "seconds": time.perf_counter() - started, "device": "cpu"}
@@ -332,11 +114,6 @@ def _needs_data(err: BaseException) -> bool:
 
 class _Unwrappable(Exception):
     """peft could not wrap the backbone's layers (the message says why)."""
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:300].rstrip('.')}" if text else type(err).__name__
 
 
 def _check_wrapped(tuner: Tuner, model: nn.Module) -> None:
@@ -402,7 +179,7 @@ def _probe(name: str, backbone: str, options_key: str, on_cpu: bool) -> str | No
         except Exception as err:
             if device == "meta" and _needs_data(err):
                 continue  # the tuner's initialisation needs tensor data: probe with real tensors
-            return f"the wrapped backbone does not run ({_first_line(err)})"
+            return f"the wrapped backbone does not run ({first_line(err)})"
     return _NEEDS_DATA
 
 
@@ -412,7 +189,7 @@ def _probe_on(device: str, tuner: Tuner, backbone: str, config: object) -> str |
     # one block is enough (every block's layers have the shapes of the others'), and cheaper where peft initialises
     depth = get_backbone_spec(backbone).kwargs.get("depth")
     shallow = {"depth": 1} if isinstance(depth, int) else {}
-    with torch.device(device), _quiet():
+    with torch.device(device), quiet():
         model = build_backbone(backbone, task="features", **shallow)
     try:
         _inject(tuner, model, config, probe=True)
@@ -424,7 +201,7 @@ def _probe_on(device: str, tuner: Tuner, backbone: str, config: object) -> str |
     iface = model.interface()
     x = torch.zeros(1, iface.in_channels, *(2 * p for p in iface.patch_size), device=device)
     model.eval()
-    with torch.no_grad(), _quiet():  # the forward the pretexts run (every block and level), else the task's
+    with torch.no_grad(), quiet():  # the forward the pretexts run (every block and level), else the task's
         model.global_features(x) if GLOBAL_FEATURE in hooks_of(model) else model(x)
     for hook in hooks:
         hook.remove()
@@ -440,7 +217,7 @@ def resolve(name: str) -> MethodSpec:
     tuner = get_tuner(name)
     return MethodSpec(
         name=tuner.method,
-        config=_options_class(tuner),
+        config=options_class(tuner),
         inject=functools.partial(inject, tuner),
         target=lambda model, param, prefix=tuner.prefix: is_target(prefix, param),
         attach="wrap",
@@ -459,55 +236,13 @@ SOURCE = register_source(MethodSource(
 ))  # fmt: skip
 
 
-# ----- adapter files -----------------------------------------------------------------------------------------------
-def peft_model(model: nn.Module) -> object:
-    pm = model.__dict__.get(PEFT_MODEL_ATTR)
-    if pm is None:
-        raise ConfigError(f"the model has no huggingface peft tuner (method {getattr(model, 'peft_method', None)!r})")
-    return pm
-
-
-def adapter_config_text(model: nn.Module) -> str:
-    """``adapter_config.json`` as peft's ``save_pretrained`` writes it (sets as sorted lists)."""
-    pm = peft_model(model)
-    config = pm.peft_config[ADAPTER].to_dict()
-    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    return json.dumps(config, indent=2, sort_keys=True, default=str)
-
-
-def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors in peft's checkpoint layout (``base_model.model.<layer>.lora_A.weight``...)."""
-    peft = _import_peft()
-    state = peft.get_peft_model_state_dict(peft_model(model), adapter_name=ADAPTER)
-    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-
-
-def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: str) -> list[str]:
-    """Load adapter tensors in peft's checkpoint layout into ``model``; returns the target parameters loaded."""
-    peft = _import_peft()
-    from tpp_monai.peft.targets import target_parameter_names
-
-    try:
-        with _quiet():
-            result = peft.set_peft_model_state_dict(peft_model(model), dict(tensors), adapter_name=ADAPTER)
-    except RuntimeError as err:  # size mismatches
-        raise CheckpointError(f"the adapter tensors in {where} do not fit the model: {_first_line(err)}") from None
-    missing = set(result.missing_keys)
-    names = target_parameter_names(model)
-    absent = [n for n in names if f"base_model.model.{n}" in missing]
-    if result.unexpected_keys or absent:
-        raise CheckpointError(f"the adapter tensors in {where} do not match the model: missing {absent[:5]}, "
-                              f"unexpected {list(result.unexpected_keys)[:5]}")  # fmt: skip
-    return names
-
-
 # ----- data-driven initialisations ---------------------------------------------------------------------------------
 def init_kind(model: nn.Module) -> str | None:
     """The LoRA initialisation the model's method options ask for (``eva``, ``corda``, ``pissa``, ``olora``)."""
     method = str(getattr(model, "peft_method", "") or "")
     if not method.startswith(f"{PREFIX}."):
         return None
-    return _init_kind(getattr(model, "peft_options", {}) or {})
+    return lora_init(getattr(model, "peft_options", {}) or {})
 
 
 def initialize_from_data(model: nn.Module, batches: Callable[[], Iterable[torch.Tensor]]) -> None:
@@ -515,13 +250,13 @@ def initialize_from_data(model: nn.Module, batches: Callable[[], Iterable[torch.
     of every target layer's inputs over ``batches()`` until its components converge) or CorDA (covariance of the
     layer inputs over ``batches()``, then peft injects with ``init_lora_weights="corda"``). ``batches`` yields image
     tensors on the model's device."""
-    peft = _import_peft()
+    peft = import_peft()
     kind = init_kind(model)
     pm = peft_model(model)
     if kind == "eva":
         from peft.tuners.lora.eva import initialize_lora_eva_weights
 
-        with _quiet():
+        with quiet():
             initialize_lora_eva_weights(
                 pm, dataloader=_Replayable(batches), forward_fn=lambda _, x: model(x),
                 prepare_model_inputs_fn=None, prepare_layer_inputs_fn=_token_rows, show_progress_bar=False,
@@ -530,7 +265,7 @@ def initialize_from_data(model: nn.Module, batches: Callable[[], Iterable[torch.
         from peft.tuners.lora.corda import preprocess_corda
 
         config = pm.peft_config[ADAPTER]
-        with _quiet():
+        with quiet():
             pm.base_model.unload()  # back to the plain layers: CorDA measures them, then peft injects
             training = model.training
             model.eval()

@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from tpp_monai.backbones.checkpoint import load_into
-from tpp_monai.backbones.vit import TimmBlock, run_block
+from tpp_monai.backbones.timm_vit import TimmBlock
+from tpp_monai.backbones.vit import run_block
 from tpp_monai.errors import ConfigError
 
 DECODER_MODES = ("random", "freeze", "update")

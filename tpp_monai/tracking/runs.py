@@ -11,7 +11,8 @@
   validation metrics), and at the end the artifacts: executed config, settings, history, plots, metrics;
 * keeps one executed-config file per run under torchrun (MONAI writes one per rank) and finds it whatever form
   ``--output_dir`` takes (MONAI's artifact path is broken for a literal path);
-* draws the run's plots at the end (:func:`tpp_monai.report.run_plots`): training curves, ROC and confusion matrix.
+* draws the run's plots at the end (:func:`~tpp_monai.report.run_plots.run_plots`): training curves, ROC and
+  confusion matrix.
 
 Only rank 0 writes or logs anything.
 """
@@ -30,7 +31,8 @@ from pathlib import Path
 from ignite.engine import Engine, Events
 
 from tpp_monai import __version__
-from tpp_monai.handlers import is_rank0
+from tpp_monai.handlers import HistoryWriter, is_rank0
+from tpp_monai.report.run_plots import run_plots
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +186,6 @@ class RunTracker:
     def _epoch_completed(self, engine: Engine) -> None:
         if self.mlflow is None or self.mlflow.cur_run is None or self.stage == "evaluate":
             return
-        from tpp_monai.handlers import HistoryWriter
-
         rows = [r for r in HistoryWriter.read(self.output_dir / "history.csv") if int(r["epoch"]) == engine.state.epoch]
         if rows:  # the epoch's mean loss and lr on the epoch axis of the validation metrics
             values = {f"epoch_{k}": float(v) for k, v in rows[-1].items() if k in ("train_loss", "lr") and v != ""}
@@ -195,8 +195,6 @@ class RunTracker:
     def _completed(self, engine: Engine) -> None:
         if not is_rank0():
             return
-        from tpp_monai.report import run_plots
-
         try:
             run_plots(self.output_dir)
         except Exception as exc:  # a plot must never fail the run it describes

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from tpp_monai.experiments.graph import Graph, Node, write_json_atomic
+from tpp_monai.tracking.runs import file_sha256
 
 PARENT_FILE = "mlflow_parent.json"
 
@@ -79,8 +80,7 @@ RECIPE_KEYS = ("backbone", "backbone_ckpt", "method_options", "lr", "batch_size"
 
 
 def _sha256(path: object) -> str | None:
-    """The file's digest as the bundles log it (:func:`tpp_monai.tracking.file_sha256`), ``None`` for no file."""
-    from tpp_monai.tracking import file_sha256  # imported here: it brings torch, which `plan` and `status` skip
+    """The file's digest as the bundles log it (:func:`~tpp_monai.tracking.runs.file_sha256`), ``None`` for none."""
 
     digest = file_sha256(path) if isinstance(path, str) else "none"
     return None if digest == "none" else digest

@@ -21,8 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
+from tpp_monai.data.info import DATASETS, get_dataset
 from tpp_monai.errors import UserError
 from tpp_monai.handlers import DISTANCE_METRICS
+from tpp_monai.report.run_plots import (
+    confusion_panel,
+    history_points,
+    read_history,
+    read_predictions,
+    roc_lines,
+    validation_columns,
+)
 
 # Metric columns per task in the paper's order, and whether higher is better (HD95 is a distance).
 METRICS = {"cls": ("acc", "auc", "f1"), "seg": ("dice", "hd95"), "seg3d": ("organ_dice", "tumour_dice", "mean_dice")}
@@ -53,7 +62,8 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
     return runs
 
 
-def _label(run: dict) -> str:
+def run_label(run: dict) -> str:
+    """``method``, ``method w/ TPP`` or ``method w/ TPP (MAE)``: a run's row in the table."""
     if not run["tpp"]:
         return run["method"]
     return f"{run['method']} w/ TPP" + (f" ({run['pretext'].upper()})" if run["pretext"] else "")
@@ -61,12 +71,10 @@ def _label(run: dict) -> str:
 
 def summarise(runs: list[dict]) -> tuple[list[str], list[list[str]], list[dict]]:
     """Header, Markdown-ready rows (``mean ± std``) and flat CSV records, grouped by (method, TPP) x dataset."""
-    from tpp_monai.data.info import get_dataset
-
     datasets = sorted({r["dataset"] for r in runs})
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in runs:
-        groups[(_label(r), r["dataset"])].append(r)
+        groups[(run_label(r), r["dataset"])].append(r)
     labels = sorted({k[0] for k in groups}, key=lambda s: (s.split(" w/")[0], " w/" in s))
     columns = [(d, m) for d in datasets for m in METRICS[get_dataset(d).task if d != "?" else "cls"]]
     header = ["method", *[f"{d} {m.upper()}" for d, m in columns]]
@@ -93,150 +101,6 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def read_history(path: str | Path) -> dict[str, list]:
-    """``history.csv`` as columns of numbers (``nan`` where a cell is empty, e.g. epochs without validation)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    columns = list(rows[0]) if rows else []
-    return {c: [float(r[c]) if r.get(c) not in (None, "") else float("nan") for r in rows] for c in columns}
-
-
-def validation_columns(history: dict[str, list]) -> list[str]:
-    """The validation metrics of a history that have at least one value (model-selection score first)."""
-    names = [c for c in history if c.startswith("val_") and any(v == v for v in history[c])]
-    return sorted(names, key=lambda c: c != "val_score")
-
-
-def _points(history: dict[str, list], column: str) -> tuple[list, list]:
-    pairs = [(e, v) for e, v in zip(history["epoch"], history[column]) if v == v]
-    return ([p[0] for p in pairs], [p[1] for p in pairs]) if pairs else ([], [])
-
-
-def plot_history(history_csv: str | Path, path: str | Path, title: str | None = None) -> Path | None:
-    """``curves.png`` of one run: mean training loss, validation metrics (when validated) and learning rate."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    history = read_history(history_csv)
-    if not history.get("epoch"):
-        return None
-    val = validation_columns(history)
-    panels = 1 + bool(val) + ("lr" in history)
-    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False, sharex=True)
-    axes = list(axes[0])
-    ax = axes.pop(0)
-    few = "o" if len(history["epoch"]) < 30 else None  # a marker keeps a one-epoch run visible
-    ax.plot(history["epoch"], history["train_loss"], color="tab:blue", marker=few, ms=3)
-    ax.set(title="training loss (epoch mean)", xlabel="epoch", ylabel="loss")
-    if val:
-        ax = axes.pop(0)
-        for column in val:
-            ax.plot(*_points(history, column), "o-", ms=3, label=column)
-        ax.set(title="validation", xlabel="epoch", ylabel="metric (fraction)")
-        ax.legend(fontsize=8)
-    if "lr" in history:
-        ax = axes.pop(0)
-        ax.plot(history["epoch"], history["lr"], color="tab:gray", marker=few, ms=3)
-        ax.set(title="learning rate (end of epoch)", xlabel="epoch", yscale="log")
-    for ax in fig.axes:
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if len(history["epoch"]) == 1:
-            ax.set_xticks(history["epoch"])
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
-
-
-def read_predictions(path: str | Path) -> tuple[list[str], np.ndarray, list[str]] | None:
-    """(class names, probabilities ``(N, C)``, true class names) of a labelled ``predictions.csv``; ``None`` when
-    the file has no label column (inference)."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        columns = reader.fieldnames or []
-    classes = [c[len("prob_"):] for c in columns if c.startswith("prob_")]
-    if "label" not in columns or not rows or not classes:
-        return None
-    probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
-    return classes, probs, [r["label"] for r in rows]
-
-
-def _roc_lines(ax: object, classes: list[str], probs: np.ndarray, labels: list[str], name: str = "") -> None:
-    """One ROC curve per class (one-vs-rest); for two classes the positive (second) class only."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    truth = np.array([classes.index(label) for label in labels])
-    shown = [1] if len(classes) == 2 else range(len(classes))
-    for k in shown:
-        positive = truth == k
-        if positive.all() or not positive.any():
-            continue
-        fpr, tpr, _ = roc_curve(positive, probs[:, k])
-        auc = roc_auc_score(positive, probs[:, k])
-        ax.plot(fpr, tpr, label=f"{name}{classes[k]} (AUC {auc:.3f})")
-    ax.plot([0, 1], [0, 1], ":", color="gray", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-
-
-def _confusion(ax: object, classes: list[str], probs: np.ndarray, labels: list[str], title: str) -> None:
-    from sklearn.metrics import confusion_matrix
-
-    truth = [classes.index(label) for label in labels]
-    matrix = confusion_matrix(truth, probs.argmax(1), labels=list(range(len(classes))))
-    ax.imshow(matrix, cmap="Blues")
-    for (i, j), count in np.ndenumerate(matrix):
-        ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
-                color="white" if count > matrix.max() / 2 else "black")  # fmt: skip
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(classes)), classes, fontsize=8)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-
-
-def plot_classification(predictions_csv: str | Path, out: str | Path) -> list[Path]:
-    """``roc.png`` and ``confusion_matrix.png`` of one evaluated classification run."""
-    import matplotlib.pyplot as plt
-
-    read = read_predictions(predictions_csv)
-    if read is None:
-        return []
-    classes, probs, labels = read
-    out = Path(out)
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    _roc_lines(ax, classes, probs, labels)
-    ax.set_title("ROC (one class vs the rest)")
-    fig.tight_layout()
-    fig.savefig(out / "roc.png", dpi=100)
-    plt.close(fig)
-    size = 2.5 + 0.45 * len(classes)
-    fig, ax = plt.subplots(figsize=(size + 0.5, size))
-    _confusion(ax, classes, probs, labels, f"confusion matrix ({len(labels)} images)")
-    fig.tight_layout()
-    fig.savefig(out / "confusion_matrix.png", dpi=100)
-    plt.close(fig)
-    return [out / "roc.png", out / "confusion_matrix.png"]
-
-
-def run_plots(folder: str | Path) -> list[Path]:
-    """The plots of one run folder: ``curves.png`` from ``history.csv``; ``roc.png`` and ``confusion_matrix.png``
-    from a labelled ``predictions.csv``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    folder = Path(folder)
-    written = []
-    if (folder / "history.csv").is_file():
-        written.append(plot_history(folder / "history.csv", folder / "curves.png", title=str(folder.name)))
-    if (folder / "predictions.csv").is_file():
-        written += plot_classification(folder / "predictions.csv", folder)
-    return [p for p in written if p is not None]
-
-
 def _history_of(path: object) -> dict[str, list] | None:
     path = Path(str(path)) / "history.csv" if path else None
     return read_history(path) if path is not None and path.is_file() else None
@@ -261,11 +125,11 @@ def _plot_curves(runs: list[dict], path: Path) -> bool:
     ax_val.sharex(ax_loss)  # one epoch axis, also when validation ran only at the end
     for run, history in histories:
         style = "-" if run["tpp"] else "--"
-        name = f"{run['dataset']}: {_label(run)}"
+        name = f"{run['dataset']}: {run_label(run)}"
         ax_loss.plot(history["epoch"], history["train_loss"], style, label=name)
         val = validation_columns(history)
         if val:
-            ax_val.plot(*_points(history, val[0]), style, marker="o", ms=3, label=f"{name} ({val[0]})")
+            ax_val.plot(*history_points(history, val[0]), style, marker="o", ms=3, label=f"{name} ({val[0]})")
     ax_loss.set(title="fine-tuning loss", xlabel="epoch", ylabel="loss (epoch mean)")
     ax_val.set(title="validation (model-selection metric)", xlabel="epoch", ylabel="fraction")
     if tpp:
@@ -282,9 +146,6 @@ def _plot_curves(runs: list[dict], path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-UNITS = {"hd95": "HD95 (pixels, lower is better)"}
 
 
 def _plot_gain(records: list[dict], path: Path) -> bool:
@@ -334,11 +195,11 @@ def _plot_classification(runs: list[dict], out: Path) -> list[Path]:
     for dataset, group in by_dataset.items():
         fig, axes = plt.subplots(1, 1 + len(group), figsize=(5 * (1 + len(group)), 4.6), squeeze=False)
         for run, (classes, probs, labels) in group:
-            name = f"{_label(run)}: " if len(classes) == 2 else f"{_label(run)} "
-            _roc_lines(axes[0][0], classes, probs, labels, name if len(group) > 1 else "")
+            name = f"{run_label(run)}: " if len(classes) == 2 else f"{run_label(run)} "
+            roc_lines(axes[0][0], classes, probs, labels, name if len(group) > 1 else "")
         axes[0][0].set_title(f"{dataset}: ROC (one class vs the rest)", fontsize=10)
         for ax, (run, (classes, probs, labels)) in zip(axes[0][1:], group):
-            _confusion(ax, classes, probs, labels, f"{_label(run)}\nseed {run['info'].get('seed', '?')}")
+            confusion_panel(ax, classes, probs, labels, f"{run_label(run)}\nseed {run['info'].get('seed', '?')}")
         fig.tight_layout()
         path = out / f"classification_{dataset}.png"
         fig.savefig(path, dpi=100)
@@ -356,8 +217,6 @@ def _plot_overlays(runs: list[dict], out: Path, count: int = 4) -> list[Path]:
 
     written = []
     by_dataset: dict[str, list[dict]] = defaultdict(list)
-    from tpp_monai.data.info import DATASETS
-
     for r in runs:  # 2D masks (PNG) only; a datalist the run recorded but that has moved since is left out
         is_2d_seg = r["dataset"] in DATASETS and DATASETS[r["dataset"]].task == "seg"
         if is_2d_seg and (r["dir"] / "predictions").is_dir() and Path(r["info"].get("datalist", "")).is_file():
@@ -387,7 +246,7 @@ def _plot_overlays(runs: list[dict], out: Path, count: int = 4) -> list[Path]:
                         mask = mask.resize(image.size, Image.NEAREST)
                     ax.contour(np.asarray(mask) > 0, levels=[0.5], colors="red", linewidths=1)
                 if i == 0:
-                    ax.set_title("image + ground truth" if run is None else _label(run), fontsize=9)
+                    ax.set_title("image + ground truth" if run is None else run_label(run), fontsize=9)
         legend = [Line2D([], [], color="lime", label="ground truth"), Line2D([], [], color="red", label="prediction")]
         fig.legend(handles=legend, loc="lower center", ncol=2, fontsize=9, frameon=False)
         fig.tight_layout(rect=(0, 0.04, 1, 1))
