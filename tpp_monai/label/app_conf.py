@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from monai.bundle import ConfigParser
+
 REPO_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 DEFAULT_PUBLISH_MARGIN = 0.02
 CLASS_INFO_KEY = "class"  # image info key holding an image's class (name or index) for classification training
@@ -149,3 +151,11 @@ def bundle_specs(conf: Mapping[str, str]) -> dict[str, BundleSpec]:
             overlays=tuple(_overlay_path(str(path), o) for o in _items(conf.get("overlays"))),
         )
     return specs
+
+
+def load_bundle_config(spec: BundleSpec, config_path: str) -> ConfigParser:
+    """The workflow config merged with the overlays, its paths sent where the app was told (both tasks read it)."""
+    parser = ConfigParser()
+    parser.read_config([config_path, *spec.overlays])
+    parser.config.update({"bundle_root": spec.path, **spec.path_overrides()})  # type: ignore[union-attr]
+    return parser

@@ -55,7 +55,8 @@ def commands(env: Path) -> list[list[str]]:
         [sys.executable, "-m", "venv", str(env)],
         [*pip, "-r", "requirements-monailabel.txt"],
         [*pip, "--no-deps", "-r", "requirements-monailabel-nodeps.txt"],
-        [str(python_of(env)), "-c", "import tpp_monai.label.bundle_tasks"],  # MONAI Label + torchvision import
+        # MONAI Label and torchvision import together
+        [str(python_of(env)), "-c", "import tpp_monai.label.infer_task, tpp_monai.label.train_task"],
     ]
 
 

@@ -42,7 +42,7 @@ from tpp_monai.label.app_conf import (
     output_kind,
     spatial_dims,
 )
-from tpp_monai.label.bundle_tasks import TppInferTask, TppTrainTask
+from tpp_monai.label.datastore import SERVED_EXTENSIONS, ConfinedDatastore, StudyRules
 from tpp_monai.label.files import DEFAULT_MAX_PIXELS, read_image
 from tpp_monai.label.guard import (
     DEFAULT_MAX_UPLOAD_MB,
@@ -51,8 +51,10 @@ from tpp_monai.label.guard import (
     confined,
     refuse_expressions,
 )
+from tpp_monai.label.infer_task import TppInferTask
 from tpp_monai.label.routes import RoutePolicy, open_groups
-from tpp_monai.label.server import SERVED_EXTENSIONS, ConfinedDatastore, StudyRules, install
+from tpp_monai.label.server import install
+from tpp_monai.label.train_task import TppTrainTask
 
 logger = logging.getLogger(__name__)
 
