@@ -24,7 +24,6 @@ import numpy as np
 from tpp_monai.data.common import IMAGE_SUFFIXES as IMAGE_SUFFIXES_2D
 from tpp_monai.data.common import Unreadable, probe_image, probe_volume, read_mask
 from tpp_monai.data.info import get_dataset
-from tpp_monai.data.segmentation2d import QATA_MASK_VALUES
 from tpp_monai.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -206,9 +205,6 @@ def validate_settings(
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 _AFFINE_TOLERANCE_MM = 1e-2
-# 2D masks are thresholded at 0.5 by the transforms; QaTa's are 0/255 (its official format; 0/1 from MONAI Label),
-# GlaS's hold gland instance ids (any non-negative integer).
-MASK_VALUES_2D = {"qata": (*QATA_MASK_VALUES, 1)}
 
 
 def _finite(values: np.ndarray) -> bool:
@@ -336,7 +332,7 @@ def preflight_data(
             if info.spatial_dims == 3:
                 jobs.append(lambda image=image, label=label: _check_pair_3d(image, label, len(info.classes)))
             else:
-                allowed = MASK_VALUES_2D.get(info.name)
+                allowed = info.mask_values
                 jobs.append(lambda image=image, label=label, allowed=allowed: _check_pair_2d(image, label, allowed))
     problems = [p for found in _map(lambda job: job(), jobs, workers) for p in found]
     _raise_if(problems, f"the {'/'.join(keys)} data of {datalist}",

@@ -71,6 +71,8 @@ class DatasetInfo:
         demo: how to write the demo miniature.
         flip_tta: 2D segmentation only: evaluation and inference average the prediction over the identity, vertical,
             horizontal and both flips (MedCoSS evaluates GlaS so, :mod:`tpp_monai.inferers`).
+        mask_values: 2D segmentation: the only values its masks may hold (``None``: any non-negative integer, as
+            GlaS's gland instance ids); the data preflight refuses a mask with others.
     """
 
     name: str
@@ -85,6 +87,7 @@ class DatasetInfo:
     builder: Builder
     demo: DemoData
     flip_tta: bool = False
+    mask_values: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         where = f"dataset entry {self.name!r} (tpp_monai/data/info.py)"
@@ -146,6 +149,7 @@ DATASETS: dict[str, DatasetInfo] = {
             recipe=DatasetRecipe(SEG_TPP, FinetuneRecipe(16, 25000)),
             builder=segmentation2d.QATA_BUILDER,
             demo=DemoData("QaTa-COV19", "QaTa-COV19-v2", synthetic.write_qata, default_n=40, min_n=8),
+            mask_values=(*segmentation2d.QATA_MASK_VALUES, 1),  # 0/255 as published; 0/1 from MONAI Label
         ),
         DatasetInfo(
             "lits", "LiTS", "seg3d", "CT", ("background", "liver", "tumour"), (192, 192, 64), 1, (83, 21, 27),

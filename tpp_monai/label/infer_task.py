@@ -44,8 +44,6 @@ from monailabel.tasks.infer.bundle import BundleInferTask  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-Records = list[dict[str, Any]]
-
 MASK_2D = ".png"  # 2D masks are written losslessly whatever the input's format (a JPEG mask would invent labels)
 MASKS_3D = (".nii.gz", ".nii", ".nrrd")
 DTYPES = ("uint8", "uint16", "int16", "int32", "float32")

@@ -66,8 +66,6 @@ from monailabel.tasks.train.bundle import BundleTrainTask  # noqa: E402
 logger = logging.getLogger(__name__)
 
 Records = list[dict[str, Any]]
-
-Records = list[dict[str, Any]]
 GPUS = re.compile(r"all|\d{1,2}(,\d{1,2})*")
 RUN_ID = "finetune"  # our training workflow's run id (model-zoo bundles use "run")
 PUBLISH_RECORD = "publish.json"  # in a /train run folder: the publishing decision and both validation scores
