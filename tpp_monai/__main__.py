@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bundles": ("tpp_monai.bundlegen.cli", "write (--check, --list) the bundles from the dataset x method table"),
     "demo": ("tpp_monai.demo", "does TPP help? seeds x {random, TPP-MAE} on embedded data, gain and its 95 % interval"),
     "report": ("tpp_monai.report.runs", "collect evaluated runs into the paper's table, with plots"),
-    "experiment": ("tpp_monai.experiments.cli", "run a grid of bundle workflows (a paper table or your own)"),
+    "experiment": ("tpp_monai.experiment_cli", "run a grid of bundle workflows (a paper table or your own)"),
     "bench": ("tpp_monai_bench.cli", "measure step time and memory of TPP and fine-tuning against full fine-tuning"),
 }
 

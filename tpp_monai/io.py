@@ -14,6 +14,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import json
 import os
 import pickle
 import re
@@ -175,6 +176,14 @@ def atomic_write(data: bytes, path: str | Path) -> Path:
 
 
 _TEMP_NAME = re.compile(r"^\..+\.tmp(\d+)$")
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON so that a reader (or a killed writer) never leaves or sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def remove_stale_temp_files(*folders: str | Path) -> list[Path]:

@@ -213,7 +213,8 @@ class TimmViTBackbone(ForeignBackbone):
     def forward(self, x: Tensor) -> Tensor:
         """``cls``: logits ``[B, K]`` (timm's head); ``seg``: logits ``[B, K, H, W]``; ``features``: ``[B, D]``."""
         if self.task == "seg":
-            return unetr_decode(self, x, self.forward_features(x, taps=self.taps))
+            out = self.forward_features(x, taps=self.taps)
+            return unetr_decode(self, x, out.taps, out.layout.grid)
         if self.task == "features":
             return self.global_feature(x)
         return self.forward_head(self.forward_features(x).tokens)

@@ -3,13 +3,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import Tensor, nn
-
-if TYPE_CHECKING:  # annotations only: vit.py builds its heads from this module
-    from tpp_monai.backbones.vit import EncoderOutput
 
 UNETR_MODULES = ("encoder1", "encoder2", "encoder3", "encoder4", "decoder5", "decoder4", "decoder3", "decoder2", "out")
 
@@ -53,12 +50,10 @@ def build_unetr_decoder(model: nn.Module, in_chans: int, out_channels: int, hidd
     model.out = UnetOutBlock(spatial_dims=2, in_channels=fs, out_channels=out_channels)
 
 
-def unetr_decode(model: nn.Module, image: Tensor, out: EncoderOutput) -> Tensor:
-    def grid(tokens: Tensor) -> Tensor:  # [B, N, D] -> [B, D, H, W]
-        h, w = out.layout.grid
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
-
-    x2, x3, x4, last = (grid(t) for t in out.taps)
+def unetr_decode(model: nn.Module, image: Tensor, taps: Sequence[Tensor], grid: tuple[int, int]) -> Tensor:
+    """The decoder's output from the ``image`` and the patch tokens ``taps`` (``[B, N, D]``, ``grid`` patches)."""
+    h, w = grid
+    x2, x3, x4, last = (t.transpose(1, 2).reshape(t.shape[0], -1, h, w) for t in taps)
     enc1 = model.encoder1(image)
     enc2 = model.encoder2(x2)
     enc3 = model.encoder3(x3)

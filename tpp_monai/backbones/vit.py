@@ -382,7 +382,7 @@ class ViTBase(nn.Module):
         """Task output: class logits ``[B, C]``, segmentation logits ``[B, C, H, W]`` or pooled features ``[B, D]``."""
         if self.task == "seg":
             out = self.forward_features(x, taps=self.taps)
-            return unetr_decode(self, x, out)
+            return unetr_decode(self, x, out.taps, out.layout.grid)
         out = self.forward_features(x)
         pooled = out.patches.mean(dim=1)
         if self.task == "features":

@@ -31,13 +31,13 @@ import numpy as np
 
 from tpp_monai.experiments import stats
 from tpp_monai.handlers import DISTANCE_METRICS
-from tpp_monai.report.run_plots import read_history, validation_columns
+from tpp_monai.tracking.plots import read_history, validation_columns
 
 TARGET_SHARE = 0.95
 
 
 def read_history_file(folder: Path) -> dict | None:
-    """``<folder>/history.csv`` as columns (:func:`~tpp_monai.report.run_plots.read_history`); None when absent,
+    """``<folder>/history.csv`` as columns (:func:`~tpp_monai.tracking.plots.read_history`); None when absent,
     unreadable or without an ``iteration`` column."""
     path = Path(folder) / "history.csv"
     if not path.is_file():

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpp_monai.errors import ConfigError
-from tpp_monai.experiments.graph import Graph, Node, command, read_json, write_json_atomic
+from tpp_monai.experiments.graph import Graph, Node, command, read_json
+from tpp_monai.io import write_json_atomic
 
 TRIES = 2  # one run and one retry per invocation
 POLL_S = 1.0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +29,6 @@ def product_complete(product: Path) -> bool:
     if product.is_dir():
         return any(not p.name.startswith(".") for p in product.glob("*.safetensors"))
     return product.is_file()
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON so that a reader (or a killed writer) never leaves or sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> dict | None:

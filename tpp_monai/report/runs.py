@@ -24,7 +24,7 @@ import numpy as np
 from tpp_monai.data.info import DATASETS, get_dataset
 from tpp_monai.errors import UserError
 from tpp_monai.handlers import DISTANCE_METRICS
-from tpp_monai.report.run_plots import (
+from tpp_monai.tracking.plots import (
     confusion_panel,
     history_points,
     read_history,

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any  # the experiment graph and its nodes (tpp_monai.experiments.graph), duck-typed: no upward import
 
-from tpp_monai.experiments.graph import Graph, Node, write_json_atomic
+from tpp_monai.io import write_json_atomic
 from tpp_monai.tracking.runs import file_sha256
 
 PARENT_FILE = "mlflow_parent.json"
@@ -33,7 +34,7 @@ def _experiment_id(client, name: str) -> str:
     return experiment.experiment_id if experiment else client.create_experiment(name)
 
 
-def start_parent(graph: Graph, uri: str) -> str:
+def start_parent(graph: Any, uri: str) -> str:
     """The experiment's parent run: created once, its id kept in ``<exp>/mlflow_parent.json`` and reused on resume."""
     client = _client(uri)
     path = graph.exp_dir / PARENT_FILE
@@ -60,7 +61,7 @@ def end_parent(uri: str, run_id: str, ok: bool) -> None:
     _client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
 
-def run_tags(node: Node, graph: Graph) -> dict[str, str]:
+def run_tags(node: Any, graph: Any) -> dict[str, str]:
     settings = node.settings
     tags = {"experiment": graph.plan.name, "stage": node.stage, "bundle": node.bundle, "run_key": node.folder.name,
             "init": settings["init"]}  # fmt: skip
@@ -69,7 +70,7 @@ def run_tags(node: Node, graph: Graph) -> dict[str, str]:
     return tags
 
 
-def child_overrides(node: Node, graph: Graph, uri: str, parent_id: str) -> dict:
+def child_overrides(node: Any, graph: Any, uri: str, parent_id: str) -> dict:
     """The overrides that make a bundle run a child of the parent run."""
     return {"tracking": "mlflow", "tracking_uri": uri, "experiment_name": graph.plan.name,
             "run_name": node.run_name, "parent_run_id": parent_id, "run_tags": run_tags(node, graph)}  # fmt: skip
@@ -86,7 +87,7 @@ def _sha256(path: object) -> str | None:
     return None if digest == "none" else digest
 
 
-def _params(node: Node, graph: Graph) -> dict[str, object]:
+def _params(node: Any, graph: Any) -> dict[str, object]:
     """The run's settings, and the recipe values of the config it executed (MONAI's ``config_<time>.json`` in the
     run folder; expressions are left out), with the digests of the backbone and TPP files it read."""
     params = {k: node.settings[k] for k in ("dataset", "method", "init", "pretext", "source", "label_fraction",
@@ -103,7 +104,7 @@ def _params(node: Node, graph: Graph) -> dict[str, object]:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def annotate_child(node: Node, graph: Graph, uri: str, parent_id: str) -> str | None:
+def annotate_child(node: Any, graph: Any, uri: str, parent_id: str) -> str | None:
     """Tag the node's child run (found by its unique run name) as a child of the parent; log missing params and the
     run's record as an artifact. Returns the child's run id, or ``None`` when the bundle logged no run."""
     from mlflow.entities import Param, RunTag

@@ -11,7 +11,7 @@
   validation metrics), and at the end the artifacts: executed config, settings, history, plots, metrics;
 * keeps one executed-config file per run under torchrun (MONAI writes one per rank) and finds it whatever form
   ``--output_dir`` takes (MONAI's artifact path is broken for a literal path);
-* draws the run's plots at the end (:func:`~tpp_monai.report.run_plots.run_plots`): training curves, ROC and
+* draws the run's plots at the end (:func:`~tpp_monai.tracking.plots.run_plots`): training curves, ROC and
   confusion matrix.
 
 Only rank 0 writes or logs anything.
@@ -32,7 +32,7 @@ from ignite.engine import Engine, Events
 
 from tpp_monai import __version__
 from tpp_monai.handlers import HistoryWriter, is_rank0
-from tpp_monai.report.run_plots import run_plots
+from tpp_monai.tracking.plots import run_plots
 
 logger = logging.getLogger(__name__)
 
